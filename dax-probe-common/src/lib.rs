@@ -1,0 +1,236 @@
+//! Types shared by the dax-probe kernel programs (`dax-probe-ebpf`) and the agent.
+//!
+//! Everything here is `#[repr(C)]`, fixed-size and free of pointers so the same bytes mean the
+//! same thing on both sides of the ring buffer. Every event starts with [`EventHeader`]; its
+//! `kind` is one of the stable numbers in [`EventKind`] and its `size` is the size of the whole
+//! record, so a reader can skip kinds it does not know. Sizes and offsets are pinned by
+//! compile-time asserts below: changing a layout is a deliberate act that must bump
+//! [`ABI_VERSION`].
+#![no_std]
+
+pub mod layout;
+
+pub use layout::KernelLayout;
+
+/// Bumped whenever an event or map layout changes. The agent refuses an object built for
+/// another ABI (both are built from the same tree, so this only guards stale build outputs).
+pub const ABI_VERSION: u32 = 1;
+
+pub const TASK_COMM_LEN: usize = 16;
+
+/// Name of the ring buffer map that carries every event.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Name of the per-CPU counter array (see [`Counter`]).
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Name of the global that carries [`KernelLayout`] into the programs.
+pub const LAYOUT_GLOBAL: &str = "LAYOUT";
+/// Default ring buffer size: 4 MiB holds ~35k fault events, several seconds of a fault storm
+/// on a busy server before the reader has to catch up.
+pub const EVENTS_RING_BYTES: u32 = 4 << 20;
+
+/// Stable event kinds. Numbers are never reused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A DAX page fault completed (fsdax PTE or PMD fault).
+    Fault = 1,
+}
+
+impl EventKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Fault),
+            _ => None,
+        }
+    }
+}
+
+/// Per-CPU counters kept by the kernel programs, summed by the agent.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// An event was lost because the ring buffer was full.
+    RingFull = 0,
+    /// A kernel read (bpf_probe_read_kernel) failed; the event went out with zeroed fields.
+    ReadFailed = 1,
+    /// A fault completed without a pfn recorded by the insert hook (hole, error, fallback).
+    FaultWithoutPfn = 2,
+    /// Faults seen by the fault-done hook, emitted or not.
+    FaultsSeen = 3,
+}
+
+pub const COUNTER_SLOTS: u32 = 8;
+
+/// Common prefix of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// [`EventKind`] as a number.
+    pub kind: u32,
+    /// Size in bytes of the whole event including this header.
+    pub size: u32,
+    /// `bpf_ktime_get_boot_ns()`: nanoseconds since boot, suspend included.
+    pub ts_ns: u64,
+    /// Process id (kernel tgid).
+    pub tgid: u32,
+    /// Thread id (kernel pid).
+    pub tid: u32,
+    /// `comm` of the current task, NUL padded.
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// `FaultEvent::flags`: the pfn came from the insert hook and is trustworthy.
+pub const FAULT_PFN_VALID: u32 = 1 << 0;
+/// `FaultEvent::flags`: the fault was a PMD (2 MiB) fault attempt.
+pub const FAULT_PMD: u32 = 1 << 1;
+
+/// `FaultEvent::fault_flags` bit for a write fault (`FAULT_FLAG_WRITE`, 1 on every kernel since
+/// 2.6).
+pub const FAULT_FLAG_WRITE: u32 = 1 << 0;
+
+/// DAX radix-tree entry flags recorded at insert time (fs/dax.c; stable since 4.15, not in BTF).
+pub const DAX_ENTRY_PMD: u32 = 1 << 1;
+pub const DAX_ENTRY_ZERO_PAGE: u32 = 1 << 2;
+
+/// `vm_fault_t` bits the agent interprets (include/linux/mm_types.h, stable since 4.17).
+pub const VM_FAULT_OOM: u32 = 0x0001;
+pub const VM_FAULT_SIGBUS: u32 = 0x0002;
+pub const VM_FAULT_NOPAGE: u32 = 0x0100;
+pub const VM_FAULT_FALLBACK: u32 = 0x0800;
+pub const VM_FAULT_SIGSEGV: u32 = 0x0040;
+pub const VM_FAULT_HWPOISON: u32 = 0x0010;
+
+/// One completed DAX page fault.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultEvent {
+    pub hdr: EventHeader,
+    /// Inode number of the faulting file.
+    pub ino: u64,
+    /// File page offset (4 KiB pages) of the faulting address.
+    pub pgoff: u64,
+    /// Faulting user virtual address (not aligned).
+    pub address: u64,
+    /// First pfn mapped by this fault (valid when `flags & FAULT_PFN_VALID`).
+    pub pfn: u64,
+    /// The vma the fault happened in.
+    pub vm_start: u64,
+    pub vm_end: u64,
+    pub vm_flags: u64,
+    /// Device of the file system (`sb->s_dev`, kernel encoding: major << 20 | minor).
+    pub dev: u32,
+    /// `vm_fault_t` the fault handler returned.
+    pub result: u32,
+    /// `vmf->flags` (FAULT_FLAG_*).
+    pub fault_flags: u32,
+    /// DAX entry flags passed to the insert function.
+    pub entry_flags: u32,
+    /// FAULT_* flags above.
+    pub flags: u32,
+    /// log2 of the size this fault tried to map: 12 (PTE) or 21 (PMD).
+    pub page_shift: u32,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<EventHeader>() == 40);
+    assert!(core::mem::offset_of!(EventHeader, ts_ns) == 8);
+    assert!(core::mem::offset_of!(EventHeader, comm) == 24);
+    assert!(core::mem::size_of::<FaultEvent>() == 120);
+    assert!(core::mem::offset_of!(FaultEvent, ino) == 40);
+    assert!(core::mem::offset_of!(FaultEvent, dev) == 96);
+    assert!(core::mem::offset_of!(FaultEvent, page_shift) == 116);
+};
+
+/// Marker for plain-old-data events that may be viewed as bytes and rebuilt from bytes.
+///
+/// # Safety
+/// Implementors must be `#[repr(C)]`, contain only integer fields and arrays of them, and have
+/// no padding that could leak uninitialised memory.
+pub unsafe trait Event: Copy + 'static {
+    const KIND: EventKind;
+
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: Self is POD without padding (trait contract).
+        unsafe {
+            core::slice::from_raw_parts(
+                (self as *const Self).cast::<u8>(),
+                core::mem::size_of::<Self>(),
+            )
+        }
+    }
+
+    /// Rebuilds an event from ring-buffer bytes; `None` if the slice is too short.
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < core::mem::size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: length checked; every bit pattern is valid for integer-only POD.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
+}
+
+// SAFETY: repr(C), integers only, sizes asserted above (40 + 7*8 + 6*4 = 120, no padding).
+unsafe impl Event for FaultEvent {
+    const KIND: EventKind = EventKind::Fault;
+}
+
+/// Reads the header of any event, `None` if the bytes are too short for one.
+pub fn header_of(bytes: &[u8]) -> Option<EventHeader> {
+    if bytes.len() < core::mem::size_of::<EventHeader>() {
+        return None;
+    }
+    // SAFETY: length checked; EventHeader is integer-only POD.
+    Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<EventHeader>()) })
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: repr(C) integer-only types without padding (asserted in the parent module).
+    unsafe impl aya::Pod for super::FaultEvent {}
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_event_round_trips_through_bytes() {
+        let ev = FaultEvent {
+            hdr: EventHeader {
+                kind: EventKind::Fault as u32,
+                size: core::mem::size_of::<FaultEvent>() as u32,
+                ts_ns: 123_456_789,
+                tgid: 42,
+                tid: 43,
+                comm: *b"workload\0\0\0\0\0\0\0\0",
+            },
+            ino: 12,
+            pgoff: 512,
+            address: 0x7f00_0020_0000,
+            pfn: 0x10_0200,
+            vm_start: 0x7f00_0000_0000,
+            vm_end: 0x7f00_0080_0000,
+            vm_flags: 0xfb,
+            dev: (259 << 20) | 1,
+            result: VM_FAULT_NOPAGE,
+            fault_flags: FAULT_FLAG_WRITE,
+            entry_flags: DAX_ENTRY_PMD,
+            flags: FAULT_PFN_VALID | FAULT_PMD,
+            page_shift: 21,
+        };
+        let bytes = ev.as_bytes();
+        assert_eq!(bytes.len(), 120);
+        assert_eq!(header_of(bytes).unwrap().kind, 1);
+        assert_eq!(FaultEvent::from_bytes(bytes), Some(ev));
+        assert_eq!(FaultEvent::from_bytes(&bytes[..119]), None);
+    }
+
+    #[test]
+    fn unknown_kinds_are_not_decoded() {
+        assert_eq!(EventKind::from_u32(0), None);
+        assert_eq!(EventKind::from_u32(999), None);
+        assert_eq!(EventKind::from_u32(1), Some(EventKind::Fault));
+    }
+}

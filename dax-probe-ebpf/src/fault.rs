@@ -1,0 +1,156 @@
+//! fsdax fault path.
+//!
+//! Two hooks cooperate per fault:
+//! 1. the DAX insert function (`dax_insert_entry`, in vmlinux on every supported kernel) sees
+//!    the pfn about to be mapped and stashes it under the thread id;
+//! 2. the `fs_dax:dax_{pte,pmd}_fault_done` tracepoint (identical arguments on 5.10 … 7.x)
+//!    sees the inode, the `vm_fault` and the result, joins the stash and emits one
+//!    [`FaultEvent`].
+//!
+//! The tracepoint alone cannot tell the pfn; the insert function alone cannot tell whether
+//! the fault succeeded. Joining on (tid, vmf pointer) keeps a stale stash from a fault that
+//! never reached "done" from being attributed to a later one.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
+    macros::{btf_tracepoint, fentry, kprobe, raw_tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext},
+};
+use dax_probe_common::{
+    Counter, EventHeader, EventKind, FAULT_PFN_VALID, FAULT_PMD, FaultEvent, TASK_COMM_LEN,
+};
+
+use crate::{
+    kernel::{nth_arg, read},
+    maps::{EVENTS, INSERT_STASH, InsertStash, count, layout},
+};
+
+// ---- insert hook: remember the pfn ------------------------------------------------------
+
+#[fentry(function = "dax_insert_entry")]
+pub fn dax_insert_entry_fentry(ctx: FEntryContext) -> u32 {
+    let l = layout();
+    stash_insert(
+        nth_arg(l.insert_vmf_arg, |i| ctx.arg::<u64>(i)),
+        nth_arg(l.insert_pfn_arg, |i| ctx.arg::<u64>(i)),
+        nth_arg(l.insert_flags_arg, |i| ctx.arg::<u64>(i)),
+    );
+    0
+}
+
+#[kprobe]
+pub fn dax_insert_entry_kprobe(ctx: ProbeContext) -> u32 {
+    let l = layout();
+    let arg = |i: usize| ctx.arg::<u64>(i).unwrap_or(0);
+    stash_insert(
+        nth_arg(l.insert_vmf_arg, arg),
+        nth_arg(l.insert_pfn_arg, arg),
+        nth_arg(l.insert_flags_arg, arg),
+    );
+    0
+}
+
+#[inline(always)]
+fn stash_insert(vmf: u64, pfn: u64, entry_flags: u64) {
+    let l = layout();
+    if l.ready == 0 || vmf == 0 {
+        return;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let stash = InsertStash {
+        vmf,
+        pfn: pfn & l.pfn_mask,
+        entry_flags,
+    };
+    // Full map: LRU evicts the oldest entry, never fails for lack of room.
+    let _ = INSERT_STASH.insert(&tid, &stash, 0);
+}
+
+// ---- fault done: join and emit -----------------------------------------------------------
+
+#[btf_tracepoint(function = "dax_pte_fault_done")]
+pub fn dax_pte_fault_done_btf(ctx: BtfTracePointContext) -> u32 {
+    // (inode, vmf, result)
+    fault_done(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(2) as u32, false);
+    0
+}
+
+#[btf_tracepoint(function = "dax_pmd_fault_done")]
+pub fn dax_pmd_fault_done_btf(ctx: BtfTracePointContext) -> u32 {
+    // (inode, vmf, max_pgoff, result)
+    fault_done(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(3) as u32, true);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "dax_pte_fault_done")]
+pub fn dax_pte_fault_done_raw(ctx: RawTracePointContext) -> i32 {
+    fault_done(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(2) as u32, false);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "dax_pmd_fault_done")]
+pub fn dax_pmd_fault_done_raw(ctx: RawTracePointContext) -> i32 {
+    fault_done(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(3) as u32, true);
+    0
+}
+
+#[inline(always)]
+fn fault_done(inode: u64, vmf: u64, result: u32, pmd: bool) {
+    let l = layout();
+    if l.ready == 0 {
+        return;
+    }
+    count(Counter::FaultsSeen);
+
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+
+    let mut pfn = 0u64;
+    let mut entry_flags = 0u32;
+    let mut flags = if pmd { FAULT_PMD } else { 0 };
+    // SAFETY: value copied out before the remove below.
+    if let Some(stash) = unsafe { INSERT_STASH.get(&tid) }.copied() {
+        let _ = INSERT_STASH.remove(&tid);
+        if stash.vmf == vmf {
+            pfn = stash.pfn;
+            entry_flags = stash.entry_flags as u32;
+            flags |= FAULT_PFN_VALID;
+        }
+    }
+    if flags & FAULT_PFN_VALID == 0 {
+        count(Counter::FaultWithoutPfn);
+    }
+
+    let vma: u64 = read(vmf, l.vmf_vma);
+    let sb: u64 = read(inode, l.inode_sb);
+    let event = FaultEvent {
+        hdr: EventHeader {
+            kind: EventKind::Fault as u32,
+            size: core::mem::size_of::<FaultEvent>() as u32,
+            ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+            tgid: (pid_tgid >> 32) as u32,
+            tid,
+            comm: bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]),
+        },
+        ino: read(inode, l.inode_ino),
+        pgoff: read(vmf, l.vmf_pgoff),
+        address: read(vmf, l.vmf_address),
+        pfn,
+        vm_start: read(vma, l.vma_start),
+        vm_end: read(vma, l.vma_end),
+        vm_flags: read(vma, l.vma_flags),
+        dev: read(sb, l.sb_dev),
+        result,
+        fault_flags: read::<u32>(vmf, l.vmf_flags),
+        entry_flags,
+        flags,
+        page_shift: if pmd { 21 } else { 12 },
+    };
+    match EVENTS.reserve::<FaultEvent>(0) {
+        Some(mut slot) => {
+            slot.write(event);
+            slot.submit(0);
+        }
+        None => count(Counter::RingFull),
+    }
+}

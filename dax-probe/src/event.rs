@@ -1,0 +1,112 @@
+//! Decoded events: what the rest of the agent (state, policy, outputs) works with. Field names
+//! here are the stable JSON names of `monitor --json`.
+
+use serde::Serialize;
+
+use crate::topology::DevId;
+
+/// Where a fault's pfn came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PfnSource {
+    /// The kernel's DAX insert hook saw it.
+    Kernel,
+    /// Looked up in `/proc/PID/pagemap` when the event arrived (fallback).
+    Pagemap,
+}
+
+/// One completed DAX page fault.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Fault {
+    /// Nanoseconds since boot (CLOCK_BOOTTIME).
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// Device of the file system holding the file.
+    pub dev: DevId,
+    pub ino: u64,
+    /// File offset of the mapped page, in bytes, aligned to `page_size`.
+    pub offset: u64,
+    /// Faulting virtual address.
+    pub address: u64,
+    /// First virtual address of the mapped page (aligned to `page_size`).
+    pub page_address: u64,
+    /// First pfn mapped, when known.
+    pub pfn: Option<u64>,
+    pub pfn_source: Option<PfnSource>,
+    /// 4096 or 2097152: the size this fault mapped (or tried to).
+    pub page_size: u64,
+    pub write: bool,
+    /// Did the fault install a mapping?
+    pub mapped: bool,
+    /// The kernel mapped its shared zero page (a read of a hole), not pmem.
+    pub zero_page: bool,
+    /// `vm_fault_t` decoded, e.g. `NOPAGE` or `FALLBACK`.
+    pub result: String,
+    pub result_raw: u32,
+    pub vma_start: u64,
+    pub vma_end: u64,
+    /// MAP_SHARED (VM_SHARED) mapping.
+    pub shared: bool,
+    /// Device that owns the pfn (`pmem0`, `dax0.0`), when the topology knows it.
+    pub device: Option<String>,
+}
+
+/// Everything the agent reports, tagged by `type` in JSON.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Fault(Fault),
+}
+
+const VM_FAULT_NAMES: &[(u32, &str)] = &[
+    (0x0001, "OOM"),
+    (0x0002, "SIGBUS"),
+    (0x0004, "MAJOR"),
+    (0x0010, "HWPOISON"),
+    (0x0020, "HWPOISON_LARGE"),
+    (0x0040, "SIGSEGV"),
+    (0x0100, "NOPAGE"),
+    (0x0200, "LOCKED"),
+    (0x0400, "RETRY"),
+    (0x0800, "FALLBACK"),
+    (0x1000, "DONE_COW"),
+    (0x2000, "NEEDDSYNC"),
+    (0x4000, "COMPLETED"),
+];
+
+/// Bits that mean "no mapping was installed".
+pub const VM_FAULT_ERROR_BITS: u32 = 0x0001 | 0x0002 | 0x0010 | 0x0020 | 0x0040 | 0x0400 | 0x0800;
+
+/// `vm_fault_t` as `NOPAGE|MAJOR`; `0` when no bit is set.
+pub fn vm_fault_name(v: u32) -> String {
+    let mut parts: Vec<String> = VM_FAULT_NAMES
+        .iter()
+        .filter(|(bit, _)| v & bit != 0)
+        .map(|(_, n)| n.to_string())
+        .collect();
+    let known: u32 = VM_FAULT_NAMES.iter().map(|(b, _)| b).fold(0, |a, b| a | b);
+    if v & !known != 0 {
+        parts.push(format!("{:#x}", v & !known));
+    }
+    if parts.is_empty() {
+        "0".into()
+    } else {
+        parts.join("|")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_vm_fault_bits() {
+        assert_eq!(vm_fault_name(0x100), "NOPAGE");
+        assert_eq!(vm_fault_name(0x104), "MAJOR|NOPAGE");
+        assert_eq!(vm_fault_name(0x800), "FALLBACK");
+        assert_eq!(vm_fault_name(0), "0");
+        assert_eq!(vm_fault_name(0x10_0000), "0x100000");
+    }
+}

@@ -1,0 +1,54 @@
+//! Exit codes (sysexits.h, so scripts can tell failure kinds apart) and the error type that
+//! carries one to `main`.
+
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    /// `audit` found stale mappings, `holders` found none, … : a finding, not a failure.
+    Findings = 1,
+    /// Bad command line (clap uses 2 as well).
+    Usage = 2,
+    /// Unknown device/target, or no DAX device at all.
+    NoInput = 66,
+    /// The kernel lacks what we need: no BTF, no usable hook.
+    Unavailable = 69,
+    /// Internal error.
+    Software = 70,
+    /// Not root / missing capabilities.
+    NoPermission = 77,
+    /// Malformed configuration.
+    Config = 78,
+}
+
+/// An error that knows its exit code. Everything else maps to [`Code::Software`].
+#[derive(Debug)]
+pub struct Failure {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Exit code for any error reaching `main`.
+pub fn code_of(err: &anyhow::Error) -> i32 {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<Failure>())
+        .map(|f| f.code as i32)
+        .unwrap_or(Code::Software as i32)
+}

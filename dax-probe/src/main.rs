@@ -1,0 +1,106 @@
+//! Command line: parse, dispatch, map errors to exit codes. Nothing else lives here.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use dax_probe::{exit, probe, topology::Topology, ui};
+
+#[derive(Parser)]
+#[command(
+    name = "dax-probe",
+    version,
+    about = "Watch and police DAX mappings of persistent memory"
+)]
+struct Cli {
+    /// Read /proc and /sys below this directory (for testing and offline analysis).
+    #[arg(long, global = true, default_value = "/", hide = true)]
+    root: PathBuf,
+    /// Use this BTF file instead of /sys/kernel/btf/vmlinux.
+    #[arg(long, global = true, value_name = "FILE")]
+    btf: Option<PathBuf>,
+    /// More logging (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream DAX events live (needs root).
+    Monitor {
+        /// One JSON object per line, stable field names.
+        #[arg(long)]
+        json: bool,
+        /// Keep running when no DAX device exists yet.
+        #[arg(long)]
+        wait: bool,
+        /// Stop after this many seconds instead of at Ctrl-C.
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<f64>,
+    },
+    /// Show what this kernel offers and which hooks the agent uses.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List pmem namespaces, their modes, physical ranges and DAX mounts.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_target(false)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dax-probe: error: {e:#}");
+            ExitCode::from(exit::code_of(&e) as u8)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let src = probe::live(&cli.root, cli.btf.as_deref());
+    match cli.command {
+        Command::Monitor {
+            json,
+            wait,
+            duration,
+        } => {
+            let duration = match duration {
+                Some(s) if !(s > 0.0 && s.is_finite()) => {
+                    return Err(exit::Failure::new(
+                        exit::Code::Usage,
+                        format!("--duration must be a positive number of seconds, not {s}"),
+                    )
+                    .into());
+                }
+                d => d.map(Duration::from_secs_f64),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(ui::monitor::run(
+                &src,
+                ui::monitor::Options {
+                    json,
+                    wait,
+                    duration,
+                },
+            ))
+        }
+        Command::Doctor { json } => ui::doctor::run(&src, json),
+        Command::Devices { json } => ui::devices::run(&Topology::read(&cli.root), json),
+    }
+}

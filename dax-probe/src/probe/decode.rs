@@ -1,0 +1,259 @@
+//! Ring-buffer bytes → [`Event`]s.
+
+use dax_probe_common::{
+    DAX_ENTRY_ZERO_PAGE, Event as _, EventKind, FAULT_FLAG_WRITE, FAULT_PFN_VALID, FaultEvent,
+    header_of,
+};
+
+use crate::{
+    event::{Event, Fault, PfnSource, VM_FAULT_ERROR_BITS, vm_fault_name},
+    topology::{DevId, Topology},
+};
+
+/// `VM_SHARED` in `vm_flags` (stable since 2.6).
+const VM_SHARED: u64 = 0x8;
+
+/// Looks a pfn up when the kernel could not tell it (no insert hook on this kernel).
+pub trait PfnLookup {
+    fn pfn_of(&self, pid: u32, address: u64) -> Option<u64>;
+}
+
+/// No fallback lookup.
+pub struct NoLookup;
+
+impl PfnLookup for NoLookup {
+    fn pfn_of(&self, _: u32, _: u64) -> Option<u64> {
+        None
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than an event header")]
+    Short(usize),
+    #[error("unknown event kind {0} (agent and kernel programs from different builds?)")]
+    UnknownKind(u32),
+    #[error("event kind {kind} claims {claimed} bytes but {got} arrived")]
+    Truncated { kind: u32, claimed: u32, got: usize },
+}
+
+pub struct Decoder<'a, L: PfnLookup> {
+    pub topology: &'a Topology,
+    pub lookup: L,
+}
+
+impl<L: PfnLookup> Decoder<'_, L> {
+    pub fn decode(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        let hdr = header_of(bytes).ok_or(DecodeError::Short(bytes.len()))?;
+        if (hdr.size as usize) > bytes.len() {
+            return Err(DecodeError::Truncated {
+                kind: hdr.kind,
+                claimed: hdr.size,
+                got: bytes.len(),
+            });
+        }
+        match EventKind::from_u32(hdr.kind) {
+            Some(EventKind::Fault) => {
+                let raw = FaultEvent::from_bytes(bytes).ok_or(DecodeError::Truncated {
+                    kind: hdr.kind,
+                    claimed: core::mem::size_of::<FaultEvent>() as u32,
+                    got: bytes.len(),
+                })?;
+                Ok(Event::Fault(self.fault(&raw)))
+            }
+            None => Err(DecodeError::UnknownKind(hdr.kind)),
+        }
+    }
+
+    fn fault(&self, raw: &FaultEvent) -> Fault {
+        let page_size = 1u64 << raw.page_shift.clamp(12, 30);
+        let mapped = raw.result & VM_FAULT_ERROR_BITS == 0;
+        let zero_page = raw.entry_flags & DAX_ENTRY_ZERO_PAGE != 0;
+        let page_address = raw.address & !(page_size - 1);
+        let (mut pfn, mut pfn_source) = if raw.flags & FAULT_PFN_VALID != 0 && mapped {
+            (Some(raw.pfn), Some(PfnSource::Kernel))
+        } else {
+            (None, None)
+        };
+        if pfn.is_none() && mapped && !zero_page {
+            if let Some(p) = self.lookup.pfn_of(raw.hdr.tgid, page_address) {
+                pfn = Some(p);
+                pfn_source = Some(PfnSource::Pagemap);
+            }
+        }
+        if zero_page {
+            // The shared zero page is RAM, not the device: never report it as a pmem pfn.
+            pfn = None;
+            pfn_source = None;
+        }
+        let device = pfn
+            .and_then(|p| self.topology.namespace_of_pfn(p))
+            .map(|n| n.device_name().to_string());
+        Fault {
+            ts_ns: raw.hdr.ts_ns,
+            tgid: raw.hdr.tgid,
+            tid: raw.hdr.tid,
+            comm: comm_string(&raw.hdr.comm),
+            dev: DevId::from_kernel(raw.dev),
+            ino: raw.ino,
+            offset: (raw.pgoff << 12) & !(page_size - 1),
+            address: raw.address,
+            page_address,
+            pfn,
+            pfn_source,
+            page_size,
+            write: raw.fault_flags & FAULT_FLAG_WRITE != 0,
+            mapped,
+            zero_page,
+            result: vm_fault_name(raw.result),
+            result_raw: raw.result,
+            vma_start: raw.vm_start,
+            vma_end: raw.vm_end,
+            shared: raw.vm_flags & VM_SHARED != 0,
+            device,
+        }
+    }
+}
+
+pub fn comm_string(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&c| c == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use dax_probe_common::{EventHeader, FAULT_PMD};
+
+    use super::*;
+
+    fn raw_fault() -> FaultEvent {
+        FaultEvent {
+            hdr: EventHeader {
+                kind: 1,
+                size: 120,
+                ts_ns: 5,
+                tgid: 100,
+                tid: 101,
+                comm: *b"dax-workload\0\0\0\0",
+            },
+            ino: 12,
+            pgoff: 515,
+            address: 0x7f00_0020_3123,
+            pfn: 0x100a00,
+            vm_start: 0x7f00_0000_0000,
+            vm_end: 0x7f00_0080_0000,
+            vm_flags: 0xfb,
+            dev: (259 << 20) | 0,
+            result: 0x100,
+            fault_flags: 0x1,
+            entry_flags: 0,
+            flags: FAULT_PFN_VALID,
+            page_shift: 12,
+        }
+    }
+
+    struct Fixed(u64);
+    impl PfnLookup for Fixed {
+        fn pfn_of(&self, _: u32, _: u64) -> Option<u64> {
+            Some(self.0)
+        }
+    }
+
+    #[test]
+    fn decodes_a_pte_fault() {
+        let topo = Topology::default();
+        let d = Decoder {
+            topology: &topo,
+            lookup: NoLookup,
+        };
+        let Event::Fault(f) = d.decode(raw_fault().as_bytes()).unwrap();
+        assert_eq!(f.tgid, 100);
+        assert_eq!(f.comm, "dax-workload");
+        assert_eq!(
+            f.dev,
+            DevId {
+                major: 259,
+                minor: 0
+            }
+        );
+        assert_eq!(f.offset, 515 * 4096);
+        assert_eq!(f.page_address, 0x7f00_0020_3000);
+        assert_eq!(f.pfn, Some(0x100a00));
+        assert_eq!(f.pfn_source, Some(PfnSource::Kernel));
+        assert!(f.write && f.mapped && f.shared && !f.zero_page);
+        assert_eq!(f.page_size, 4096);
+        assert_eq!(f.result, "NOPAGE");
+    }
+
+    #[test]
+    fn aligns_pmd_faults_to_two_megabytes() {
+        let topo = Topology::default();
+        let d = Decoder {
+            topology: &topo,
+            lookup: NoLookup,
+        };
+        let mut raw = raw_fault();
+        raw.page_shift = 21;
+        raw.flags |= FAULT_PMD;
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap();
+        assert_eq!(f.page_size, 2 << 20);
+        assert_eq!(f.page_address, 0x7f00_0020_0000);
+        assert_eq!(f.offset, 512 * 4096);
+    }
+
+    #[test]
+    fn falls_back_to_lookup_only_for_mapped_faults_without_kernel_pfn() {
+        let topo = Topology::default();
+        let d = Decoder {
+            topology: &topo,
+            lookup: Fixed(0x4242),
+        };
+        let mut raw = raw_fault();
+        raw.flags = 0;
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap();
+        assert_eq!(
+            (f.pfn, f.pfn_source),
+            (Some(0x4242), Some(PfnSource::Pagemap))
+        );
+
+        raw.result = 0x800; // FALLBACK: nothing mapped
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap();
+        assert_eq!(f.pfn, None);
+        assert!(!f.mapped);
+    }
+
+    #[test]
+    fn never_reports_the_zero_page_as_a_device_pfn() {
+        let topo = Topology::default();
+        let d = Decoder {
+            topology: &topo,
+            lookup: Fixed(1),
+        };
+        let mut raw = raw_fault();
+        raw.entry_flags = DAX_ENTRY_ZERO_PAGE;
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap();
+        assert!(f.zero_page);
+        assert_eq!(f.pfn, None);
+    }
+
+    #[test]
+    fn rejects_short_unknown_and_truncated_records() {
+        let topo = Topology::default();
+        let d = Decoder {
+            topology: &topo,
+            lookup: NoLookup,
+        };
+        assert_eq!(d.decode(&[0; 10]).unwrap_err(), DecodeError::Short(10));
+        let mut raw = raw_fault();
+        raw.hdr.kind = 77;
+        assert_eq!(
+            d.decode(raw.as_bytes()).unwrap_err(),
+            DecodeError::UnknownKind(77)
+        );
+        let raw = raw_fault();
+        assert!(matches!(
+            d.decode(&raw.as_bytes()[..60]),
+            Err(DecodeError::Truncated { .. })
+        ));
+    }
+}

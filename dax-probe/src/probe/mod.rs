@@ -1,0 +1,99 @@
+//! Kernel side of the agent: what the kernel offers, which hooks to use, loading them, and
+//! reading their events.
+
+pub mod btf;
+pub mod decode;
+pub mod facts;
+pub mod layout;
+pub mod loader;
+pub mod plan;
+pub mod reader;
+
+use std::path::{Path, PathBuf};
+
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use crate::exit::{Code, Failure};
+
+pub use loader::{Counters, Probe};
+
+/// Where to read the kernel from.
+#[derive(Clone, Debug)]
+pub struct KernelSource {
+    /// Root of /proc and /sys (normally `/`).
+    pub root: PathBuf,
+    /// BTF file to use instead of /sys/kernel/btf/vmlinux.
+    pub btf: Option<PathBuf>,
+}
+
+/// A running probe: programs attached, reader thread draining the ring buffer.
+pub struct Session {
+    pub facts: facts::LiveFacts,
+    pub plan: plan::Plan,
+    pub probe: Probe,
+    pub counters: Counters,
+    pub records: UnboundedReceiver<Vec<u8>>,
+    reader: Option<reader::Reader>,
+}
+
+impl Session {
+    /// Collects facts, plans, loads and attaches, and starts the reader. Fails with an exit
+    /// code the operator can act on; on failure nothing stays attached.
+    pub fn start(src: &KernelSource) -> anyhow::Result<Self> {
+        let facts = collect_facts(src)?;
+        let plan = plan::plan(&facts);
+        let layout = layout::compute(&facts.btf, &facts)
+            .map_err(|e| Failure::new(Code::Unavailable, e.to_string()))?;
+        let mut probe = loader::load(&plan, &layout, &facts.btf_path).map_err(|e| {
+            let code = match e {
+                loader::LoadError::MissingHook { .. } => Code::Unavailable,
+                _ => Code::Software,
+            };
+            Failure::new(code, e.to_string())
+        })?;
+        let ring = probe.take_events()?;
+        let counters = probe.take_counters()?;
+        let (tx, records) = unbounded_channel();
+        let reader = reader::Reader::spawn(ring, tx);
+        Ok(Self {
+            facts,
+            plan,
+            probe,
+            counters,
+            records,
+            reader: Some(reader),
+        })
+    }
+
+    /// Stops the reader after it drained what the kernel already submitted.
+    pub fn stop_reader(&mut self) {
+        if let Some(r) = self.reader.take() {
+            r.stop();
+        }
+    }
+
+    /// True when pfns must be looked up in userspace (no insert hook attached).
+    pub fn pfn_from_userspace(&self) -> bool {
+        self.probe
+            .choice(plan::Concern::FaultPfn)
+            .is_none_or(|c| c.userspace || c.chosen.is_none())
+    }
+}
+
+pub fn collect_facts(src: &KernelSource) -> anyhow::Result<facts::LiveFacts> {
+    facts::LiveFacts::collect(&src.root, src.btf.as_deref()).map_err(|e| {
+        let code = match e {
+            facts::FactsError::NoBtf { .. } => Code::Unavailable,
+            facts::FactsError::BadBtf(_) => Code::Unavailable,
+        };
+        Failure::new(code, e.to_string()).into()
+    })
+}
+
+/// Default kernel source: the running kernel.
+pub fn live(root: &Path, btf: Option<&Path>) -> KernelSource {
+    KernelSource {
+        root: root.to_path_buf(),
+        btf: btf.map(Path::to_path_buf),
+    }
+}

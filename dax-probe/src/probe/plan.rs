@@ -1,0 +1,389 @@
+//! The declarative probe table: for every concern, an ordered list of ways to observe it.
+//!
+//! The planner walks each list and keeps the candidates whose prerequisites the running
+//! kernel's facts satisfy, best first. The loader then tries them in that order and stops at
+//! the first that attaches; a candidate the facts rule out is reported with the reason, never
+//! silently skipped. Nothing here looks at a kernel version number.
+
+use serde::Serialize;
+
+use super::facts::KernelFacts;
+
+/// What a group of programs is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Concern {
+    /// A DAX fault completed: who, which file/offset, which address, result.
+    FaultDone,
+    /// The pfn a DAX fault mapped.
+    FaultPfn,
+}
+
+impl Concern {
+    pub const ALL: [Concern; 2] = [Concern::FaultDone, Concern::FaultPfn];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Concern::FaultDone => "fsdax fault",
+            Concern::FaultPfn => "fault pfn",
+        }
+    }
+
+    /// Is the agent still useful without this concern?
+    pub fn required(self) -> bool {
+        matches!(self, Concern::FaultDone)
+    }
+}
+
+/// How a program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachKind {
+    TpBtf,
+    RawTp,
+    FEntry,
+    KProbe,
+}
+
+impl AttachKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            AttachKind::TpBtf => "tp_btf",
+            AttachKind::RawTp => "raw_tp",
+            AttachKind::FEntry => "fentry",
+            AttachKind::KProbe => "kprobe",
+        }
+    }
+}
+
+/// One program and the kernel target it attaches to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Attach {
+    pub program: &'static str,
+    pub kind: AttachKind,
+    pub target: &'static str,
+}
+
+/// One way to serve a concern: a set of programs that must all attach, or a userspace
+/// fallback that needs no program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Candidate {
+    pub concern: Concern,
+    pub label: &'static str,
+    pub attaches: &'static [Attach],
+    /// Non-empty for a userspace fallback: what the agent does instead.
+    pub userspace: Option<&'static str>,
+}
+
+const fn attach(program: &'static str, kind: AttachKind, target: &'static str) -> Attach {
+    Attach {
+        program,
+        kind,
+        target,
+    }
+}
+
+/// The table. Order inside a concern is preference.
+pub const CANDIDATES: &[Candidate] = &[
+    Candidate {
+        concern: Concern::FaultDone,
+        label: "tp_btf fs_dax:dax_{pte,pmd}_fault_done",
+        attaches: &[
+            attach(
+                "dax_pte_fault_done_btf",
+                AttachKind::TpBtf,
+                "dax_pte_fault_done",
+            ),
+            attach(
+                "dax_pmd_fault_done_btf",
+                AttachKind::TpBtf,
+                "dax_pmd_fault_done",
+            ),
+        ],
+        userspace: None,
+    },
+    Candidate {
+        concern: Concern::FaultDone,
+        label: "raw_tp fs_dax:dax_{pte,pmd}_fault_done",
+        attaches: &[
+            attach(
+                "dax_pte_fault_done_raw",
+                AttachKind::RawTp,
+                "dax_pte_fault_done",
+            ),
+            attach(
+                "dax_pmd_fault_done_raw",
+                AttachKind::RawTp,
+                "dax_pmd_fault_done",
+            ),
+        ],
+        userspace: None,
+    },
+    Candidate {
+        concern: Concern::FaultPfn,
+        label: "fentry dax_insert_entry",
+        attaches: &[attach(
+            "dax_insert_entry_fentry",
+            AttachKind::FEntry,
+            "dax_insert_entry",
+        )],
+        userspace: None,
+    },
+    Candidate {
+        concern: Concern::FaultPfn,
+        label: "kprobe dax_insert_entry",
+        attaches: &[attach(
+            "dax_insert_entry_kprobe",
+            AttachKind::KProbe,
+            "dax_insert_entry",
+        )],
+        userspace: None,
+    },
+    Candidate {
+        concern: Concern::FaultPfn,
+        label: "userspace /proc/PID/pagemap lookup",
+        attaches: &[],
+        userspace: Some("reads the pfn from /proc/PID/pagemap when the event arrives"),
+    },
+];
+
+/// Why a candidate is or is not usable on this kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub candidate: Candidate,
+    /// `None` when usable; otherwise what is missing.
+    pub missing: Option<String>,
+}
+
+/// Per concern, every candidate with its verdict, in preference order.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub concerns: Vec<(Concern, Vec<Verdict>)>,
+}
+
+impl Plan {
+    pub fn verdicts(&self, concern: Concern) -> &[Verdict] {
+        self.concerns
+            .iter()
+            .find(|(c, _)| *c == concern)
+            .map(|(_, v)| v.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// Usable candidates for a concern, best first.
+    pub fn usable(&self, concern: Concern) -> impl Iterator<Item = &Candidate> {
+        self.verdicts(concern)
+            .iter()
+            .filter(|v| v.missing.is_none())
+            .map(|v| &v.candidate)
+    }
+}
+
+/// Checks one attach point against the facts.
+fn missing_for(a: &Attach, facts: &dyn KernelFacts) -> Option<String> {
+    match a.kind {
+        AttachKind::TpBtf => (!facts.btf_tracepoint(a.target)).then(|| {
+            format!(
+                "no BTF for tracepoint {} (btf_trace_{})",
+                a.target, a.target
+            )
+        }),
+        AttachKind::RawTp => {
+            (!facts.raw_tracepoint(a.target)).then(|| format!("no tracepoint {}", a.target))
+        }
+        AttachKind::FEntry => (!facts.vmlinux_btf_func(a.target))
+            .then(|| format!("no BTF function {} in vmlinux", a.target)),
+        AttachKind::KProbe => {
+            (!facts.kallsyms_func(a.target)).then(|| format!("no symbol {} in kallsyms", a.target))
+        }
+    }
+}
+
+/// Extra per-concern prerequisites beyond the attach points themselves.
+fn missing_extra(c: &Candidate, facts: &dyn KernelFacts) -> Option<String> {
+    if c.concern == Concern::FaultPfn && c.userspace.is_none() {
+        // The insert hook reads arguments by position; BTF must name them.
+        if insert_args(facts).is_none() {
+            return Some("BTF prototype of dax_insert_entry lacks vmf/pfn/flags parameters".into());
+        }
+    }
+    None
+}
+
+/// Positions of `vmf`, `pfn`, `flags` in `dax_insert_entry`, and whether `pfn` is a `pfn_t`.
+pub fn insert_args(facts: &dyn KernelFacts) -> Option<(u32, u32, u32, bool)> {
+    let params = facts.func_params("dax_insert_entry")?;
+    let pos = |n: &str| params.iter().position(|p| p.name == n).map(|i| i as u32);
+    let pfn = pos("pfn")?;
+    let pfn_is_pfn_t = params[pfn as usize].type_name == "pfn_t";
+    Some((pos("vmf")?, pfn, pos("flags")?, pfn_is_pfn_t))
+}
+
+pub fn plan(facts: &dyn KernelFacts) -> Plan {
+    let concerns = Concern::ALL
+        .iter()
+        .map(|&concern| {
+            let verdicts = CANDIDATES
+                .iter()
+                .filter(|c| c.concern == concern)
+                .map(|c| {
+                    let missing = c
+                        .attaches
+                        .iter()
+                        .find_map(|a| missing_for(a, facts))
+                        .or_else(|| missing_extra(c, facts));
+                    Verdict {
+                        candidate: *c,
+                        missing,
+                    }
+                })
+                .collect();
+            (concern, verdicts)
+        })
+        .collect();
+    Plan { concerns }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::probe::btf::Param;
+
+    /// A fake kernel described by the names it offers.
+    #[derive(Default)]
+    struct Fake {
+        btf_funcs: HashSet<&'static str>,
+        btf_tps: HashSet<&'static str>,
+        raw_tps: HashSet<&'static str>,
+        syms: HashSet<&'static str>,
+        insert_params: Option<Vec<(&'static str, &'static str)>>,
+    }
+
+    impl KernelFacts for Fake {
+        fn vmlinux_btf_func(&self, n: &str) -> bool {
+            self.btf_funcs.contains(n)
+        }
+        fn btf_tracepoint(&self, n: &str) -> bool {
+            self.btf_tps.contains(n)
+        }
+        fn raw_tracepoint(&self, n: &str) -> bool {
+            self.raw_tps.contains(n)
+        }
+        fn kallsyms_func(&self, n: &str) -> bool {
+            self.syms.contains(n)
+        }
+        fn func_params(&self, n: &str) -> Option<Vec<Param>> {
+            (n == "dax_insert_entry").then_some(())?;
+            self.insert_params.as_ref().map(|v| {
+                v.iter()
+                    .map(|(n, t)| Param {
+                        name: n.to_string(),
+                        type_name: t.to_string(),
+                    })
+                    .collect()
+            })
+        }
+    }
+
+    fn debian_6_1() -> Fake {
+        Fake {
+            btf_funcs: ["dax_insert_entry"].into(),
+            btf_tps: ["dax_pte_fault_done", "dax_pmd_fault_done"].into(),
+            raw_tps: ["dax_pte_fault_done", "dax_pmd_fault_done"].into(),
+            syms: ["dax_insert_entry"].into(),
+            insert_params: Some(vec![
+                ("xas", "struct xa_state *"),
+                ("vmf", "struct vm_fault *"),
+                ("iter", "const struct iomap_iter *"),
+                ("entry", "void *"),
+                ("pfn", "pfn_t"),
+                ("flags", "long unsigned int"),
+            ]),
+        }
+    }
+
+    #[test]
+    fn prefers_btf_programs_when_everything_is_there() {
+        let p = plan(&debian_6_1());
+        assert_eq!(
+            p.usable(Concern::FaultDone).next().unwrap().label,
+            "tp_btf fs_dax:dax_{pte,pmd}_fault_done"
+        );
+        assert_eq!(
+            p.usable(Concern::FaultPfn).next().unwrap().label,
+            "fentry dax_insert_entry"
+        );
+        // Every fallback stays usable behind the preferred one.
+        assert_eq!(p.usable(Concern::FaultPfn).count(), 3);
+    }
+
+    #[test]
+    fn falls_back_to_raw_tracepoint_and_reports_why() {
+        let mut k = debian_6_1();
+        k.btf_tps.clear();
+        let p = plan(&k);
+        assert_eq!(
+            p.usable(Concern::FaultDone).next().unwrap().label,
+            "raw_tp fs_dax:dax_{pte,pmd}_fault_done"
+        );
+        let first = &p.verdicts(Concern::FaultDone)[0];
+        assert!(
+            first
+                .missing
+                .as_deref()
+                .unwrap()
+                .contains("btf_trace_dax_pte_fault_done")
+        );
+    }
+
+    #[test]
+    fn finds_argument_positions_per_prototype() {
+        // 6.1 .. 6.12: (xas, vmf, iter, entry, pfn_t pfn, flags)
+        assert_eq!(insert_args(&debian_6_1()), Some((1, 4, 5, true)));
+        // 5.10: (xas, mapping, vmf, entry, pfn_t pfn, flags, dirty)
+        let mut k = debian_6_1();
+        k.insert_params = Some(vec![
+            ("xas", "struct xa_state *"),
+            ("mapping", "struct address_space *"),
+            ("vmf", "struct vm_fault *"),
+            ("entry", "void *"),
+            ("pfn", "pfn_t"),
+            ("flags", "long unsigned int"),
+            ("dirty", "bool"),
+        ]);
+        assert_eq!(insert_args(&k), Some((2, 4, 5, true)));
+        // 7.x: pfn_t is gone, a plain unsigned long.
+        let mut k = debian_6_1();
+        if let Some(p) = k.insert_params.as_mut() {
+            p[4].1 = "long unsigned int";
+        }
+        assert_eq!(insert_args(&k), Some((1, 4, 5, false)));
+    }
+
+    #[test]
+    fn without_insert_hook_only_the_pagemap_fallback_remains() {
+        let mut k = debian_6_1();
+        k.btf_funcs.clear();
+        k.syms.clear();
+        k.insert_params = None;
+        let p = plan(&k);
+        let usable: Vec<_> = p.usable(Concern::FaultPfn).map(|c| c.label).collect();
+        assert_eq!(usable, vec!["userspace /proc/PID/pagemap lookup"]);
+    }
+
+    #[test]
+    fn a_kernel_without_dax_tracepoints_has_no_fault_candidate() {
+        let mut k = debian_6_1();
+        k.btf_tps.clear();
+        k.raw_tps.clear();
+        let p = plan(&k);
+        assert_eq!(p.usable(Concern::FaultDone).count(), 0);
+        assert!(
+            p.verdicts(Concern::FaultDone)
+                .iter()
+                .all(|v| v.missing.is_some())
+        );
+    }
+}

@@ -1,0 +1,3 @@
+//! Reading other processes through procfs: page tables (`pagemap`) and mappings (`maps`).
+
+pub mod pagemap;

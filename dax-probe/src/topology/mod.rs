@@ -1,0 +1,234 @@
+//! Where persistent memory lives on this machine: nvdimm regions, namespaces and their
+//! fsdax/devdax personalities, physical ranges, block and character devices, and DAX mounts.
+//!
+//! Everything is read below a root directory (normally `/`) so tests can point it at a
+//! fixture tree. Nothing here needs privileges.
+
+mod mounts;
+mod sysfs;
+
+use std::{fmt, path::Path};
+
+use serde::Serialize;
+
+pub use mounts::{DaxOption, Mount};
+
+/// A device number as userspace sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct DevId {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl DevId {
+    /// From the kernel's internal `dev_t` (`MAJOR << 20 | MINOR`), as in `sb->s_dev`.
+    pub fn from_kernel(dev: u32) -> Self {
+        Self {
+            major: dev >> 20,
+            minor: dev & 0xfffff,
+        }
+    }
+
+    /// From userspace's `st_dev` / `st_rdev` encoding (glibc `gnu_dev_major/minor`).
+    pub fn from_user(dev: u64) -> Self {
+        Self {
+            major: (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff)) as u32,
+            minor: (((dev >> 12) & 0xffff_ff00) | (dev & 0xff)) as u32,
+        }
+    }
+
+    /// Parses "259:0".
+    pub fn parse(s: &str) -> Option<Self> {
+        let (a, b) = s.trim().split_once(':')?;
+        Some(Self {
+            major: a.parse().ok()?,
+            minor: b.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for DevId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+/// A half-open physical address range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PhysRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl PhysRange {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.start >= self.end
+    }
+    pub fn contains_pfn(&self, pfn: u64) -> bool {
+        let addr = pfn << 12;
+        addr >= self.start && addr < self.end
+    }
+    pub fn first_pfn(&self) -> u64 {
+        self.start >> 12
+    }
+    pub fn end_pfn(&self) -> u64 {
+        self.end >> 12
+    }
+}
+
+/// What a namespace is used as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Plain block device, no struct pages (`raw`): DAX mounts are refused by the kernel.
+    Raw,
+    /// Block device with struct pages, for DAX file systems (`fsdax`, sysfs says `memory`).
+    Fsdax,
+    /// Character device `/dev/daxX.Y` mapped directly (`devdax`).
+    Devdax,
+    /// BTT sector mode: no DAX.
+    Sector,
+    Unknown,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Raw => "raw",
+            Mode::Fsdax => "fsdax",
+            Mode::Devdax => "devdax",
+            Mode::Sector => "sector",
+            Mode::Unknown => "unknown",
+        })
+    }
+}
+
+/// One pmem namespace with everything an operator asks about it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Namespace {
+    /// `namespace0.0`
+    pub name: String,
+    /// `region0`
+    pub region: String,
+    pub mode: Mode,
+    /// `pfn0.0` (fsdax), `dax0.0` (devdax), `btt0.0` (sector), when claimed.
+    pub holder: Option<String>,
+    /// The whole namespace.
+    pub namespace_range: PhysRange,
+    /// The part user mappings can reach (after the pfn info block and memmap reservation for
+    /// fsdax/devdax); equal to `namespace_range` for raw.
+    pub data_range: PhysRange,
+    /// `pmem0` and its device number, for raw/fsdax/sector.
+    pub block: Option<(String, DevId)>,
+    /// `dax0.0` and its device number, for devdax.
+    pub chardev: Option<(String, DevId)>,
+    /// Mapping alignment (bytes) of the pfn/dax device.
+    pub align: Option<u64>,
+    /// Is a driver bound (the device is live)?
+    pub enabled: bool,
+}
+
+impl Namespace {
+    /// The name operators know the device by: `pmem0`, `dax0.0`, else the namespace.
+    pub fn device_name(&self) -> &str {
+        self.block
+            .as_ref()
+            .map(|(n, _)| n.as_str())
+            .or(self.chardev.as_ref().map(|(n, _)| n.as_str()))
+            .unwrap_or(&self.name)
+    }
+}
+
+/// A snapshot of the machine's pmem topology.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Topology {
+    pub namespaces: Vec<Namespace>,
+    pub mounts: Vec<Mount>,
+}
+
+impl Topology {
+    /// Reads the topology below `root` (normally `/`).
+    pub fn read(root: &Path) -> Self {
+        let namespaces = sysfs::read_namespaces(root);
+        let mounts = mounts::read_mounts(root);
+        Self { namespaces, mounts }
+    }
+
+    /// The namespace whose user-reachable range holds `pfn`.
+    pub fn namespace_of_pfn(&self, pfn: u64) -> Option<&Namespace> {
+        self.namespaces
+            .iter()
+            .find(|n| n.data_range.contains_pfn(pfn))
+    }
+
+    /// The namespace behind a block device number (`sb->s_dev` of a DAX mount).
+    pub fn namespace_of_block(&self, dev: DevId) -> Option<&Namespace> {
+        self.namespaces
+            .iter()
+            .find(|n| n.block.as_ref().is_some_and(|(_, d)| *d == dev))
+    }
+
+    pub fn mount_of_dev(&self, dev: DevId) -> Option<&Mount> {
+        self.mounts.iter().find(|m| m.dev == dev)
+    }
+
+    /// Is there anything DAX-capable at all: an fsdax or devdax namespace, or a DAX mount?
+    pub fn has_dax(&self) -> bool {
+        self.namespaces
+            .iter()
+            .any(|n| matches!(n.mode, Mode::Fsdax | Mode::Devdax))
+            || self.mounts.iter().any(|m| m.dax.is_dax())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers_convert_both_encodings() {
+        let k = DevId::from_kernel((259 << 20) | 3);
+        assert_eq!(
+            k,
+            DevId {
+                major: 259,
+                minor: 3
+            }
+        );
+        // glibc makedev(259, 3)
+        let user = ((259u64 & 0xfff) << 8) | (3u64 & 0xff);
+        assert_eq!(DevId::from_user(user), k);
+        // large minor numbers use the high bits
+        let user = ((8u64 & 0xfff) << 8) | (0x1234u64 & 0xff) | ((0x1234u64 & !0xff) << 12);
+        assert_eq!(
+            DevId::from_user(user),
+            DevId {
+                major: 8,
+                minor: 0x1234
+            }
+        );
+        assert_eq!(
+            DevId::parse("259:0"),
+            Some(DevId {
+                major: 259,
+                minor: 0
+            })
+        );
+        assert_eq!(DevId::parse("x"), None);
+    }
+
+    #[test]
+    fn ranges_hold_pfns() {
+        let r = PhysRange {
+            start: 0x1_0080_0000,
+            end: 0x1_2000_0000,
+        };
+        assert!(r.contains_pfn(0x100800));
+        assert!(!r.contains_pfn(0x1007ff));
+        assert!(!r.contains_pfn(0x120000));
+        assert_eq!(r.first_pfn(), 0x100800);
+    }
+}

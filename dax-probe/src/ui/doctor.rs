@@ -1,0 +1,250 @@
+//! `dax-probe doctor`: what this kernel offers, per concern, and what the agent chooses.
+//!
+//! As root it really loads and attaches (then detaches) the programs, so "chosen" means "works
+//! here", not "should work". Without privileges it reports the plan from BTF and kallsyms
+//! and says that it did not verify.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::{
+    exit::{Code, Failure},
+    privilege,
+    probe::{
+        self, KernelSource,
+        facts::LiveFacts,
+        plan::{self, Concern, Plan},
+    },
+    topology::Topology,
+};
+
+#[derive(Serialize)]
+struct Report {
+    kernel: String,
+    btf: String,
+    kallsyms_readable: bool,
+    tracefs: Option<String>,
+    active_lsms: Option<String>,
+    bpf_lsm_active: Option<bool>,
+    /// True when the choices below were proven by loading and attaching.
+    verified: bool,
+    concerns: Vec<ConcernReport>,
+    dax_namespaces: usize,
+    dax_mounts: usize,
+}
+
+#[derive(Serialize)]
+struct ConcernReport {
+    concern: Concern,
+    required: bool,
+    chosen: Option<&'static str>,
+    candidates: Vec<CandidateReport>,
+}
+
+#[derive(Serialize)]
+struct CandidateReport {
+    label: &'static str,
+    /// chosen | available | missing | failed
+    status: &'static str,
+    reason: Option<String>,
+}
+
+pub fn run(src: &KernelSource, json: bool) -> anyhow::Result<()> {
+    let facts = probe::collect_facts(src)?;
+    let plan = plan::plan(&facts);
+    let privileged = privilege::can_trace() && src.btf.is_none();
+
+    // As root: prove it. Loading happens here and is dropped (detached) right away.
+    let attempt = if privileged {
+        Some(
+            probe::layout::compute(&facts.btf, &facts)
+                .map_err(|e| e.to_string())
+                .and_then(|l| {
+                    probe::loader::load(&plan, &l, &facts.btf_path).map_err(|e| e.to_string())
+                }),
+        )
+    } else {
+        None
+    };
+
+    let report = build(&facts, &plan, attempt.as_ref(), &Topology::read(&src.root));
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        write_text(&mut out, &report)?;
+        if let Some(Err(e)) = &attempt {
+            writeln!(out, "\nloading failed: {e}")?;
+        }
+    }
+    out.flush()?;
+
+    let missing: Vec<_> = report
+        .concerns
+        .iter()
+        .filter(|c| c.required && c.chosen.is_none())
+        .map(|c| c.concern.name())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Failure::new(
+            Code::Unavailable,
+            format!(
+                "this kernel offers no way to observe: {}",
+                missing.join(", ")
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn build(
+    facts: &LiveFacts,
+    plan: &Plan,
+    attempt: Option<&Result<probe::Probe, String>>,
+    topo: &Topology,
+) -> Report {
+    let probe = attempt.and_then(|a| a.as_ref().ok());
+    let concerns = plan
+        .concerns
+        .iter()
+        .map(|(concern, verdicts)| {
+            let choice = probe.and_then(|p| p.choice(*concern));
+            let chosen = match (attempt, choice) {
+                (Some(_), Some(c)) => c.chosen,
+                (Some(Err(_)), _) => None,
+                // Not verified: the first usable candidate is what the agent would pick.
+                _ => plan.usable(*concern).next().map(|c| c.label),
+            };
+            let candidates = verdicts
+                .iter()
+                .map(|v| {
+                    let failed = choice.and_then(|c| {
+                        c.failed
+                            .iter()
+                            .find(|(l, _)| *l == v.candidate.label)
+                            .map(|(_, e)| e.clone())
+                    });
+                    let (status, reason) = if Some(v.candidate.label) == chosen {
+                        ("chosen", v.candidate.userspace.map(str::to_string))
+                    } else if let Some(e) = failed {
+                        ("failed", Some(e))
+                    } else if let Some(m) = &v.missing {
+                        ("missing", Some(m.clone()))
+                    } else {
+                        ("available", v.candidate.userspace.map(str::to_string))
+                    };
+                    CandidateReport {
+                        label: v.candidate.label,
+                        status,
+                        reason,
+                    }
+                })
+                .collect();
+            ConcernReport {
+                concern: *concern,
+                required: concern.required(),
+                chosen,
+                candidates,
+            }
+        })
+        .collect();
+    Report {
+        kernel: facts.release.clone(),
+        btf: facts.btf_path.display().to_string(),
+        kallsyms_readable: facts.kallsyms_readable,
+        tracefs: facts.tracefs.as_ref().map(|p| p.display().to_string()),
+        active_lsms: facts.lsm.clone(),
+        bpf_lsm_active: facts.bpf_lsm_active(),
+        verified: matches!(attempt, Some(Ok(_))),
+        concerns,
+        dax_namespaces: topo
+            .namespaces
+            .iter()
+            .filter(|n| {
+                matches!(
+                    n.mode,
+                    crate::topology::Mode::Fsdax | crate::topology::Mode::Devdax
+                )
+            })
+            .count(),
+        dax_mounts: topo.mounts.iter().filter(|m| m.dax.is_dax()).count(),
+    }
+}
+
+fn write_text(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
+    writeln!(out, "kernel      {}", r.kernel)?;
+    writeln!(out, "BTF         {}", r.btf)?;
+    writeln!(
+        out,
+        "kallsyms    {}",
+        if r.kallsyms_readable {
+            "readable"
+        } else {
+            "unreadable (kprobe fallbacks unknown)"
+        }
+    )?;
+    writeln!(
+        out,
+        "tracefs     {}",
+        r.tracefs.as_deref().unwrap_or(
+            "not mounted (not needed: BTF/raw tracepoints and perf kprobes work without it)"
+        )
+    )?;
+    writeln!(
+        out,
+        "BPF LSM     {}",
+        match r.bpf_lsm_active {
+            Some(true) => "active".to_string(),
+            Some(false) => format!(
+                "inactive (active LSMs: {}); boot with lsm=...,bpf to allow mmap fencing",
+                r.active_lsms.as_deref().unwrap_or("?")
+            ),
+            None => "unknown (securityfs not mounted)".to_string(),
+        }
+    )?;
+    writeln!(
+        out,
+        "DAX         {} fsdax/devdax namespace(s), {} DAX mount(s)",
+        r.dax_namespaces, r.dax_mounts
+    )?;
+    writeln!(
+        out,
+        "\n{}",
+        if r.verified {
+            "hooks (verified: loaded and attached, then detached)"
+        } else {
+            "hooks (from BTF and kallsyms; not verified: run as root to test-attach)"
+        }
+    )?;
+    for c in &r.concerns {
+        writeln!(
+            out,
+            "  {:<14} -> {}",
+            c.concern.name(),
+            c.chosen.unwrap_or(if c.required {
+                "UNAVAILABLE"
+            } else {
+                "unavailable"
+            })
+        )?;
+        for cand in &c.candidates {
+            let mark = match cand.status {
+                "chosen" => "*",
+                "available" => "+",
+                "failed" => "!",
+                _ => "-",
+            };
+            match &cand.reason {
+                Some(reason) => writeln!(out, "     {mark} {:<40} {reason}", cand.label)?,
+                None => writeln!(out, "     {mark} {}", cand.label)?,
+            }
+        }
+    }
+    writeln!(
+        out,
+        "\n  * chosen   + available   ! failed to attach   - missing on this kernel"
+    )
+}

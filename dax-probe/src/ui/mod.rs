@@ -1,0 +1,5 @@
+//! Outputs. Nothing here touches the kernel directly; it renders what probe/topology produce.
+
+pub mod devices;
+pub mod doctor;
+pub mod monitor;
