@@ -1,1 +1,123 @@
-fn main() {}
+//! `cargo xtask`: developer tasks. See README.md for the two commands that matter.
+
+mod bench;
+mod cmd;
+mod demo;
+mod initramfs;
+mod kernels;
+mod paths;
+mod qemu;
+mod setup;
+mod vmtest;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "dax-probe developer tasks")]
+struct Cli {
+    /// Show what the tasks do (setup report, guest console).
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check and install the prerequisites (nightly rust-src, bpf-linker, QEMU, mkfs tools).
+    Setup,
+    /// The main job: live monitor on a pmem host, else the demo VM.
+    Demo {
+        /// Debian kernel line for the demo VM.
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        /// Boot the demo VM even on a host with pmem.
+        #[arg(long)]
+        vm: bool,
+    },
+    /// Every test: unit tests, then the VM scenarios on all delivered kernels.
+    Test,
+    /// Run the scenarios in QEMU on Debian kernels.
+    VmTest {
+        /// 5.10, 6.1, 6.12, 7, a comma list, or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Run only this scenario (comma list).
+        #[arg(long)]
+        scenario: Option<String>,
+        /// Ask Debian's archive for newer kernels even if the cached lists are fresh.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// A root shell in the test VM.
+    Vm {
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+    },
+    /// Benchmarks (printed ratios, never asserted).
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Fault throughput with and without the agent, in one VM boot.
+    FaultOverhead {
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let v = cli.verbose;
+    match cli.command {
+        Cmd::Setup => setup::ensure(true),
+        Cmd::Demo { kernel, vm } => demo::run(&kernel, vm, v),
+        Cmd::Test => {
+            setup::ensure(v)?;
+            eprintln!("test: unit tests");
+            cmd::run_visible(
+                Command::new("cargo")
+                    .current_dir(paths::workspace())
+                    .args(["test", "--workspace"]),
+            )?;
+            eprintln!("test: VM scenarios on {}", vmtest::ALL.join(", "));
+            vmtest::run(&vmtest::Options {
+                kernels: vmtest::kernel_list("all")?,
+                scenario: None,
+                verbose: v,
+                refresh: false,
+            })
+        }
+        Cmd::VmTest {
+            kernel,
+            scenario,
+            refresh,
+        } => vmtest::run(&vmtest::Options {
+            kernels: vmtest::kernel_list(&kernel)?,
+            scenario,
+            verbose: v,
+            refresh,
+        }),
+        Cmd::Vm { kernel } => demo::shell(&kernel, v),
+        Cmd::Bench { which } => match which {
+            BenchCmd::FaultOverhead { kernel } => bench::fault_overhead(&kernel, v),
+        },
+    }
+}

@@ -1,0 +1,262 @@
+//! PID 1 of the dax-probe test VM.
+//!
+//! Mounts the pseudo file systems, loads the nvdimm/DAX modules, turns the emulated nvdimms
+//! into fsdax devices with ext4 and xfs mounted `-o dax`, then runs what the kernel command
+//! line asks for (`daxprobe.mode=test|demo|bench|shell`) and powers off. Results go to the
+//! host through the second serial port (see `report`).
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use dax_probe_tests::{
+    agent, pmem, puppet::{Huge, Puppet},
+    report::{self, Outcome},
+    scenarios::{self, DaxFs, Env, Target},
+    sys,
+};
+use serde_json::json;
+
+fn main() {
+    let result = std::panic::catch_unwind(real_main);
+    if let Err(p) = result {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        report::send(json!({"event": "fatal", "error": format!("init panicked: {msg}")}));
+    }
+    sys::poweroff();
+}
+
+fn cmdline_param(cmdline: &str, key: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("daxprobe.{key}=")).map(str::to_string))
+}
+
+fn real_main() {
+    if let Err(e) = mount_pseudo() {
+        println!("[dax-vm] {e:#}");
+    }
+    report::init();
+    let cmdline = sys::read("/proc/cmdline").unwrap_or_default();
+    let mode = cmdline_param(&cmdline, "mode").unwrap_or_else(|| "test".into());
+    report::send(json!({"event": "boot", "kernel": sys::kernel_release(), "mode": mode}));
+    println!("[dax-vm] booted {} (mode {mode})", sys::kernel_release());
+
+    let env = match setup(&cmdline) {
+        Ok(env) => env,
+        Err(e) => {
+            report::send(json!({"event": "fatal", "error": format!("setup failed: {e:#}"),
+                                "dmesg": sys::dmesg_tail(30)}));
+            println!("[dax-vm] setup failed: {e:#}");
+            report::send(json!({"event": "done"}));
+            return;
+        }
+    };
+    match mode.as_str() {
+        "test" => run_tests(&env, &cmdline),
+        "demo" => {
+            if let Err(e) = demo(&env) {
+                println!("[dax-vm] demo failed: {e:#}");
+            }
+        }
+        "bench" => {
+            let which = cmdline_param(&cmdline, "bench").unwrap_or_default();
+            if let Err(e) = bench(&env, &which) {
+                report::send(json!({"event": "fatal", "error": format!("bench failed: {e:#}")}));
+            }
+        }
+        "shell" => shell(),
+        other => report::send(json!({"event": "fatal", "error": format!("unknown mode {other}")})),
+    }
+    report::send(json!({"event": "done"}));
+}
+
+fn mount_pseudo() -> Result<()> {
+    sys::mount("proc", "/proc", "proc", "")?;
+    sys::mount("sysfs", "/sys", "sysfs", "")?;
+    sys::mount("devtmpfs", "/dev", "devtmpfs", "")?;
+    sys::mount("tmpfs", "/tmp", "tmpfs", "")?;
+    // Optional ones: the agent must cope without them, but operators have them.
+    let _ = sys::mount("tracefs", "/sys/kernel/tracing", "tracefs", "");
+    let _ = sys::mount("securityfs", "/sys/kernel/security", "securityfs", "");
+    Ok(())
+}
+
+fn setup(cmdline: &str) -> Result<Env> {
+    let t = Instant::now();
+    if let Ok(list) = std::fs::read_to_string("/etc/dax-probe/modules") {
+        for m in list.lines().filter(|l| !l.trim().is_empty()) {
+            if let Err(e) = sys::load_module(Path::new(m)) {
+                report::note(&format!("{e:#}"));
+            }
+        }
+    }
+    let want: usize = cmdline_param(cmdline, "nvdimms")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    sys::wait_for(Duration::from_secs(15), || pmem::regions().len() >= want);
+    let regions = pmem::regions();
+    if regions.len() < want {
+        anyhow::bail!(
+            "expected {want} nvdimm regions, found {:?} (nfit/libnvdimm not loaded?)",
+            regions
+        );
+    }
+    let mut env = Env::default();
+    let ext4 = pmem::make_fsdax(&regions[0]).context("fsdax for ext4")?;
+    pmem::mount_ext4(&ext4, "/mnt/ext4")?;
+    env.fs.push(DaxFs {
+        target: Target::Ext4,
+        dev: ext4,
+        mnt: "/mnt/ext4".into(),
+        reflink: false,
+    });
+    let xfs = pmem::make_fsdax(&regions[1]).context("fsdax for xfs")?;
+    let reflink = pmem::mount_xfs(&xfs, "/mnt/xfs", true)?;
+    report::fact("xfs_reflink_dax_mount", json!(reflink));
+    env.fs.push(DaxFs {
+        target: Target::Xfs,
+        dev: xfs,
+        mnt: "/mnt/xfs".into(),
+        reflink,
+    });
+    report::note(&format!(
+        "setup done in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        env.fs
+            .iter()
+            .map(|f| format!("{} on {} ({})", f.target, f.dev.block, f.dev.pfn_dev))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    Ok(env)
+}
+
+fn run_tests(env: &Env, cmdline: &str) {
+    let wanted = cmdline_param(cmdline, "scenario").unwrap_or_else(|| "all".into());
+    let wanted: Vec<&str> = wanted.split(',').collect();
+    for s in scenarios::all() {
+        if !wanted.contains(&"all") && !wanted.contains(&s.name) {
+            continue;
+        }
+        for &target in s.targets {
+            let t = Instant::now();
+            println!("[dax-vm] running {}/{target}", s.name);
+            let mut o: Outcome = scenarios::execute(&s, env, target);
+            if let serde_json::Value::Object(m) = &mut o.counts {
+                m.insert("seconds".into(), json!(t.elapsed().as_secs_f64()));
+            }
+            report::outcome(&o);
+        }
+    }
+}
+
+/// The demo: the real agent, in text mode, on the console, watching a workload.
+fn demo(env: &Env) -> Result<()> {
+    let say = |s: &str| println!("\n\x1b[1m== {s}\x1b[0m");
+    say("pmem devices in this VM (dax-probe devices)");
+    let _ = Command::new(agent::AGENT).arg("devices").status();
+    say("what this kernel offers (dax-probe doctor)");
+    let _ = Command::new(agent::AGENT).arg("doctor").status();
+
+    let fs = env.fs(Target::Ext4).context("ext4 not prepared")?;
+    let file = format!("{}/demo.dat", fs.mnt);
+    pmem::write_file(Path::new(&file), 8 << 20)?;
+
+    say("live monitor (sudo dax-probe monitor) while a workload maps a DAX file");
+    let mut mon = Command::new(agent::AGENT)
+        .arg("monitor")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Forward the monitor's stderr and notice when it is attached.
+    let stderr = mon.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if line.contains("watching") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(90))
+        .context("monitor did not attach")?;
+
+    let mut p = Puppet::spawn()?;
+    println!("-- workload {} maps {file}: 16 pages with 4K faults", p.pid);
+    let a = p.map(&file, 0, 4 << 20, true, Huge::Pte)?;
+    p.touch(a, 16 * 4096, false, 4096)?;
+    std::thread::sleep(Duration::from_millis(500));
+    println!("-- workload {} writes 4 pages", p.pid);
+    p.touch(a, 4 * 4096, true, 4096)?;
+    std::thread::sleep(Duration::from_millis(500));
+    println!("-- workload {} maps 4 MiB at a 2 MiB boundary: 2 PMD faults", p.pid);
+    let b = p.map(&file, 4 << 20, 4 << 20, true, Huge::Pmd)?;
+    p.touch(b, 4 << 20, false, 4096)?;
+    std::thread::sleep(Duration::from_millis(500));
+    p.exit()?;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(mon.id() as i32, libc::SIGINT) };
+    mon.wait()?;
+    say("demo over");
+    Ok(())
+}
+
+/// Benchmarks that need the VM. Results go to the host as `bench` records.
+fn bench(env: &Env, which: &str) -> Result<()> {
+    match which {
+        "fault-overhead" => bench_fault_overhead(env),
+        other => anyhow::bail!("unknown benchmark {other}"),
+    }
+}
+
+/// Time to touch 64 MiB of a fresh DAX mapping with 4 KiB faults, without and with the
+/// agent, interleaved (A B A B …) so drift in the emulator hits both sides alike.
+fn bench_fault_overhead(env: &Env) -> Result<()> {
+    let fs = env.fs(Target::Ext4).context("ext4 not prepared")?;
+    let file = format!("{}/bench-64m", fs.mnt);
+    pmem::write_file(Path::new(&file), 64 << 20)?;
+    let rounds = |n: u32| -> Result<Vec<u64>> {
+        let out = sys::run(
+            dax_probe_tests::puppet::WORKLOAD,
+            &["rounds", &file, &(64u64 << 20).to_string(), &n.to_string()],
+        )?;
+        Ok(out.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    };
+    // Warm-up: first-touch costs (page cache of metadata, allocation) out of the way.
+    rounds(2)?;
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    let mut events = 0u64;
+    let mut dropped = 0u64;
+    for _ in 0..5 {
+        without.extend(rounds(2)?);
+        let mon = agent::Monitor::start("bench", &[])?;
+        with.extend(rounds(2)?);
+        let out = mon.stop()?;
+        events += out.of_type("fault").count() as u64;
+        dropped += out.summary().and_then(|s| s["dropped"].as_u64()).unwrap_or(0);
+    }
+    report::send(json!({"event": "bench", "name": "fault-overhead",
+        "pages_per_round": 16384, "without_ns": without, "with_ns": with,
+        "agent_events": events, "agent_dropped": dropped}));
+    Ok(())
+}
+
+fn shell() {
+    let _ = Command::new("/bin/busybox").args(["--install", "-s", "/bin"]).status();
+    println!("[dax-vm] shell: ext4 on /mnt/ext4, xfs on /mnt/xfs; agent at /bin/dax-probe; exit to power off");
+    let _ = Command::new("/bin/busybox")
+        .args(["cttyhack", "/bin/sh"])
+        .env("PATH", "/bin:/sbin")
+        .status();
+}

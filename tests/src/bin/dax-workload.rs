@@ -1,0 +1,179 @@
+//! A workload that maps DAX files and touches their pages, on command.
+//!
+//! `dax-workload puppet` reads commands on stdin, one per line, and answers each with one
+//! JSON line on stdout:
+//!   map PATH OFFSET LEN shared|private pte|pmd   -> {"ok":true,"addr":N}
+//!   touch ADDR LEN read|write STEP               -> {"ok":true,"pages":N}
+//!   unmap ADDR LEN                               -> {"ok":true}
+//!   exit
+//! `dax-workload rounds PATH LEN ROUNDS` maps, touches every 4 KiB page and unmaps, ROUNDS
+//! times, and prints the nanoseconds of each round (fault-overhead benchmark).
+
+use std::{
+    ffi::CString,
+    io::{BufRead, Write},
+    time::Instant,
+};
+
+use serde_json::json;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("puppet") => puppet(),
+        Some("rounds") => rounds(&args[2..]),
+        _ => {
+            eprintln!("usage: dax-workload puppet | rounds PATH LEN ROUNDS");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn puppet() {
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"exit") {
+            break;
+        }
+        let reply = match run(&words) {
+            Ok(v) => v,
+            Err(e) => json!({"ok": false, "error": e}),
+        };
+        let _ = writeln!(out, "{reply}");
+        let _ = out.flush();
+    }
+}
+
+fn num(w: Option<&&str>) -> Result<u64, String> {
+    let w = w.ok_or("missing number")?;
+    w.parse().map_err(|_| format!("not a number: {w}"))
+}
+
+fn run(w: &[&str]) -> Result<serde_json::Value, String> {
+    match w.first().copied() {
+        Some("map") => {
+            let path = w.get(1).ok_or("missing path")?;
+            let offset = num(w.get(2))?;
+            let len = num(w.get(3))?;
+            let shared = w.get(4) == Some(&"shared");
+            let pmd = w.get(5) == Some(&"pmd");
+            let addr = map_file(path, offset, len, shared, pmd)?;
+            Ok(json!({"ok": true, "addr": addr}))
+        }
+        Some("touch") => {
+            let addr = num(w.get(1))?;
+            let len = num(w.get(2))?;
+            let write = w.get(3) == Some(&"write");
+            let step = num(w.get(4))?.max(1);
+            Ok(json!({"ok": true, "pages": touch(addr, len, write, step)}))
+        }
+        Some("unmap") => {
+            let addr = num(w.get(1))?;
+            let len = num(w.get(2))?;
+            // SAFETY: the scenario names a range it mapped through us.
+            if unsafe { libc::munmap(addr as *mut _, len as usize) } != 0 {
+                return Err(format!("munmap: {}", std::io::Error::last_os_error()));
+            }
+            Ok(json!({"ok": true}))
+        }
+        other => Err(format!("unknown command {other:?}")),
+    }
+}
+
+const TWO_MIB: u64 = 2 << 20;
+
+fn map_file(path: &str, offset: u64, len: u64, shared: bool, pmd: bool) -> Result<u64, String> {
+    let c = CString::new(path).map_err(|e| e.to_string())?;
+    // SAFETY: plain syscalls; the fd is closed after mmap (the mapping keeps the file).
+    unsafe {
+        let fd = libc::open(c.as_ptr(), libc::O_RDWR);
+        if fd < 0 {
+            return Err(format!("open {path}: {}", std::io::Error::last_os_error()));
+        }
+        let flags = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let addr = if pmd {
+            // Reserve room, then place the file at a 2 MiB-aligned address: PMD faults need
+            // the virtual and file offsets to agree modulo 2 MiB.
+            let resv = libc::mmap(
+                std::ptr::null_mut(),
+                (len + TWO_MIB) as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if resv == libc::MAP_FAILED {
+                libc::close(fd);
+                return Err(format!("reserve: {}", std::io::Error::last_os_error()));
+            }
+            let aligned = (resv as u64 + TWO_MIB - 1) & !(TWO_MIB - 1);
+            let p = libc::mmap(
+                aligned as *mut _,
+                len as usize,
+                prot,
+                flags | libc::MAP_FIXED,
+                fd,
+                offset as i64,
+            );
+            // Give back the unused head and tail of the reservation.
+            let head = aligned - resv as u64;
+            if head > 0 {
+                libc::munmap(resv, head as usize);
+            }
+            let tail_start = aligned + len;
+            let tail = resv as u64 + len + TWO_MIB - tail_start;
+            if tail > 0 {
+                libc::munmap(tail_start as *mut _, tail as usize);
+            }
+            p
+        } else {
+            let p = libc::mmap(std::ptr::null_mut(), len as usize, prot, flags, fd, offset as i64);
+            if p != libc::MAP_FAILED {
+                libc::madvise(p, len as usize, libc::MADV_NOHUGEPAGE);
+            }
+            p
+        };
+        libc::close(fd);
+        if addr == libc::MAP_FAILED {
+            return Err(format!("mmap {path}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(addr as u64)
+    }
+}
+
+fn touch(addr: u64, len: u64, write: bool, step: u64) -> u64 {
+    let mut pages = 0;
+    let mut off = 0;
+    while off < len {
+        let p = (addr + off) as *mut u8;
+        // SAFETY: the scenario names a range it mapped through us.
+        unsafe {
+            let v = std::ptr::read_volatile(p);
+            if write {
+                std::ptr::write_volatile(p, v.wrapping_add(1));
+            }
+        }
+        pages += 1;
+        off += step;
+    }
+    pages
+}
+
+fn rounds(args: &[String]) {
+    let path = &args[0];
+    let len: u64 = args[1].parse().expect("LEN");
+    let n: u32 = args[2].parse().expect("ROUNDS");
+    for _ in 0..n {
+        let addr = map_file(path, 0, len, true, false).expect("map");
+        let t = Instant::now();
+        touch(addr, len, false, 4096);
+        let ns = t.elapsed().as_nanos();
+        // SAFETY: unmapping what we just mapped.
+        unsafe { libc::munmap(addr as *mut _, len as usize) };
+        println!("{ns}");
+    }
+}

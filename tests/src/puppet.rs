@@ -1,0 +1,106 @@
+//! Driving `dax-workload` (a puppet process) from a scenario: it maps, touches and unmaps on
+//! command, so every step happens in a real, separate process whose page tables we can read.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+pub const WORKLOAD: &str = "/bin/dax-workload";
+
+pub struct Puppet {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub pid: u32,
+}
+
+/// Page size a mapping is set up for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Huge {
+    /// MADV_NOHUGEPAGE: every fault maps 4 KiB.
+    Pte,
+    /// 2 MiB-aligned address: PMD faults possible.
+    Pmd,
+}
+
+impl Puppet {
+    pub fn spawn() -> Result<Self> {
+        let mut child = Command::new(WORKLOAD)
+            .arg("puppet")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn dax-workload")?;
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let pid = child.id();
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            pid,
+        })
+    }
+
+    /// Sends one command line and returns the JSON reply; an `ok: false` reply is an error.
+    pub fn cmd(&mut self, line: &str) -> Result<Value> {
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        let mut reply = String::new();
+        if self.stdout.read_line(&mut reply)? == 0 {
+            bail!("workload {} died on `{line}`", self.pid);
+        }
+        let v: Value = serde_json::from_str(&reply)
+            .with_context(|| format!("workload replied non-JSON: {reply}"))?;
+        if v["ok"] != true {
+            bail!("workload `{line}` failed: {}", v["error"]);
+        }
+        Ok(v)
+    }
+
+    /// Maps `len` bytes of `path` from `offset`; returns the address.
+    pub fn map(&mut self, path: &str, offset: u64, len: u64, shared: bool, huge: Huge) -> Result<u64> {
+        let v = self.cmd(&format!(
+            "map {path} {offset} {len} {} {}",
+            if shared { "shared" } else { "private" },
+            match huge {
+                Huge::Pte => "pte",
+                Huge::Pmd => "pmd",
+            }
+        ))?;
+        v["addr"].as_u64().context("map reply without addr")
+    }
+
+    /// Touches every `step` bytes of `[addr, addr+len)`; returns pages touched.
+    pub fn touch(&mut self, addr: u64, len: u64, write: bool, step: u64) -> Result<u64> {
+        let v = self.cmd(&format!(
+            "touch {addr} {len} {} {step}",
+            if write { "write" } else { "read" }
+        ))?;
+        v["pages"].as_u64().context("touch reply without pages")
+    }
+
+    pub fn unmap(&mut self, addr: u64, len: u64) -> Result<()> {
+        self.cmd(&format!("unmap {addr} {len}")).map(|_| ())
+    }
+
+    /// Asks the puppet to exit and reaps it.
+    pub fn exit(mut self) -> Result<()> {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.stdin.flush();
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Puppet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,173 @@
+//! Small OS helpers for the guest: mounting, sysfs writes, module loading, commands.
+
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::ffi::OsStrExt,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+pub fn mount(src: &str, target: &str, fstype: &str, data: &str) -> Result<()> {
+    fs::create_dir_all(target).ok();
+    let c = |s: &str| CString::new(s).unwrap();
+    let (s, t, f, d) = (c(src), c(target), c(fstype), c(data));
+    // SAFETY: valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            f.as_ptr(),
+            0,
+            if data.is_empty() {
+                std::ptr::null()
+            } else {
+                d.as_ptr().cast()
+            },
+        )
+    };
+    if rc != 0 {
+        return Err(anyhow!(
+            "mount {src} on {target} ({fstype}, {data}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+pub fn umount(target: &str) -> Result<()> {
+    let t = CString::new(target).unwrap();
+    // SAFETY: valid path.
+    if unsafe { libc::umount(t.as_ptr()) } != 0 {
+        bail!("umount {target}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn write(path: impl AsRef<Path>, value: &str) -> Result<()> {
+    let path = path.as_ref();
+    fs::write(path, value).with_context(|| format!("write {value:?} to {}", path.display()))
+}
+
+pub fn read(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    Ok(fs::read_to_string(path)
+        .with_context(|| format!("read {}", path.display()))?
+        .trim()
+        .to_string())
+}
+
+pub fn read_u64(path: impl AsRef<Path>) -> Result<u64> {
+    let s = read(path.as_ref())?;
+    let v = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    v.with_context(|| format!("{} is not a number: {s:?}", path.as_ref().display()))
+}
+
+/// Loads a kernel module from a file (finit_module); "already loaded" is fine.
+pub fn load_module(path: &Path) -> Result<()> {
+    let f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    use std::os::fd::AsRawFd;
+    let params = CString::new("").unwrap();
+    // SAFETY: valid fd and empty parameter string.
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EEXIST) {
+            bail!("load module {}: {err}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Runs a command, failing with its output if it fails.
+pub fn run(prog: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawn {prog}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("{prog} {} failed ({}): {}", args.join(" "), out.status, text.trim());
+    }
+    Ok(text)
+}
+
+/// Waits until `cond` holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+pub fn uuid() -> String {
+    read("/proc/sys/kernel/random/uuid").unwrap_or_else(|_| "4a3c6e58-0000-4000-8000-000000000001".into())
+}
+
+/// (st_dev, st_ino) of a path, st_dev split into major/minor.
+pub fn stat_dev_ino(path: &Path) -> Result<((u32, u32), u64)> {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: zeroed stat is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::stat(c.as_ptr(), &mut st) } != 0 {
+        bail!("stat {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(((libc::major(st.st_dev), libc::minor(st.st_dev)), st.st_ino))
+}
+
+/// Is DAX active for this file (statx STATX_ATTR_DAX, 5.8+)?
+pub fn is_dax_file(path: &Path) -> Result<bool> {
+    const STATX_ATTR_DAX: u64 = 0x0020_0000;
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: zeroed statx is a valid out-parameter.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_BASIC_STATS, &mut stx) };
+    if rc != 0 {
+        bail!("statx {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(stx.stx_attributes_mask & STATX_ATTR_DAX != 0 && stx.stx_attributes & STATX_ATTR_DAX != 0)
+}
+
+pub fn kernel_release() -> String {
+    read("/proc/sys/kernel/osrelease").unwrap_or_else(|_| "unknown".into())
+}
+
+/// Flushes and powers the VM off. Never returns.
+pub fn poweroff() -> ! {
+    // SAFETY: plain syscalls.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The kernel log since boot (for failure details).
+pub fn dmesg_tail(lines: usize) -> Vec<String> {
+    let mut buf = vec![0u8; 1 << 20];
+    // SAFETY: SYSLOG_ACTION_READ_ALL into a buffer of the given size.
+    let n = unsafe { libc::klogctl(3, buf.as_mut_ptr().cast(), buf.len() as i32) };
+    if n <= 0 {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&buf[..n as usize]).into_owned();
+    let all: Vec<String> = text.lines().map(str::to_string).collect();
+    all[all.len().saturating_sub(lines)..].to_vec()
+}

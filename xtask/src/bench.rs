@@ -1,0 +1,87 @@
+//! `cargo xtask bench …`: measurements printed side by side from one run, never asserted.
+
+use std::{fs, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{
+    initramfs, kernels, paths,
+    qemu::{self, VmConfig},
+    setup,
+};
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn vm_bench(name: &str, kernel: &str, verbose: bool) -> Result<Value> {
+    setup::ensure(verbose)?;
+    let ws = paths::workspace();
+    let bin = initramfs::build_binaries(&ws)?;
+    let k = kernels::fetch(kernel, false)?;
+    let dir = paths::run_dir(&format!("bench-{name}"));
+    fs::create_dir_all(&dir)?;
+    let initrd = dir.join("initrd.cpio");
+    initramfs::write(&initrd, &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?])?;
+    eprintln!("bench: booting {} for {name}", k.release);
+    let vm = qemu::run(&VmConfig {
+        kernel: &k,
+        initrd,
+        append: format!("daxprobe.mode=bench daxprobe.bench={name}"),
+        nvdimms: 2,
+        timeout: Duration::from_secs(30 * 60),
+        echo: verbose,
+        interactive: false,
+        dir,
+    })?;
+    if let Some(f) = vm.of_event("fatal").next() {
+        bail!("benchmark failed in the guest: {}", f["error"]);
+    }
+    let rec = vm
+        .of_event("bench")
+        .find(|r| r["name"] == name)
+        .cloned()
+        .with_context(|| format!("guest reported no {name} result (see {})", vm.console_log.display()))?;
+    println!("kernel {} ({}), {} emulation", k.release, k.packages.join(", "), vm.accel);
+    Ok(rec)
+}
+
+pub fn fault_overhead(kernel: &str, verbose: bool) -> Result<()> {
+    let r = vm_bench("fault-overhead", kernel, verbose)?;
+    let ns = |k: &str| -> Vec<f64> {
+        r[k].as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let (mut without, mut with) = (ns("without_ns"), ns("with_ns"));
+    let pages = r["pages_per_round"].as_f64().unwrap_or(16384.0);
+    if without.is_empty() || with.is_empty() {
+        bail!("benchmark returned no rounds");
+    }
+    let fmt = |v: &[f64]| v.iter().map(|x| format!("{:.1}", x / 1e6)).collect::<Vec<_>>().join(" ");
+    println!("touch 64 MiB of a fresh DAX mapping, 4 KiB faults ({pages} faults per round)");
+    println!("  without agent (ms): {}", fmt(&without));
+    println!("  with agent    (ms): {}", fmt(&with));
+    let (mw, mo) = (median(&mut with), median(&mut without));
+    println!(
+        "  median: {:.1} ms without, {:.1} ms with -> {:.0} vs {:.0} faults/s",
+        mo / 1e6,
+        mw / 1e6,
+        pages / (mo / 1e9),
+        pages / (mw / 1e9)
+    );
+    println!(
+        "  ratio with/without: {:.3} (agent cost {:+.1}% of fault time); agent saw {} fault events, dropped {}",
+        mw / mo,
+        (mw / mo - 1.0) * 100.0,
+        r["agent_events"],
+        r["agent_dropped"]
+    );
+    Ok(())
+}

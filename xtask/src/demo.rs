@@ -1,0 +1,94 @@
+//! `cargo xtask demo`: the main job. On a host with persistent memory it runs the agent's live
+//! monitor right here (through sudo when needed); on a host without, it boots the demo VM and
+//! shows the monitor watching a workload on emulated pmem.
+
+use std::{fs, path::Path, process::Command, time::Duration};
+
+use anyhow::Result;
+
+use crate::{
+    cmd::{is_root, run_visible},
+    initramfs, kernels, paths,
+    qemu::{self, VmConfig},
+    setup,
+};
+
+/// Does this machine have a pmem namespace or a device-dax device?
+fn host_has_pmem() -> bool {
+    let sized_namespace = fs::read_dir("/sys/bus/nd/devices")
+        .map(|d| {
+            d.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with("namespace")
+                    && fs::read_to_string(e.path().join("size"))
+                        .map(|s| s.trim() != "0")
+                        .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false);
+    sized_namespace || Path::new("/sys/bus/dax/devices").read_dir().is_ok_and(|mut d| d.next().is_some())
+}
+
+pub fn run(kernel: &str, force_vm: bool, verbose: bool) -> Result<()> {
+    setup::ensure(verbose)?;
+    let ws = paths::workspace();
+    if host_has_pmem() && !force_vm {
+        eprintln!("demo: this machine has persistent memory: running the monitor here (Ctrl-C stops)");
+        run_visible(Command::new("cargo").current_dir(&ws).args(["build", "--release", "-p", "dax-probe"]))?;
+        let bin = ws.join("target/release/dax-probe");
+        let mut c = if is_root() {
+            Command::new(&bin)
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg(&bin);
+            c
+        };
+        return run_visible(c.arg("monitor").arg("--wait"));
+    }
+    eprintln!("demo: no persistent memory here: booting Debian {kernel} in QEMU with emulated nvdimms");
+    let bin = initramfs::build_binaries(&ws)?;
+    let k = kernels::fetch(kernel, false)?;
+    let dir = paths::run_dir("demo");
+    fs::create_dir_all(&dir)?;
+    let initrd = dir.join("initrd.cpio");
+    initramfs::write(&initrd, &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?])?;
+    let vm = qemu::run(&VmConfig {
+        kernel: &k,
+        initrd,
+        append: "daxprobe.mode=demo".into(),
+        nvdimms: 2,
+        timeout: Duration::from_secs(15 * 60),
+        echo: true,
+        interactive: false,
+        dir,
+    })?;
+    if let Some(f) = vm.of_event("fatal").next() {
+        anyhow::bail!("demo VM failed: {}", f["error"]);
+    }
+    if !vm.done() {
+        anyhow::bail!("demo VM did not finish (see {})", vm.console_log.display());
+    }
+    Ok(())
+}
+
+/// `cargo xtask vm --shell`: a root shell in the VM for poking around by hand.
+pub fn shell(kernel: &str, verbose: bool) -> Result<()> {
+    setup::ensure(verbose)?;
+    let ws = paths::workspace();
+    let bin = initramfs::build_binaries(&ws)?;
+    let k = kernels::fetch(kernel, false)?;
+    let dir = paths::run_dir("shell");
+    fs::create_dir_all(&dir)?;
+    let initrd = dir.join("initrd.cpio");
+    initramfs::write(&initrd, &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?])?;
+    qemu::run(&VmConfig {
+        kernel: &k,
+        initrd,
+        append: "daxprobe.mode=shell".into(),
+        nvdimms: 2,
+        timeout: Duration::from_secs(24 * 3600),
+        echo: true,
+        interactive: true,
+        dir,
+    })?;
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! Booting a Debian kernel in QEMU with emulated nvdimms, and collecting what the guest
+//! reports.
+//!
+//! The guest's console (ttyS0) streams to a log (and to the terminal when asked); its results
+//! arrive on a second serial port (ttyS1) backed by a file. A watchdog stops the VM on a
+//! kernel panic, on a timeout, or once the guest said it is done.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::{kernels::Kernel, paths};
+
+pub const NVDIMM_SIZE_MB: u64 = 512;
+const RESULT_MARK: &str = "@@DAXPROBE ";
+
+pub struct VmConfig<'a> {
+    pub kernel: &'a Kernel,
+    pub initrd: PathBuf,
+    /// Extra kernel command line (daxprobe.* parameters).
+    pub append: String,
+    pub nvdimms: usize,
+    pub timeout: Duration,
+    /// Show the guest console on our terminal as it happens.
+    pub echo: bool,
+    /// Give the guest our terminal (interactive shell).
+    pub interactive: bool,
+    /// Working directory for images, results and logs.
+    pub dir: PathBuf,
+}
+
+pub struct VmRun {
+    pub records: Vec<Value>,
+    pub console_log: PathBuf,
+    pub timed_out: bool,
+    /// The first kernel panic / oops / BUG line, if any.
+    pub kernel_trouble: Option<String>,
+    pub accel: &'static str,
+    pub seconds: f64,
+}
+
+impl VmRun {
+    pub fn of_event<'a>(&'a self, e: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.records.iter().filter(move |r| r["event"] == e)
+    }
+    pub fn done(&self) -> bool {
+        self.of_event("done").next().is_some()
+    }
+}
+
+/// Whether KVM is worth trying: /dev/kvm usable and not known to hang on this host.
+fn kvm_verdict_file() -> PathBuf {
+    paths::cache().join("kvm-verdict")
+}
+
+fn host_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn kvm_candidate() -> bool {
+    if std::env::var_os("DAX_PROBE_NO_KVM").is_some() {
+        return false;
+    }
+    if fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        return false;
+    }
+    match fs::read_to_string(kvm_verdict_file()) {
+        Ok(v) => !v.starts_with(&format!("broken {}", host_release())),
+        Err(_) => true,
+    }
+}
+
+fn remember_kvm_broken() {
+    let _ = fs::create_dir_all(paths::cache());
+    let _ = fs::write(kvm_verdict_file(), format!("broken {}\n", host_release()));
+}
+
+pub fn run(cfg: &VmConfig) -> Result<VmRun> {
+    fs::create_dir_all(&cfg.dir)?;
+    if kvm_candidate() {
+        // KVM only if it really boots: nested KVM can hang without a word.
+        match boot(cfg, true, Some(Duration::from_secs(25)))? {
+            Some(r) => return Ok(r),
+            None => {
+                eprintln!("vm: KVM did not boot the guest; using TCG emulation from now on");
+                remember_kvm_broken();
+            }
+        }
+    }
+    Ok(boot(cfg, false, None)?.expect("no boot deadline without KVM"))
+}
+
+fn make_images(cfg: &VmConfig) -> Result<Vec<PathBuf>> {
+    (0..cfg.nvdimms)
+        .map(|i| {
+            let p = cfg.dir.join(format!("nvdimm{i}.img"));
+            // Fresh, sparse backing file for every boot: no state leaks between runs.
+            let f = fs::File::create(&p)?;
+            f.set_len(NVDIMM_SIZE_MB << 20)?;
+            Ok(p)
+        })
+        .collect()
+}
+
+/// Boots once. With `boot_deadline`, returns None if the guest did not report booting in time.
+fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Option<VmRun>> {
+    let images = make_images(cfg)?;
+    let results = cfg.dir.join("results.jsonl");
+    let console_log = cfg.dir.join("console.log");
+    let _ = fs::remove_file(&results);
+    let mem_max = 2048 + cfg.nvdimms as u64 * NVDIMM_SIZE_MB + 1024;
+    let mut c = Command::new("qemu-system-x86_64");
+    if kvm {
+        c.args(["-accel", "kvm", "-cpu", "host"]);
+    } else {
+        c.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+    }
+    c.args(["-smp", "2", "-machine", "q35,nvdimm=on"])
+        .arg("-m")
+        .arg(format!("2G,slots={},maxmem={mem_max}M", cfg.nvdimms.max(1) + 1));
+    for (i, img) in images.iter().enumerate() {
+        c.arg("-object").arg(format!(
+            "memory-backend-file,id=mem{i},share=on,mem-path={},size={NVDIMM_SIZE_MB}M,align=2M",
+            img.display()
+        ));
+        c.arg("-device")
+            .arg(format!("nvdimm,id=nv{i},memdev=mem{i},label-size=128K"));
+    }
+    c.arg("-kernel")
+        .arg(&cfg.kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&cfg.initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet loglevel=4 daxprobe.nvdimms={} {}",
+            cfg.nvdimms, cfg.append
+        ))
+        .args(["-display", "none", "-monitor", "none", "-no-reboot", "-serial", "stdio"])
+        .arg("-serial")
+        .arg(format!("file:{}", results.display()));
+    if cfg.interactive {
+        c.stdin(Stdio::inherit()).stdout(Stdio::inherit());
+    } else {
+        c.stdin(Stdio::null()).stdout(Stdio::piped());
+    }
+    c.stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = c.spawn().context("start qemu-system-x86_64 (run cargo xtask setup)")?;
+
+    let trouble: Arc<Mutex<Option<String>>> = Arc::default();
+    let console = if cfg.interactive {
+        None
+    } else {
+        Some(watch_console(&mut child, &console_log, cfg.echo, trouble.clone())?)
+    };
+    let stderr_log = cfg.dir.join("qemu.stderr");
+    let stderr = child.stderr.take();
+    let stderr_thread = stderr.map(|mut s| {
+        let p = stderr_log.clone();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+            let _ = fs::write(p, buf);
+        })
+    });
+
+    let mut timed_out = false;
+    let mut done_at: Option<Instant> = None;
+    loop {
+        let records = read_records(&results);
+        let booted = records.iter().any(|r| r["event"] == "boot");
+        if child.try_wait()?.is_some() {
+            if boot_deadline.is_some() && !booted {
+                // QEMU gave up on KVM (it may abort on an MSR it cannot set): try TCG.
+                return Ok(None);
+            }
+            break;
+        }
+        if let Some(d) = boot_deadline
+            && !booted
+            && started.elapsed() > d
+        {
+            kill(&mut child);
+            return Ok(None);
+        }
+        if records.iter().any(|r| r["event"] == "done") && done_at.is_none() {
+            done_at = Some(Instant::now());
+        }
+        // The guest powers off right after "done"; give it a moment, then stop it.
+        if done_at.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
+            kill(&mut child);
+            break;
+        }
+        if trouble.lock().unwrap().as_deref().is_some_and(|t| t.contains("Kernel panic")) {
+            std::thread::sleep(Duration::from_secs(2));
+            kill(&mut child);
+            break;
+        }
+        if started.elapsed() > cfg.timeout {
+            timed_out = true;
+            kill(&mut child);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.wait();
+    if let Some(t) = console {
+        let _ = t.join();
+    }
+    if let Some(t) = stderr_thread {
+        let _ = t.join();
+    }
+    let records = read_records(&results);
+    if records.is_empty() {
+        let err = fs::read_to_string(&stderr_log).unwrap_or_default();
+        if !err.trim().is_empty() {
+            eprintln!("vm: qemu said: {}", err.trim());
+        }
+    }
+    let kernel_trouble = trouble.lock().unwrap().clone();
+    Ok(Some(VmRun {
+        records,
+        console_log,
+        timed_out,
+        kernel_trouble,
+        accel: if kvm { "kvm" } else { "tcg" },
+        seconds: started.elapsed().as_secs_f64(),
+    }))
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+}
+
+fn watch_console(
+    child: &mut Child,
+    log: &Path,
+    echo: bool,
+    trouble: Arc<Mutex<Option<String>>>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let out = child.stdout.take().context("qemu stdout")?;
+    let mut logf = fs::File::create(log)?;
+    Ok(std::thread::spawn(move || {
+        let mut r = BufReader::new(out);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match r.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&raw);
+            let _ = logf.write_all(line.as_bytes());
+            if echo {
+                print!("{line}");
+                let _ = std::io::stdout().flush();
+            }
+            let l = line.trim_end();
+            if ["Kernel panic", "BUG:", "Oops:", "general protection fault", "WARNING: CPU"]
+                .iter()
+                .any(|k| l.contains(k))
+            {
+                let mut t = trouble.lock().unwrap();
+                // Keep the first report, but let a later panic override a warning.
+                if t.is_none() || (l.contains("Kernel panic") && !t.as_deref().unwrap_or("").contains("Kernel panic")) {
+                    *t = Some(l.to_string());
+                }
+            }
+        }
+    }))
+}
+
+/// Result records so far (the guest writes them line by line; a torn last line is skipped).
+pub fn read_records(path: &Path) -> Vec<Value> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| l.find(RESULT_MARK).map(|i| &l[i + RESULT_MARK.len()..]))
+        .filter_map(|j| serde_json::from_str(j.trim()).ok())
+        .collect()
+}
