@@ -27,11 +27,7 @@ pub struct KernelLayout {
     pub inode_sb: u32,
     /// `struct super_block`
     pub sb_dev: u32,
-    /// Positions (0-based) of `vmf`, `pfn` and `flags` in the DAX insert function the agent
-    /// attached to (`dax_insert_entry`: 2/4/5 on 5.10, 1/4/5 from 6.1).
-    pub insert_vmf_arg: u32,
-    pub insert_pfn_arg: u32,
-    pub insert_flags_arg: u32,
+    pub _reserved: [u32; 3],
     /// Mask applied to the insert function's pfn argument: `pfn_t` carries flag bits in its
     /// top 12 bits up to 6.12; from 7.x it is a plain `unsigned long`.
     pub pfn_mask: u64,

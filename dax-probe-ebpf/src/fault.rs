@@ -21,31 +21,39 @@ use dax_probe_common::{
 };
 
 use crate::{
-    kernel::{nth_arg, read},
+    kernel::read,
     maps::{EVENTS, INSERT_STASH, InsertStash, count, layout},
 };
 
 // ---- insert hook: remember the pfn ------------------------------------------------------
+//
+// `dax_insert_entry` has two argument orders: (xas, vmf, iter, entry, pfn, flags) from 6.1
+// and (xas, mapping, vmf, entry, pfn, dirty…) with vmf third on 5.10. Positions are
+// compile-time constants per program (the verifier rejects a context read at a computed
+// offset), and the agent picks the program whose order matches the kernel's BTF prototype.
 
 #[fentry(function = "dax_insert_entry")]
 pub fn dax_insert_entry_fentry(ctx: FEntryContext) -> u32 {
-    let l = layout();
-    stash_insert(
-        nth_arg(l.insert_vmf_arg, |i| ctx.arg::<u64>(i)),
-        nth_arg(l.insert_pfn_arg, |i| ctx.arg::<u64>(i)),
-        nth_arg(l.insert_flags_arg, |i| ctx.arg::<u64>(i)),
-    );
+    stash_insert(ctx.arg(1), ctx.arg(4), ctx.arg(5));
     0
 }
 
 #[kprobe]
 pub fn dax_insert_entry_kprobe(ctx: ProbeContext) -> u32 {
-    let l = layout();
-    let arg = |i: usize| ctx.arg::<u64>(i).unwrap_or(0);
     stash_insert(
-        nth_arg(l.insert_vmf_arg, arg),
-        nth_arg(l.insert_pfn_arg, arg),
-        nth_arg(l.insert_flags_arg, arg),
+        ctx.arg(1).unwrap_or(0),
+        ctx.arg(4).unwrap_or(0),
+        ctx.arg(5).unwrap_or(0),
+    );
+    0
+}
+
+#[kprobe]
+pub fn dax_insert_entry_kprobe_vmf2(ctx: ProbeContext) -> u32 {
+    stash_insert(
+        ctx.arg(2).unwrap_or(0),
+        ctx.arg(4).unwrap_or(0),
+        ctx.arg(5).unwrap_or(0),
     );
     0
 }

@@ -21,18 +21,3 @@ pub fn read<T: Copy + Default>(base: u64, off: u32) -> T {
         }
     }
 }
-
-/// Picks argument `n` with a constant-offset access per arm: the verifier rejects variable
-/// offsets into a program context, and the argument positions differ between kernels.
-#[inline(always)]
-pub fn nth_arg(n: u32, get: impl Fn(usize) -> u64) -> u64 {
-    match n {
-        0 => get(0),
-        1 => get(1),
-        2 => get(2),
-        3 => get(3),
-        4 => get(4),
-        5 => get(5),
-        _ => 0,
-    }
-}

@@ -42,9 +42,7 @@ pub static LAYOUT: KernelLayout = KernelLayout {
     inode_ino: 0,
     inode_sb: 0,
     sb_dev: 0,
-    insert_vmf_arg: 0,
-    insert_pfn_arg: 0,
-    insert_flags_arg: 0,
+    _reserved: [0; 3],
     pfn_mask: 0,
 };
 

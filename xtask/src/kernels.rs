@@ -243,7 +243,7 @@ pub fn fetch(label: &str, refresh: bool) -> Result<Kernel> {
 }
 
 /// Finds vmlinuz and the modules directory in an unpacked tree (layouts differ by suite:
-/// /boot/vmlinuz-<rel> + /lib/modules, or /usr/lib/modules/<rel>/vmlinuz).
+/// /boot/vmlinuz-<rel> + /lib/modules, or /usr/lib/modules/<rel>/vmlinuz[.unsigned]).
 fn locate(label: &str, root: &Path, packages: Vec<String>) -> Result<Kernel> {
     for mods in ["lib/modules", "usr/lib/modules"] {
         let Ok(entries) = fs::read_dir(root.join(mods)) else {
@@ -255,6 +255,8 @@ fn locate(label: &str, root: &Path, packages: Vec<String>) -> Result<Kernel> {
             let candidates = [
                 root.join("boot").join(format!("vmlinuz-{release}")),
                 modules.join("vmlinuz"),
+                // sid's linux-binary-unsigned-* ships it under this name.
+                modules.join("vmlinuz.unsigned"),
             ];
             if let Some(vmlinuz) = candidates.into_iter().find(|p| p.is_file()) {
                 return Ok(Kernel {

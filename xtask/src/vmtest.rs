@@ -69,6 +69,13 @@ pub fn run(opts: &Options) -> Result<()> {
             interactive: false,
             dir: dir.clone(),
         })?;
+        if let Some(d) = vm.of_event("doctor").next() {
+            let text = d["text"].as_str().unwrap_or("");
+            fs::write(dir.join("doctor.txt"), text)?;
+            if opts.verbose {
+                eprintln!("{text}");
+            }
+        }
         let before = rows.len();
         collect(label, &vm, &mut rows);
         for r in &rows[before..] {
@@ -88,6 +95,7 @@ pub fn run(opts: &Options) -> Result<()> {
             "accel": vm.accel,
             "seconds": vm.seconds,
             "facts": vm.of_event("fact").cloned().collect::<Vec<_>>(),
+            "doctor": vm.of_event("doctor").next().map(|d| d["report"].clone()),
             "results": vm.of_event("result").map(|r| r["result"].clone()).collect::<Vec<_>>(),
         }));
     }

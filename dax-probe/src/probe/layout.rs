@@ -34,17 +34,12 @@ pub fn compute(btf: &Btf, facts: &dyn KernelFacts) -> Result<KernelLayout, Layou
         inode_ino: off("inode", "i_ino")?,
         inode_sb: off("inode", "i_sb")?,
         sb_dev: off("super_block", "s_dev")?,
-        insert_vmf_arg: 0,
-        insert_pfn_arg: 0,
-        insert_flags_arg: 0,
+        _reserved: [0; 3],
         pfn_mask: u64::MAX,
     };
     // Absent insert function: the pfn concern falls back to userspace, layout stays valid.
-    if let Some((vmf, pfn, flags, is_pfn_t)) = insert_args(facts) {
-        l.insert_vmf_arg = vmf;
-        l.insert_pfn_arg = pfn;
-        l.insert_flags_arg = flags;
-        l.pfn_mask = if is_pfn_t { PFN_T_MASK } else { u64::MAX };
+    if let Some((_, _, _, true)) = insert_args(facts) {
+        l.pfn_mask = PFN_T_MASK;
     }
     Ok(l)
 }

@@ -185,31 +185,43 @@ fn load_and_attach(ebpf: &mut Ebpf, a: &Attach, btf: &Btf) -> Result<(), String>
     let err = |stage: &str, e: &dyn std::fmt::Display| {
         format!("{stage} {} {}: {e}", a.kind.label(), a.target)
     };
+    let attach_err = |e: aya::programs::ProgramError| err("attach", &with_sources(&e));
     match a.kind {
         AttachKind::TpBtf => {
             let p: &mut BtfTracePoint = prog.try_into().map_err(|e| err("type", &e))?;
             p.load(a.target, btf)
                 .map_err(|e| err("load", &verifier(e)))?;
-            p.attach().map_err(|e| err("attach", &e))?;
+            p.attach().map_err(attach_err)?;
         }
         AttachKind::RawTp => {
             let p: &mut RawTracePoint = prog.try_into().map_err(|e| err("type", &e))?;
             p.load().map_err(|e| err("load", &verifier(e)))?;
-            p.attach(a.target).map_err(|e| err("attach", &e))?;
+            p.attach(a.target).map_err(attach_err)?;
         }
         AttachKind::FEntry => {
             let p: &mut FEntry = prog.try_into().map_err(|e| err("type", &e))?;
             p.load(a.target, btf)
                 .map_err(|e| err("load", &verifier(e)))?;
-            p.attach().map_err(|e| err("attach", &e))?;
+            p.attach().map_err(attach_err)?;
         }
         AttachKind::KProbe => {
             let p: &mut KProbe = prog.try_into().map_err(|e| err("type", &e))?;
             p.load().map_err(|e| err("load", &verifier(e)))?;
-            p.attach(a.target, 0).map_err(|e| err("attach", &e))?;
+            p.attach(a.target, 0).map_err(attach_err)?;
         }
     }
     Ok(())
+}
+
+/// An error with its causes, `a: b: c` (aya's messages often name only the outer step).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
 }
 
 /// Keeps the verifier log out of the one-line message but available with RUST_LOG=debug.

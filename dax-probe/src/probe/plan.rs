@@ -73,6 +73,8 @@ pub struct Candidate {
     pub attaches: &'static [Attach],
     /// Non-empty for a userspace fallback: what the agent does instead.
     pub userspace: Option<&'static str>,
+    /// For the insert hook: positions of (vmf, pfn, flags) the programs are compiled for.
+    pub insert_proto: Option<(u32, u32, u32)>,
 }
 
 const fn attach(program: &'static str, kind: AttachKind, target: &'static str) -> Attach {
@@ -101,6 +103,7 @@ pub const CANDIDATES: &[Candidate] = &[
             ),
         ],
         userspace: None,
+        insert_proto: None,
     },
     Candidate {
         concern: Concern::FaultDone,
@@ -118,6 +121,7 @@ pub const CANDIDATES: &[Candidate] = &[
             ),
         ],
         userspace: None,
+        insert_proto: None,
     },
     Candidate {
         concern: Concern::FaultPfn,
@@ -128,6 +132,7 @@ pub const CANDIDATES: &[Candidate] = &[
             "dax_insert_entry",
         )],
         userspace: None,
+        insert_proto: Some((1, 4, 5)),
     },
     Candidate {
         concern: Concern::FaultPfn,
@@ -138,12 +143,25 @@ pub const CANDIDATES: &[Candidate] = &[
             "dax_insert_entry",
         )],
         userspace: None,
+        insert_proto: Some((1, 4, 5)),
+    },
+    Candidate {
+        concern: Concern::FaultPfn,
+        label: "kprobe dax_insert_entry (vmf 3rd)",
+        attaches: &[attach(
+            "dax_insert_entry_kprobe_vmf2",
+            AttachKind::KProbe,
+            "dax_insert_entry",
+        )],
+        userspace: None,
+        insert_proto: Some((2, 4, 5)),
     },
     Candidate {
         concern: Concern::FaultPfn,
         label: "userspace /proc/PID/pagemap lookup",
         attaches: &[],
         userspace: Some("reads the pfn from /proc/PID/pagemap when the event arrives"),
+        insert_proto: None,
     },
 ];
 
@@ -201,13 +219,22 @@ fn missing_for(a: &Attach, facts: &dyn KernelFacts) -> Option<String> {
 
 /// Extra per-concern prerequisites beyond the attach points themselves.
 fn missing_extra(c: &Candidate, facts: &dyn KernelFacts) -> Option<String> {
-    if c.concern == Concern::FaultPfn && c.userspace.is_none() {
-        // The insert hook reads arguments by position; BTF must name them.
-        if insert_args(facts).is_none() {
-            return Some("BTF prototype of dax_insert_entry lacks vmf/pfn/flags parameters".into());
-        }
+    // The insert hook reads arguments at fixed positions; BTF must confirm them.
+    let want = c.insert_proto?;
+    match insert_args(facts) {
+        None => Some("BTF prototype of dax_insert_entry lacks vmf/pfn/flags parameters".into()),
+        Some((v, p, f, _)) if (v, p, f) != want => Some(format!(
+            "dax_insert_entry takes vmf/pfn/flags as arguments {}/{}/{} here, this program \
+             reads {}/{}/{}",
+            v + 1,
+            p + 1,
+            f + 1,
+            want.0 + 1,
+            want.1 + 1,
+            want.2 + 1
+        )),
+        Some(_) => None,
     }
-    None
 }
 
 /// Positions of `vmf`, `pfn`, `flags` in `dax_insert_entry`, and whether `pfn` is a `pfn_t`.
@@ -315,8 +342,15 @@ mod tests {
             p.usable(Concern::FaultPfn).next().unwrap().label,
             "fentry dax_insert_entry"
         );
-        // Every fallback stays usable behind the preferred one.
-        assert_eq!(p.usable(Concern::FaultPfn).count(), 3);
+        // Every fallback with this prototype stays usable behind the preferred one; the
+        // 5.10-order kprobe is ruled out with a reason.
+        let usable: Vec<_> = p.usable(Concern::FaultPfn).map(|c| c.label).collect();
+        assert_eq!(
+            usable,
+            ["fentry dax_insert_entry", "kprobe dax_insert_entry", "userspace /proc/PID/pagemap lookup"]
+        );
+        let v = p.verdicts(Concern::FaultPfn);
+        assert!(v[2].missing.as_deref().unwrap().contains("3/5/6"), "{:?}", v[2]);
     }
 
     #[test]
@@ -354,6 +388,11 @@ mod tests {
             ("dirty", "bool"),
         ]);
         assert_eq!(insert_args(&k), Some((2, 4, 5, true)));
+        let usable: Vec<_> = plan(&k).usable(Concern::FaultPfn).map(|c| c.label).collect();
+        assert_eq!(
+            usable,
+            ["kprobe dax_insert_entry (vmf 3rd)", "userspace /proc/PID/pagemap lookup"]
+        );
         // 7.x: pfn_t is gone, a plain unsigned long.
         let mut k = debian_6_1();
         if let Some(p) = k.insert_params.as_mut() {

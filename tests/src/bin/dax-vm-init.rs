@@ -141,6 +141,17 @@ fn setup(cmdline: &str) -> Result<Env> {
 }
 
 fn run_tests(env: &Env, cmdline: &str) {
+    // What the agent makes of this kernel, for the host's report and the support matrix.
+    match agent::run_once(&["doctor"]) {
+        Ok((code, out, err)) => {
+            println!("{out}{err}");
+            let json = agent::run_once(&["doctor", "--json"])
+                .ok()
+                .and_then(|(_, o, _)| serde_json::from_str::<serde_json::Value>(&o).ok());
+            report::send(json!({"event": "doctor", "exit": code, "text": out, "report": json}));
+        }
+        Err(e) => report::note(&format!("doctor did not run: {e:#}")),
+    }
     let wanted = cmdline_param(cmdline, "scenario").unwrap_or_else(|| "all".into());
     let wanted: Vec<&str> = wanted.split(',').collect();
     for s in scenarios::all() {
