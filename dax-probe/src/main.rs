@@ -38,6 +38,9 @@ enum Command {
         /// Stop after this many seconds instead of at Ctrl-C.
         #[arg(long, value_name = "SECONDS")]
         duration: Option<f64>,
+        /// Size of the kernel→agent event ring buffer (power of two).
+        #[arg(long, value_name = "KIB", default_value_t = dax_probe_common::EVENTS_RING_BYTES / 1024)]
+        ring_size_kib: u32,
     },
     /// Show what this kernel offers and which hooks the agent uses.
     Doctor {
@@ -77,7 +80,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             wait,
             duration,
+            ring_size_kib,
         } => {
+            let ring_bytes = probe::ring_bytes(ring_size_kib)?;
             let duration = match duration {
                 Some(s) if !(s > 0.0 && s.is_finite()) => {
                     return Err(exit::Failure::new(
@@ -97,6 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                     wait,
                     duration,
+                    ring_bytes,
                 },
             ))
         }

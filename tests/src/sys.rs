@@ -171,3 +171,50 @@ pub fn dmesg_tail(lines: usize) -> Vec<String> {
     let all: Vec<String> = text.lines().map(str::to_string).collect();
     all[all.len().saturating_sub(lines)..].to_vec()
 }
+
+/// Names of every BPF program loaded in the kernel (BPF_PROG_GET_NEXT_ID + GET_INFO), to
+/// prove the agent leaves nothing behind.
+pub fn bpf_prog_names() -> Result<Vec<String>> {
+    const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let bpf = |cmd: libc::c_long, attr: &mut [u8; 128]| -> libc::c_long {
+        // SAFETY: attr is a zero-padded bpf_attr of sufficient size.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) }
+    };
+    let mut names = Vec::new();
+    let mut id: u32 = 0;
+    loop {
+        let mut attr = [0u8; 128];
+        attr[..4].copy_from_slice(&id.to_ne_bytes()); // start_id
+        if bpf(BPF_PROG_GET_NEXT_ID, &mut attr) != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            bail!("BPF_PROG_GET_NEXT_ID: {e}");
+        }
+        id = u32::from_ne_bytes(attr[4..8].try_into().unwrap()); // next_id
+        let mut attr = [0u8; 128];
+        attr[..4].copy_from_slice(&id.to_ne_bytes()); // prog_id
+        let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr);
+        if fd < 0 {
+            continue; // went away meanwhile
+        }
+        let mut info = [0u8; 256];
+        let mut attr = [0u8; 128];
+        attr[..4].copy_from_slice(&(fd as u32).to_ne_bytes()); // bpf_fd
+        attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes()); // info_len
+        attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes()); // info
+        let rc = bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr);
+        // SAFETY: closing the fd we just got.
+        unsafe { libc::close(fd as i32) };
+        if rc == 0 {
+            // struct bpf_prog_info: name[16] at offset 64.
+            let raw = &info[64..80];
+            let end = raw.iter().position(|&c| c == 0).unwrap_or(16);
+            names.push(String::from_utf8_lossy(&raw[..end]).into_owned());
+        }
+    }
+    Ok(names)
+}

@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// Kernels `--kernel all` means: every line the scenarios are proven on.
-pub const ALL: &[&str] = &["6.1", "6.12"];
+pub const ALL: &[&str] = &["5.10", "6.1", "6.12", "7"];
 
 pub struct Options {
     pub kernels: Vec<String>,

@@ -108,12 +108,19 @@ fn raise_memlock() {
     }
 }
 
-pub fn load(plan: &Plan, layout: &KernelLayout, btf_path: &Path) -> Result<Probe, LoadError> {
+/// `ring_bytes`: size of the event ring buffer (a power of two, at least a page).
+pub fn load(
+    plan: &Plan,
+    layout: &KernelLayout,
+    btf_path: &Path,
+    ring_bytes: u32,
+) -> Result<Probe, LoadError> {
     raise_memlock();
     let btf = Btf::parse_file(btf_path, Endianness::default())?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .override_global(LAYOUT_GLOBAL, layout, true)
+        .map_max_entries(EVENTS_MAP, ring_bytes)
         .load(OBJECT)?;
 
     let mut choices = Vec::new();

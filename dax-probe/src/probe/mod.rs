@@ -39,12 +39,12 @@ pub struct Session {
 impl Session {
     /// Collects facts, plans, loads and attaches, and starts the reader. Fails with an exit
     /// code the operator can act on; on failure nothing stays attached.
-    pub fn start(src: &KernelSource) -> anyhow::Result<Self> {
+    pub fn start(src: &KernelSource, ring_bytes: u32) -> anyhow::Result<Self> {
         let facts = collect_facts(src)?;
         let plan = plan::plan(&facts);
         let layout = layout::compute(&facts.btf, &facts)
             .map_err(|e| Failure::new(Code::Unavailable, e.to_string()))?;
-        let mut probe = loader::load(&plan, &layout, &facts.btf_path).map_err(|e| {
+        let mut probe = loader::load(&plan, &layout, &facts.btf_path, ring_bytes).map_err(|e| {
             let code = match e {
                 loader::LoadError::MissingHook { .. } => Code::Unavailable,
                 _ => Code::Software,
@@ -88,6 +88,21 @@ pub fn collect_facts(src: &KernelSource) -> anyhow::Result<facts::LiveFacts> {
         };
         Failure::new(code, e.to_string()).into()
     })
+}
+
+/// Checks a ring buffer size given in KiB: the kernel wants a power of two of at least a page.
+pub fn ring_bytes(kib: u32) -> Result<u32, Failure> {
+    if kib < 4 || !kib.is_power_of_two() || kib > (1 << 20) {
+        return Err(Failure::new(
+            Code::Usage,
+            format!(
+                "--ring-size-kib {kib}: the ring buffer must be a power of two between 4 and \
+                 1048576 KiB (default {})",
+                dax_probe_common::EVENTS_RING_BYTES / 1024
+            ),
+        ));
+    }
+    Ok(kib * 1024)
 }
 
 /// Default kernel source: the running kernel.

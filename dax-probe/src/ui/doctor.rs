@@ -61,7 +61,13 @@ pub fn run(src: &KernelSource, json: bool) -> anyhow::Result<()> {
             probe::layout::compute(&facts.btf, &facts)
                 .map_err(|e| e.to_string())
                 .and_then(|l| {
-                    probe::loader::load(&plan, &l, &facts.btf_path).map_err(|e| e.to_string())
+                    probe::loader::load(
+                        &plan,
+                        &l,
+                        &facts.btf_path,
+                        dax_probe_common::EVENTS_RING_BYTES,
+                    )
+                    .map_err(|e| e.to_string())
                 }),
         )
     } else {

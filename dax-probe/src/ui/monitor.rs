@@ -28,6 +28,8 @@ pub struct Options {
     pub wait: bool,
     /// Stop after this long (for scripts and benchmarks); otherwise until Ctrl-C/SIGTERM.
     pub duration: Option<Duration>,
+    /// Event ring buffer size in bytes.
+    pub ring_bytes: u32,
 }
 
 /// First line of `--json` output: what is attached.
@@ -85,7 +87,7 @@ pub async fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
         eprintln!("dax-probe: warning: {msg}; waiting for one");
     }
 
-    let mut session = Session::start(src)?;
+    let mut session = Session::start(src, opts.ring_bytes)?;
     let userspace_pfn = session.pfn_from_userspace();
     announce(&session, opts.json, userspace_pfn);
 
@@ -165,7 +167,7 @@ pub async fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
     if summary.dropped > 0 {
         eprintln!(
             "dax-probe: warning: {} events were lost because the ring buffer was full: the \
-             reader fell behind a fault storm; output to a file or use --json to keep up",
+             reader fell behind a fault storm; raise --ring-size-kib or write to a file",
             summary.dropped
         );
     }
@@ -211,6 +213,15 @@ fn announce(session: &Session, json: bool, userspace_pfn: bool) {
         session.facts.release,
         hooks.join(", ")
     );
+    for c in &session.probe.choices {
+        for (label, why) in &c.failed {
+            eprintln!(
+                "dax-probe: note: {}: {label} did not work here ({why}); using {}",
+                c.concern.name(),
+                c.chosen.unwrap_or("nothing")
+            );
+        }
+    }
     if userspace_pfn {
         eprintln!(
             "dax-probe: warning: no kernel hook reports pfns here; reading them from \

@@ -111,6 +111,10 @@ fn setup(cmdline: &str) -> Result<Env> {
         );
     }
     let mut env = Env::default();
+    // The machine has pmem but nothing DAX yet: what does the agent say? (bad-input checks.)
+    if let Ok((code, _, err)) = agent::run_once(&["monitor", "--duration", "1"]) {
+        env.before_setup_monitor = Some((code, err));
+    }
     let ext4 = pmem::make_fsdax(&regions[0]).context("fsdax for ext4")?;
     pmem::mount_ext4(&ext4, "/mnt/ext4")?;
     env.fs.push(DaxFs {

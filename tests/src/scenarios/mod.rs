@@ -1,6 +1,7 @@
 //! Scenario registry. Each scenario runs on one or more targets (file systems / device kinds)
 //! and reports an [`Outcome`] with the numbers it compared.
 
+pub mod bad_input;
 pub mod compare;
 pub mod fault_trace;
 
@@ -41,6 +42,8 @@ pub struct DaxFs {
 #[derive(Clone, Debug, Default)]
 pub struct Env {
     pub fs: Vec<DaxFs>,
+    /// `dax-probe monitor` run before any namespace was made DAX: (exit code, stderr).
+    pub before_setup_monitor: Option<(Option<i32>, String)>,
 }
 
 impl Env {
@@ -64,11 +67,18 @@ pub struct Checked {
 }
 
 pub fn all() -> Vec<Scenario> {
-    vec![Scenario {
-        name: "fault-trace",
-        targets: &[Target::Ext4, Target::Xfs],
-        run: fault_trace::run,
-    }]
+    vec![
+        Scenario {
+            name: "fault-trace",
+            targets: &[Target::Ext4, Target::Xfs],
+            run: fault_trace::run,
+        },
+        Scenario {
+            name: "bad-input",
+            targets: &[Target::Ext4],
+            run: bad_input::run,
+        },
+    ]
 }
 
 /// Runs one scenario on one target, turning errors and panics into a failed outcome.

@@ -1,0 +1,171 @@
+//! bad-input: the agent's refusals. Every bad condition must give a clear message and its own
+//! exit code, and no run — failed, killed or stopped — may leave a program in the kernel.
+//! A full ring buffer must be counted exactly: delivered + dropped = faults the kernel saw.
+
+use std::{os::unix::process::CommandExt, path::Path, process::Command, time::Duration};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use super::{Checked, DaxFs, Env};
+use crate::{
+    agent::{AGENT, Monitor, run_once},
+    pmem,
+    puppet::{Huge, Puppet},
+    sys,
+};
+
+/// Programs of ours still loaded (kernel names are truncated to 15 characters).
+fn ours_loaded() -> Result<usize> {
+    Ok(sys::bpf_prog_names()?
+        .iter()
+        .filter(|n| n.starts_with("dax_"))
+        .count())
+}
+
+struct Checks {
+    ok: Vec<String>,
+    bad: Vec<String>,
+}
+
+impl Checks {
+    fn check(&mut self, what: &str, pass: bool, got: String) {
+        if pass {
+            self.ok.push(what.to_string());
+        } else {
+            self.bad.push(format!("{what}: {got}"));
+        }
+    }
+}
+
+pub fn run(env: &Env, fs: &DaxFs) -> Result<Checked> {
+    let mut c = Checks {
+        ok: Vec::new(),
+        bad: Vec::new(),
+    };
+
+    // Not root: refused before touching the kernel, pointing at sudo.
+    let out = Command::new(AGENT)
+        .args(["monitor"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .context("run agent as nobody")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    c.check(
+        "not root -> exit 77 naming sudo",
+        out.status.code() == Some(77) && err.contains("sudo"),
+        format!("exit {:?}: {}", out.status.code(), err.trim()),
+    );
+
+    // No BTF.
+    let (code, _, err) = run_once(&["monitor", "--btf", "/nonexistent/vmlinux"])?;
+    c.check(
+        "no BTF -> exit 69 naming CONFIG_DEBUG_INFO_BTF",
+        code == Some(69) && err.contains("CONFIG_DEBUG_INFO_BTF"),
+        format!("exit {code:?}: {}", err.trim()),
+    );
+
+    // No DAX device: observed before the VM set its namespaces up (raw pmem only).
+    match &env.before_setup_monitor {
+        Some((code, err)) => c.check(
+            "no DAX device -> exit 66 suggesting --wait",
+            *code == Some(66) && err.contains("no DAX device") && err.contains("--wait"),
+            format!("exit {code:?}: {}", err.trim()),
+        ),
+        None => c.check("no DAX device", false, "pre-setup run missing".into()),
+    }
+
+    // Bad ring size: usage error, nothing loaded.
+    let (code, _, err) = run_once(&["monitor", "--ring-size-kib", "3"])?;
+    c.check(
+        "ring size not a power of two -> exit 2",
+        code == Some(2) && err.contains("power of two"),
+        format!("exit {code:?}: {}", err.trim()),
+    );
+
+    // No tracefs: not needed, the monitor attaches anyway and doctor says so.
+    let tracefs = "/sys/kernel/tracing";
+    let had_tracefs = Path::new(&format!("{tracefs}/events")).is_dir();
+    if had_tracefs {
+        sys::umount(tracefs)?;
+    }
+    let (code, out, _) = run_once(&["monitor", "--json", "--duration", "2"])?;
+    c.check(
+        "no tracefs -> monitor still attaches",
+        code == Some(0) && out.contains("\"type\":\"attached\""),
+        format!("exit {code:?}: {}", out.lines().next().unwrap_or("")),
+    );
+    let (_, doc, _) = run_once(&["doctor"])?;
+    c.check(
+        "no tracefs -> doctor says not mounted, not needed",
+        doc.contains("not mounted (not needed"),
+        doc.lines().find(|l| l.starts_with("tracefs")).unwrap_or("").to_string(),
+    );
+    if had_tracefs {
+        sys::mount("tracefs", tracefs, "tracefs", "")?;
+    }
+
+    let after_failures = ours_loaded()?;
+    c.check(
+        "failed runs leave no program loaded",
+        after_failures == 0,
+        format!("{after_failures} loaded"),
+    );
+
+    // Killed with SIGKILL while attached: the kernel must drop everything (no pins).
+    let m = Monitor::start("killed", &[])?;
+    let while_running = ours_loaded()?;
+    let pid = m.pid().unwrap();
+    // SAFETY: our child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    drop(m);
+    let gone = sys::wait_for(Duration::from_secs(5), || ours_loaded().is_ok_and(|n| n == 0));
+    c.check(
+        "SIGKILLed agent leaves no program loaded",
+        while_running > 0 && gone,
+        format!("{while_running} loaded while running, gone afterwards: {gone}"),
+    );
+
+    // Full ring buffer: a 4 KiB ring, a stopped reader and 2048 faults. Every fault must be
+    // either delivered or counted as dropped, and the operator told.
+    let file = format!("{}/bad-input-ring", fs.mnt);
+    pmem::write_file(Path::new(&file), 8 << 20)?;
+    let m = Monitor::start("ring", &["--ring-size-kib", "4"])?;
+    let mpid = m.pid().unwrap() as i32;
+    let mut p = Puppet::spawn()?;
+    let a = p.map(&file, 0, 8 << 20, true, Huge::Pte)?;
+    // SAFETY: our child; stopped so the ring cannot drain while faults pour in.
+    unsafe { libc::kill(mpid, libc::SIGSTOP) };
+    let touched = p.touch(a, 8 << 20, false, 4096)?;
+    p.exit()?;
+    unsafe { libc::kill(mpid, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_millis(300));
+    let out = m.stop()?;
+    let s = out.summary().cloned().unwrap_or_default();
+    let (faults, dropped, seen) = (
+        s["faults"].as_u64().unwrap_or(0),
+        s["dropped"].as_u64().unwrap_or(0),
+        s["faults_seen_by_kernel"].as_u64().unwrap_or(0),
+    );
+    c.check(
+        "full ring: delivered + dropped = faults seen, all 2048 touched pages seen",
+        dropped > 0 && faults + dropped == seen && seen >= touched && touched == 2048,
+        format!("delivered {faults}, dropped {dropped}, seen {seen}, touched {touched}"),
+    );
+    c.check(
+        "full ring: operator warned with the fix",
+        out.stderr.contains("lost because the ring buffer was full")
+            && out.stderr.contains("--ring-size-kib"),
+        out.stderr.trim().to_string(),
+    );
+
+    let passed = c.bad.is_empty();
+    Ok(Checked {
+        passed,
+        summary: format!("{} of {} checks held", c.ok.len(), c.ok.len() + c.bad.len()),
+        counts: json!({"held": c.ok, "failed": c.bad, "ring": {"delivered": faults,
+                       "dropped": dropped, "seen_by_kernel": seen, "touched": touched}}),
+        details: c.bad,
+    })
+}
