@@ -27,7 +27,11 @@ pub struct KernelLayout {
     pub inode_sb: u32,
     /// `struct super_block`
     pub sb_dev: u32,
-    pub _reserved: [u32; 3],
+    /// Unread bytes in the event ring above which a submit wakes the reader at once.
+    /// Below it events are submitted without a wakeup and the reader collects them on its
+    /// short poll timer: one wakeup per fault would cost more than the fault itself.
+    pub wakeup_bytes: u32,
+    pub _reserved: [u32; 2],
     /// Mask applied to the insert function's pfn argument: `pfn_t` carries flag bits in its
     /// top 12 bits up to 6.12; from 7.x it is a plain `unsigned long`.
     pub pfn_mask: u64,

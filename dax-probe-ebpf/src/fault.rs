@@ -8,8 +8,8 @@
 //!    [`FaultEvent`].
 //!
 //! The tracepoint alone cannot tell the pfn; the insert function alone cannot tell whether
-//! the fault succeeded. Joining on (tid, vmf pointer) keeps a stale stash from a fault that
-//! never reached "done" from being attributed to a later one.
+//! the fault succeeded. Joining on (tid, vmf pointer) in a per-CPU slot keeps a stale stash
+//! from a fault that never reached "done" from being attributed to a later one.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
@@ -21,8 +21,8 @@ use dax_probe_common::{
 };
 
 use crate::{
-    kernel::read,
-    maps::{EVENTS, INSERT_STASH, InsertStash, count, layout},
+    kernel::{Direct, Mem, Probe},
+    maps::{EVENTS, INSERT_STASH, InsertStash, count, layout, submit_flags},
 };
 
 // ---- insert hook: remember the pfn ------------------------------------------------------
@@ -64,14 +64,18 @@ fn stash_insert(vmf: u64, pfn: u64, entry_flags: u64) {
     if l.ready == 0 || vmf == 0 {
         return;
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let stash = InsertStash {
-        vmf,
-        pfn: pfn & l.pfn_mask,
-        entry_flags,
+    let Some(slot) = INSERT_STASH.get_ptr_mut(0) else {
+        return;
     };
-    // Full map: LRU evicts the oldest entry, never fails for lack of room.
-    let _ = INSERT_STASH.insert(&tid, &stash, 0);
+    // SAFETY: per-CPU slot, programs do not nest on one CPU for these hooks.
+    unsafe {
+        *slot = InsertStash {
+            tid: bpf_get_current_pid_tgid() & 0xffff_ffff,
+            vmf,
+            pfn: pfn & l.pfn_mask,
+            entry_flags,
+        }
+    };
 }
 
 // ---- fault done: join and emit -----------------------------------------------------------
@@ -79,31 +83,31 @@ fn stash_insert(vmf: u64, pfn: u64, entry_flags: u64) {
 #[btf_tracepoint(function = "dax_pte_fault_done")]
 pub fn dax_pte_fault_done_btf(ctx: BtfTracePointContext) -> u32 {
     // (inode, vmf, result)
-    fault_done(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(2) as u32, false);
+    fault_done::<Direct>(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(2) as u32, false);
     0
 }
 
 #[btf_tracepoint(function = "dax_pmd_fault_done")]
 pub fn dax_pmd_fault_done_btf(ctx: BtfTracePointContext) -> u32 {
     // (inode, vmf, max_pgoff, result)
-    fault_done(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(3) as u32, true);
+    fault_done::<Direct>(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(3) as u32, true);
     0
 }
 
 #[raw_tracepoint(tracepoint = "dax_pte_fault_done")]
 pub fn dax_pte_fault_done_raw(ctx: RawTracePointContext) -> i32 {
-    fault_done(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(2) as u32, false);
+    fault_done::<Probe>(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(2) as u32, false);
     0
 }
 
 #[raw_tracepoint(tracepoint = "dax_pmd_fault_done")]
 pub fn dax_pmd_fault_done_raw(ctx: RawTracePointContext) -> i32 {
-    fault_done(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(3) as u32, true);
+    fault_done::<Probe>(ctx.arg(0), ctx.arg(1), ctx.arg::<u64>(3) as u32, true);
     0
 }
 
 #[inline(always)]
-fn fault_done(inode: u64, vmf: u64, result: u32, pmd: bool) {
+fn fault_done<M: Mem>(inode: u64, vmf: u64, result: u32, pmd: bool) {
     let l = layout();
     if l.ready == 0 {
         return;
@@ -116,21 +120,24 @@ fn fault_done(inode: u64, vmf: u64, result: u32, pmd: bool) {
     let mut pfn = 0u64;
     let mut entry_flags = 0u32;
     let mut flags = if pmd { FAULT_PMD } else { 0 };
-    // SAFETY: value copied out before the remove below.
-    if let Some(stash) = unsafe { INSERT_STASH.get(&tid) }.copied() {
-        let _ = INSERT_STASH.remove(&tid);
-        if stash.vmf == vmf {
-            pfn = stash.pfn;
-            entry_flags = stash.entry_flags as u32;
-            flags |= FAULT_PFN_VALID;
+    if let Some(slot) = INSERT_STASH.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot (see maps.rs); cleared so it cannot serve a second fault.
+        unsafe {
+            let stash = *slot;
+            if stash.tid == tid as u64 && stash.vmf == vmf && vmf != 0 {
+                pfn = stash.pfn;
+                entry_flags = stash.entry_flags as u32;
+                flags |= FAULT_PFN_VALID;
+            }
+            (*slot).vmf = 0;
         }
     }
     if flags & FAULT_PFN_VALID == 0 {
         count(Counter::FaultWithoutPfn);
     }
 
-    let vma: u64 = read(vmf, l.vmf_vma);
-    let sb: u64 = read(inode, l.inode_sb);
+    let vma: u64 = M::read(vmf, l.vmf_vma);
+    let sb: u64 = M::read(inode, l.inode_sb);
     let event = FaultEvent {
         hdr: EventHeader {
             kind: EventKind::Fault as u32,
@@ -140,16 +147,16 @@ fn fault_done(inode: u64, vmf: u64, result: u32, pmd: bool) {
             tid,
             comm: bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]),
         },
-        ino: read(inode, l.inode_ino),
-        pgoff: read(vmf, l.vmf_pgoff),
-        address: read(vmf, l.vmf_address),
+        ino: M::read(inode, l.inode_ino),
+        pgoff: M::read(vmf, l.vmf_pgoff),
+        address: M::read(vmf, l.vmf_address),
         pfn,
-        vm_start: read(vma, l.vma_start),
-        vm_end: read(vma, l.vma_end),
-        vm_flags: read(vma, l.vma_flags),
-        dev: read(sb, l.sb_dev),
+        vm_start: M::read(vma, l.vma_start),
+        vm_end: M::read(vma, l.vma_end),
+        vm_flags: M::read(vma, l.vma_flags),
+        dev: M::read(sb, l.sb_dev),
         result,
-        fault_flags: read::<u32>(vmf, l.vmf_flags),
+        fault_flags: M::read::<u32>(vmf, l.vmf_flags),
         entry_flags,
         flags,
         page_shift: if pmd { 21 } else { 12 },
@@ -157,7 +164,7 @@ fn fault_done(inode: u64, vmf: u64, result: u32, pmd: bool) {
     match EVENTS.reserve::<FaultEvent>(0) {
         Some(mut slot) => {
             slot.write(event);
-            slot.submit(0);
+            slot.submit(submit_flags(core::mem::size_of::<FaultEvent>() as u64));
         }
         None => count(Counter::RingFull),
     }

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{PerCpuArray, RingBuf},
 };
 use dax_probe_common::{COUNTER_SLOTS, Counter, EVENTS_RING_BYTES, KernelLayout};
 
@@ -14,19 +14,41 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
-/// What the insert hook saw for a fault still in progress, keyed by thread id. A fault can
-/// sleep and migrate between CPUs, so a per-CPU slot would be wrong; LRU keeps a thread that
-/// died mid-fault from leaking an entry forever.
+/// What the insert hook saw for the fault in progress on this CPU. Insert and fault-done
+/// run microseconds apart in the same task; the slot remembers the task and the `vm_fault`
+/// so that a fault that was preempted or migrated in between is not given another fault's
+/// pfn (it goes out without one, is counted, and the agent looks the pfn up in pagemap).
+/// A per-CPU slot costs a fraction of a hash-map update on the hottest path we hook.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct InsertStash {
+    pub tid: u64,
     pub vmf: u64,
     pub pfn: u64,
     pub entry_flags: u64,
 }
 
 #[map(name = "INSERT_STASH")]
-pub static INSERT_STASH: LruHashMap<u32, InsertStash> = LruHashMap::with_max_entries(16384, 0);
+pub static INSERT_STASH: PerCpuArray<InsertStash> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flags for submitting a reserved event of `size` bytes: wake the reader only when this
+/// event takes the unread data across the watermark. Edge-triggered, so a reader that is
+/// slow (or stopped) is woken once per crossing, not once per event: a wakeup costs more
+/// than the fault it reports. Below the watermark the reader's poll timer collects events.
+#[inline(always)]
+pub fn submit_flags(size: u64) -> u64 {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    // Reserved records count as available data already; add the 8-byte record header.
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let mark = layout().wakeup_bytes as u64;
+    if avail >= mark && avail < mark + size + 8 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
 
 /// Filled by the agent from the running kernel's BTF before load (read-only data).
 #[unsafe(no_mangle)]
@@ -42,7 +64,8 @@ pub static LAYOUT: KernelLayout = KernelLayout {
     inode_ino: 0,
     inode_sb: 0,
     sb_dev: 0,
-    _reserved: [0; 3],
+    wakeup_bytes: 0,
+    _reserved: [0; 2],
     pfn_mask: 0,
 };
 

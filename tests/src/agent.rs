@@ -26,9 +26,18 @@ impl Monitor {
     /// Starts the monitor and waits until it reports its programs attached (TCG is slow to
     /// verify and attach: allow a minute).
     pub fn start(tag: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_on(tag, extra, None)
+    }
+
+    /// Like [`Monitor::start`], optionally pinned to one CPU.
+    pub fn start_on(tag: &str, extra: &[&str], cpu: Option<usize>) -> Result<Self> {
         let out = PathBuf::from(format!("/tmp/agent-{tag}.jsonl"));
         let err = PathBuf::from(format!("/tmp/agent-{tag}.err"));
-        let child = Command::new(AGENT)
+        let mut cmd = Command::new(AGENT);
+        if let Some(cpu) = cpu {
+            sys::pin_to_cpu(&mut cmd, cpu);
+        }
+        let child = cmd
             .args(["monitor", "--json"])
             .args(extra)
             .stdin(Stdio::null())

@@ -218,3 +218,18 @@ pub fn bpf_prog_names() -> Result<Vec<String>> {
     }
     Ok(names)
 }
+
+/// Makes a command run on one CPU only (benchmarks: workload and agent on separate CPUs so
+/// the emulator's scheduling noise does not land on one of them).
+pub fn pin_to_cpu(cmd: &mut std::process::Command, cpu: usize) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: sched_setaffinity is async-signal-safe; runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
+    }
+}

@@ -34,7 +34,8 @@ pub fn compute(btf: &Btf, facts: &dyn KernelFacts) -> Result<KernelLayout, Layou
         inode_ino: off("inode", "i_ino")?,
         inode_sb: off("inode", "i_sb")?,
         sb_dev: off("super_block", "s_dev")?,
-        _reserved: [0; 3],
+        wakeup_bytes: 0,
+        _reserved: [0; 2],
         pfn_mask: u64::MAX,
     };
     // Absent insert function: the pfn concern falls back to userspace, layout stays valid.

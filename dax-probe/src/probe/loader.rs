@@ -117,6 +117,12 @@ pub fn load(
 ) -> Result<Probe, LoadError> {
     raise_memlock();
     let btf = Btf::parse_file(btf_path, Endianness::default())?;
+    // Wake the reader early only when an eighth of the ring is waiting; otherwise its poll
+    // timer collects events in batches (see reader.rs).
+    let layout = &KernelLayout {
+        wakeup_bytes: (ring_bytes / 8).max(1),
+        ..*layout
+    };
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .override_global(LAYOUT_GLOBAL, layout, true)

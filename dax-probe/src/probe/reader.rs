@@ -16,6 +16,9 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use tokio::sync::mpsc::UnboundedSender;
 
+/// Longest time an event waits in the ring before the reader looks.
+pub const POLL_MS: i32 = 50;
+
 pub struct Reader {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
@@ -48,9 +51,11 @@ impl Reader {
                         events: libc::POLLIN,
                         revents: 0,
                     };
-                    // Short timeout so a stop request is noticed promptly.
+                    // The kernel programs submit most events without a wakeup (a wakeup per
+                    // fault costs more than the fault); this timeout bounds their latency,
+                    // and a filling ring still wakes us at once.
                     // SAFETY: one valid pollfd.
-                    unsafe { libc::poll(&mut pfd, 1, 100) };
+                    unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
                 }
             })
             .expect("spawn reader thread");

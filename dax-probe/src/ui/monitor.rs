@@ -15,7 +15,7 @@ use crate::{
     privilege,
     probe::{
         KernelSource, Session,
-        decode::{Decoder, NoLookup, PfnLookup},
+        decode::{Decoder, PfnLookup},
         plan::Concern,
     },
     proc::pagemap::PagemapLookup,
@@ -241,11 +241,10 @@ fn handle(
     out: &mut impl Write,
     summary: &mut Summary,
 ) -> anyhow::Result<()> {
-    let decoded = if userspace_pfn {
-        decode_with(rec, topology, PagemapLookup)
-    } else {
-        decode_with(rec, topology, NoLookup)
-    };
+    // pagemap fills in pfns the kernel hook could not tell: every pfn on kernels without an
+    // insert hook, the odd preempted fault otherwise.
+    let _ = userspace_pfn;
+    let decoded = decode_with(rec, topology, PagemapLookup);
     let event = match decoded {
         Ok(e) => e,
         Err(e) => {
