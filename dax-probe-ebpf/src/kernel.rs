@@ -8,6 +8,7 @@
 //!   the programs do.
 //! - [`Probe`]: `bpf_probe_read_kernel`, for raw tracepoints and kprobes, which carry
 //!   untyped pointers.
+//!
 //! If the verifier refuses a direct load on some kernel, the loader falls back to the
 //! raw tracepoint candidate, which uses `Probe`.
 

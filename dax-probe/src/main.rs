@@ -18,6 +18,10 @@ struct Cli {
     /// Use this BTF file instead of /sys/kernel/btf/vmlinux.
     #[arg(long, global = true, value_name = "FILE")]
     btf: Option<PathBuf>,
+    /// Never use these attach types (comma list: tp_btf, raw_tp, fentry, kprobe); the next
+    /// way to observe each concern is used instead.
+    #[arg(long, global = true, value_delimiter = ',', value_name = "KINDS")]
+    skip_hooks: Vec<probe::plan::AttachKind>,
     /// More logging (-v info, -vv debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -74,7 +78,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let src = probe::live(&cli.root, cli.btf.as_deref());
+    let src = probe::live(&cli.root, cli.btf.as_deref(), &cli.skip_hooks);
     match cli.command {
         Command::Monitor {
             json,

@@ -63,6 +63,27 @@ impl Monitor {
         Ok(m)
     }
 
+    /// Waits until the agent has printed at least `n` mapped fault events of process `tgid`
+    /// (events reach the agent within its poll interval; the pagemap fallback also needs the
+    /// process alive while the agent decodes).
+    pub fn wait_for_faults(&self, tgid: u32, n: usize, timeout: Duration) -> bool {
+        let needle = format!("\"tgid\":{tgid},");
+        sys::wait_for(timeout, || {
+            fs::read_to_string(&self.out)
+                .map(|t| {
+                    t.lines()
+                        .filter(|l| {
+                            l.contains("\"type\":\"fault\"")
+                                && l.contains(&needle)
+                                && l.contains("\"mapped\":true")
+                        })
+                        .count()
+                        >= n
+                })
+                .unwrap_or(false)
+        })
+    }
+
     fn exited(&mut self) -> bool {
         self.child
             .as_mut()
@@ -94,7 +115,9 @@ impl Monitor {
         let lines: Vec<Value> = text
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("agent printed non-JSON: {l}")))
+            .map(|l| {
+                serde_json::from_str(l).with_context(|| format!("agent printed non-JSON: {l}"))
+            })
             .collect::<Result<_>>()?;
         Ok(Output {
             lines,

@@ -45,7 +45,11 @@ pub fn regions() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default();
-    v.sort_by_key(|n| n.trim_start_matches("region").parse::<u32>().unwrap_or(u32::MAX));
+    v.sort_by_key(|n| {
+        n.trim_start_matches("region")
+            .parse::<u32>()
+            .unwrap_or(u32::MAX)
+    });
     v
 }
 
@@ -87,7 +91,9 @@ pub fn make_fsdax(region: &str) -> Result<Fsdax> {
     let mut block = None;
     sys::wait_for(Duration::from_secs(10), || {
         block = block_under(&dir);
-        block.as_ref().is_some_and(|b| Path::new(&format!("/dev/{b}")).exists())
+        block
+            .as_ref()
+            .is_some_and(|b| Path::new(&format!("/dev/{b}")).exists())
     });
     let block = block.with_context(|| format!("{seed} bound but no block device appeared"))?;
     let data_start = sys::read_u64(format!("{dir}/resource"))?;
@@ -108,7 +114,15 @@ pub fn mount_ext4(dev: &Fsdax, mnt: &str) -> Result<()> {
     // makes mballoc align large allocations, which PMD faults need.
     sys::run(
         "/sbin/mkfs.ext4",
-        &["-q", "-F", "-b", "4096", "-E", "stride=512,stripe_width=512", &dev.dev_path()],
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-E",
+            "stride=512,stripe_width=512",
+            &dev.dev_path(),
+        ],
     )?;
     sys::mount(&dev.dev_path(), mnt, "ext4", "dax")
 }
@@ -122,7 +136,17 @@ pub fn mount_xfs(dev: &Fsdax, mnt: &str, reflink: bool) -> Result<bool> {
     let mkfs = |m: &str| {
         sys::run(
             "/sbin/mkfs.xfs",
-            &["-q", "-f", "-m", m, "-d", "su=2m,sw=1,agcount=2", "-l", "size=64m", &dev.dev_path()],
+            &[
+                "-q",
+                "-f",
+                "-m",
+                m,
+                "-d",
+                "su=2m,sw=1,agcount=2",
+                "-l",
+                "size=64m",
+                &dev.dev_path(),
+            ],
         )
     };
     if reflink {
@@ -150,7 +174,11 @@ pub fn write_file(path: &Path, len: usize) -> Result<()> {
     let mut f = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
     // SAFETY: valid fd; plain syscall.
     if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) } != 0 {
-        bail!("fallocate {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "fallocate {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     let chunk: Vec<u8> = (0..(2 << 20)).map(|i: usize| (i % 251) as u8 + 1).collect();
     let mut left = len;

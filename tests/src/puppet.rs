@@ -64,7 +64,14 @@ impl Puppet {
     }
 
     /// Maps `len` bytes of `path` from `offset`; returns the address.
-    pub fn map(&mut self, path: &str, offset: u64, len: u64, shared: bool, huge: Huge) -> Result<u64> {
+    pub fn map(
+        &mut self,
+        path: &str,
+        offset: u64,
+        len: u64,
+        shared: bool,
+        huge: Huge,
+    ) -> Result<u64> {
         let v = self.cmd(&format!(
             "map {path} {offset} {len} {} {}",
             if shared { "shared" } else { "private" },

@@ -4,11 +4,7 @@
 //! per line, so kernel messages on the console can never interleave with them. The console
 //! (`ttyS0`) gets a human-readable copy for people watching the boot.
 
-use std::{
-    fs::OpenOptions,
-    io::Write,
-    sync::Mutex,
-};
+use std::{fs::OpenOptions, io::Write, sync::Mutex};
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -62,7 +58,10 @@ pub struct Outcome {
 
 pub fn outcome(o: &Outcome) {
     let verdict = if o.passed { "PASS" } else { "FAIL" };
-    println!("[dax-vm] {verdict} {}/{}: {}", o.scenario, o.target, o.summary);
+    println!(
+        "[dax-vm] {verdict} {}/{}: {}",
+        o.scenario, o.target, o.summary
+    );
     for d in &o.details {
         println!("[dax-vm]     {d}");
     }

@@ -98,7 +98,12 @@ pub fn run(prog: &str, args: &[&str]) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     if !out.status.success() {
-        bail!("{prog} {} failed ({}): {}", args.join(" "), out.status, text.trim());
+        bail!(
+            "{prog} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            text.trim()
+        );
     }
     Ok(text)
 }
@@ -116,7 +121,8 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 pub fn uuid() -> String {
-    read("/proc/sys/kernel/random/uuid").unwrap_or_else(|_| "4a3c6e58-0000-4000-8000-000000000001".into())
+    read("/proc/sys/kernel/random/uuid")
+        .unwrap_or_else(|_| "4a3c6e58-0000-4000-8000-000000000001".into())
 }
 
 /// (st_dev, st_ino) of a path, st_dev split into major/minor.
@@ -125,7 +131,11 @@ pub fn stat_dev_ino(path: &Path) -> Result<((u32, u32), u64)> {
     // SAFETY: zeroed stat is a valid out-parameter.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::stat(c.as_ptr(), &mut st) } != 0 {
-        bail!("stat {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "stat {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(((libc::major(st.st_dev), libc::minor(st.st_dev)), st.st_ino))
 }
@@ -136,9 +146,21 @@ pub fn is_dax_file(path: &Path) -> Result<bool> {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: zeroed statx is a valid out-parameter.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_BASIC_STATS, &mut stx) };
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            0,
+            libc::STATX_BASIC_STATS,
+            &mut stx,
+        )
+    };
     if rc != 0 {
-        bail!("statx {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "statx {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(stx.stx_attributes_mask & STATX_ATTR_DAX != 0 && stx.stx_attributes & STATX_ATTR_DAX != 0)
 }

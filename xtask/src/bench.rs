@@ -17,7 +17,11 @@ fn median(v: &mut [f64]) -> f64 {
     if n == 0 {
         return f64::NAN;
     }
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn vm_bench(name: &str, kernel: &str, verbose: bool) -> Result<Value> {
@@ -28,7 +32,10 @@ fn vm_bench(name: &str, kernel: &str, verbose: bool) -> Result<Value> {
     let dir = paths::run_dir(&format!("bench-{name}"));
     fs::create_dir_all(&dir)?;
     let initrd = dir.join("initrd.cpio");
-    initramfs::write(&initrd, &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?])?;
+    initramfs::write(
+        &initrd,
+        &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?],
+    )?;
     eprintln!("bench: booting {} for {name}", k.release);
     let vm = qemu::run(&VmConfig {
         kernel: &k,
@@ -47,8 +54,18 @@ fn vm_bench(name: &str, kernel: &str, verbose: bool) -> Result<Value> {
         .of_event("bench")
         .find(|r| r["name"] == name)
         .cloned()
-        .with_context(|| format!("guest reported no {name} result (see {})", vm.console_log.display()))?;
-    println!("kernel {} ({}), {} emulation", k.release, k.packages.join(", "), vm.accel);
+        .with_context(|| {
+            format!(
+                "guest reported no {name} result (see {})",
+                vm.console_log.display()
+            )
+        })?;
+    println!(
+        "kernel {} ({}), {} emulation",
+        k.release,
+        k.packages.join(", "),
+        vm.accel
+    );
     Ok(rec)
 }
 
@@ -65,14 +82,23 @@ pub fn fault_overhead(kernel: &str, verbose: bool) -> Result<()> {
     if without.is_empty() || with.is_empty() {
         bail!("benchmark returned no rounds");
     }
-    let fmt = |v: &[f64]| v.iter().map(|x| format!("{:.1}", x / 1e6)).collect::<Vec<_>>().join(" ");
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{:.1}", x / 1e6))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     println!("touch 64 MiB of a fresh DAX mapping, 4 KiB faults ({pages} faults per round)");
     println!("  without agent (ms): {}", fmt(&without));
     println!("  with agent    (ms): {}", fmt(&with));
     println!("  reader stopped(ms): {}", fmt(&kernel_only));
     let min = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
     let (bw, bo, bk) = (min(&with), min(&without), min(&kernel_only));
-    let (mw, mo, mk) = (median(&mut with), median(&mut without), median(&mut kernel_only));
+    let (mw, mo, mk) = (
+        median(&mut with),
+        median(&mut without),
+        median(&mut kernel_only),
+    );
     println!(
         "  median: {:.1} ms without, {:.1} ms with -> {:.0} vs {:.0} faults/s",
         mo / 1e6,

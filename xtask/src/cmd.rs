@@ -25,7 +25,9 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 /// Runs a command with inherited stdio (for long installs the user should see).
 pub fn run_visible(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let st = cmd.status().with_context(|| format!("cannot start {shown}"))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
     if !st.success() {
         bail!("{shown} failed ({st})");
     }

@@ -25,15 +25,25 @@ fn host_has_pmem() -> bool {
             })
         })
         .unwrap_or(false);
-    sized_namespace || Path::new("/sys/bus/dax/devices").read_dir().is_ok_and(|mut d| d.next().is_some())
+    sized_namespace
+        || Path::new("/sys/bus/dax/devices")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some())
 }
 
 pub fn run(kernel: &str, force_vm: bool, verbose: bool) -> Result<()> {
     setup::ensure(verbose)?;
     let ws = paths::workspace();
     if host_has_pmem() && !force_vm {
-        eprintln!("demo: this machine has persistent memory: running the monitor here (Ctrl-C stops)");
-        run_visible(Command::new("cargo").current_dir(&ws).args(["build", "--release", "-p", "dax-probe"]))?;
+        eprintln!(
+            "demo: this machine has persistent memory: running the monitor here (Ctrl-C stops)"
+        );
+        run_visible(Command::new("cargo").current_dir(&ws).args([
+            "build",
+            "--release",
+            "-p",
+            "dax-probe",
+        ]))?;
         let bin = ws.join("target/release/dax-probe");
         let mut c = if is_root() {
             Command::new(&bin)
@@ -44,13 +54,18 @@ pub fn run(kernel: &str, force_vm: bool, verbose: bool) -> Result<()> {
         };
         return run_visible(c.arg("monitor").arg("--wait"));
     }
-    eprintln!("demo: no persistent memory here: booting Debian {kernel} in QEMU with emulated nvdimms");
+    eprintln!(
+        "demo: no persistent memory here: booting Debian {kernel} in QEMU with emulated nvdimms"
+    );
     let bin = initramfs::build_binaries(&ws)?;
     let k = kernels::fetch(kernel, false)?;
     let dir = paths::run_dir("demo");
     fs::create_dir_all(&dir)?;
     let initrd = dir.join("initrd.cpio");
-    initramfs::write(&initrd, &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?])?;
+    initramfs::write(
+        &initrd,
+        &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?],
+    )?;
     let vm = qemu::run(&VmConfig {
         kernel: &k,
         initrd,
@@ -79,7 +94,10 @@ pub fn shell(kernel: &str, verbose: bool) -> Result<()> {
     let dir = paths::run_dir("shell");
     fs::create_dir_all(&dir)?;
     let initrd = dir.join("initrd.cpio");
-    initramfs::write(&initrd, &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?])?;
+    initramfs::write(
+        &initrd,
+        &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?],
+    )?;
     qemu::run(&VmConfig {
         kernel: &k,
         initrd,

@@ -46,7 +46,19 @@ impl Cpio {
         self.ino += 1;
         let namesize = name.len() + 1;
         let fields = [
-            self.ino, mode, 0, 0, 1, 0, size as u32, 0, 0, 0, 0, namesize as u32, 0,
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            size as u32,
+            0,
+            0,
+            0,
+            0,
+            namesize as u32,
+            0,
         ];
         self.buf.extend_from_slice(b"070701");
         for f in fields {
@@ -58,7 +70,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -98,7 +110,7 @@ impl Cpio {
 
     pub fn finish(mut self) -> Vec<u8> {
         self.header("TRAILER!!!", 0, 0);
-        while self.buf.len() % 512 != 0 {
+        while !self.buf.len().is_multiple_of(512) {
             self.buf.push(0);
         }
         self.buf
@@ -124,7 +136,12 @@ fn shared_libs(exe: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Adds a host file at `guest` with its shared libraries at their host paths.
-fn add_program(cpio: &mut Cpio, host: &Path, guest: &str, libs: &mut BTreeSet<PathBuf>) -> Result<()> {
+fn add_program(
+    cpio: &mut Cpio,
+    host: &Path,
+    guest: &str,
+    libs: &mut BTreeSet<PathBuf>,
+) -> Result<()> {
     let data = fs::read(host).with_context(|| format!("read {}", host.display()))?;
     cpio.file(guest, 0o755, &data);
     libs.extend(shared_libs(host)?);
@@ -134,14 +151,39 @@ fn add_program(cpio: &mut Cpio, host: &Path, guest: &str, libs: &mut BTreeSet<Pa
 /// Everything but the kernel modules: the same for every kernel.
 pub fn payload(release_bin: &Path) -> Result<Vec<u8>> {
     let mut c = Cpio::default();
-    for d in ["proc", "sys", "dev", "tmp", "mnt", "root", "etc/dax-probe", "sbin", "usr/bin", "run"] {
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "mnt",
+        "root",
+        "etc/dax-probe",
+        "sbin",
+        "usr/bin",
+        "run",
+    ] {
         c.dir(d);
     }
     let mut libs = BTreeSet::new();
     add_program(&mut c, &release_bin.join("dax-vm-init"), "init", &mut libs)?;
-    add_program(&mut c, &release_bin.join("dax-probe"), "bin/dax-probe", &mut libs)?;
-    add_program(&mut c, &release_bin.join("dax-workload"), "bin/dax-workload", &mut libs)?;
-    c.file("bin/busybox", 0o755, &fs::read("/bin/busybox").context("/bin/busybox")?);
+    add_program(
+        &mut c,
+        &release_bin.join("dax-probe"),
+        "bin/dax-probe",
+        &mut libs,
+    )?;
+    add_program(
+        &mut c,
+        &release_bin.join("dax-workload"),
+        "bin/dax-workload",
+        &mut libs,
+    )?;
+    c.file(
+        "bin/busybox",
+        0o755,
+        &fs::read("/bin/busybox").context("/bin/busybox")?,
+    );
     c.symlink("bin/sh", "busybox");
     for tool in ["mkfs.ext4", "mkfs.xfs"] {
         let host = ["/sbin", "/usr/sbin"]
@@ -332,9 +374,14 @@ pub fn write(path: &Path, parts: &[&[u8]]) -> Result<()> {
 /// Builds the release binaries that go into the guest.
 pub fn build_binaries(ws: &Path) -> Result<PathBuf> {
     eprintln!("vm: building dax-probe and the guest programs (release)");
-    run(Command::new("cargo")
-        .current_dir(ws)
-        .args(["build", "--release", "-p", "dax-probe", "-p", "dax-probe-tests"]))?;
+    run(Command::new("cargo").current_dir(ws).args([
+        "build",
+        "--release",
+        "-p",
+        "dax-probe",
+        "-p",
+        "dax-probe-tests",
+    ]))?;
     Ok(ws.join("target/release"))
 }
 
@@ -366,7 +413,10 @@ mod tests {
         let mut add = |n: &str, d: &[&str]| {
             deps.insert(
                 n.to_string(),
-                (format!("kernel/{n}.ko"), d.iter().map(|s| s.to_string()).collect()),
+                (
+                    format!("kernel/{n}.ko"),
+                    d.iter().map(|s| s.to_string()).collect(),
+                ),
             );
         };
         add("nd_pmem", &["nd_btt", "libnvdimm"]);
@@ -379,7 +429,10 @@ mod tests {
 
     #[test]
     fn module_names_normalise_dashes_and_compression() {
-        assert_eq!(module_name("kernel/arch/x86/crypto/crc32c-intel.ko.xz"), "crc32c_intel");
+        assert_eq!(
+            module_name("kernel/arch/x86/crypto/crc32c-intel.ko.xz"),
+            "crc32c_intel"
+        );
         assert_eq!(module_name("kernel/fs/xfs/xfs.ko"), "xfs");
     }
 }

@@ -101,7 +101,10 @@ fn apt(line: &Line, tool: &str) -> Command {
     let dir = apt_dir(line.suite);
     let mut c = Command::new(tool);
     c.arg("-o")
-        .arg(format!("Dir::Etc::SourceList={}", dir.join("sources.list").display()))
+        .arg(format!(
+            "Dir::Etc::SourceList={}",
+            dir.join("sources.list").display()
+        ))
         .args(["-o", "Dir::Etc::SourceParts=/dev/null"])
         .arg("-o")
         .arg(format!("Dir::State::Lists={}", dir.join("lists").display()))
@@ -117,7 +120,9 @@ fn refresh_lists(line: &Line, force: bool) -> Result<()> {
     fs::create_dir_all(dir.join("cache/archives/partial"))?;
     let mut sources = format!("deb http://deb.debian.org/debian {} main\n", line.suite);
     if let Some(sec) = line.security {
-        sources.push_str(&format!("deb http://deb.debian.org/debian-security {sec} main\n"));
+        sources.push_str(&format!(
+            "deb http://deb.debian.org/debian-security {sec} main\n"
+        ));
     }
     fs::write(dir.join("sources.list"), sources)?;
     let stamp = dir.join("updated");
@@ -181,11 +186,15 @@ pub fn fetch(label: &str, refresh: bool) -> Result<Kernel> {
     let line = line(label)?;
     let resolved = refresh_lists(line, refresh).and_then(|()| {
         let names = run(apt(line, "apt-cache").arg("pkgnames").arg(
-            line.prefix.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-'),
+            line.prefix
+                .trim_end_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-'),
         ))?;
         let names: Vec<&str> = names.lines().collect();
         newest(line, &names).with_context(|| {
-            format!("no {}*{} package in {}", line.prefix, line.suffix, line.suite)
+            format!(
+                "no {}*{} package in {}",
+                line.prefix, line.suffix, line.suite
+            )
         })
     });
     let image = match resolved {
@@ -219,12 +228,19 @@ pub fn fetch(label: &str, refresh: bool) -> Result<Kernel> {
     {
         return Ok(k);
     }
-    eprintln!("kernels: downloading {} from {}", pkgs.join(", "), line.suite);
+    eprintln!(
+        "kernels: downloading {} from {}",
+        pkgs.join(", "),
+        line.suite
+    );
     let dl = dest.join("debs");
     let _ = fs::remove_dir_all(&dest);
     fs::create_dir_all(&dl)?;
-    run(apt(line, "apt-get").arg("download").args(&pkgs).current_dir(&dl))
-        .with_context(|| format!("apt-get download {}", pkgs.join(" ")))?;
+    run(apt(line, "apt-get")
+        .arg("download")
+        .args(&pkgs)
+        .current_dir(&dl))
+    .with_context(|| format!("apt-get download {}", pkgs.join(" ")))?;
     let root = dest.join("root");
     let mut debs = Vec::new();
     for e in fs::read_dir(&dl)?.flatten() {
@@ -269,7 +285,10 @@ fn locate(label: &str, root: &Path, packages: Vec<String>) -> Result<Kernel> {
             }
         }
     }
-    bail!("no vmlinuz found in the unpacked packages under {}", root.display())
+    bail!(
+        "no vmlinuz found in the unpacked packages under {}",
+        root.display()
+    )
 }
 
 #[cfg(test)]

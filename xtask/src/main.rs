@@ -95,7 +95,7 @@ fn run(cli: Cli) -> Result<()> {
             cmd::run_visible(
                 Command::new("cargo")
                     .current_dir(paths::workspace())
-                    .args(["test", "--workspace"]),
+                    .arg("test"), // default members: the eBPF crate only builds for BPF
             )?;
             eprintln!("test: VM scenarios on {}", vmtest::ALL.join(", "));
             vmtest::run(&vmtest::Options {

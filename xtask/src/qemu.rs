@@ -72,7 +72,12 @@ fn kvm_candidate() -> bool {
     if std::env::var_os("DAX_PROBE_NO_KVM").is_some() {
         return false;
     }
-    if fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return false;
     }
     match fs::read_to_string(kvm_verdict_file()) {
@@ -128,7 +133,10 @@ fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Op
     }
     c.args(["-smp", "2", "-machine", "q35,nvdimm=on"])
         .arg("-m")
-        .arg(format!("2G,slots={},maxmem={mem_max}M", cfg.nvdimms.max(1) + 1));
+        .arg(format!(
+            "2G,slots={},maxmem={mem_max}M",
+            cfg.nvdimms.max(1) + 1
+        ));
     for (i, img) in images.iter().enumerate() {
         c.arg("-object").arg(format!(
             "memory-backend-file,id=mem{i},share=on,mem-path={},size={NVDIMM_SIZE_MB}M,align=2M",
@@ -146,7 +154,15 @@ fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Op
             "console=ttyS0 panic=-1 quiet loglevel=4 daxprobe.nvdimms={} {}",
             cfg.nvdimms, cfg.append
         ))
-        .args(["-display", "none", "-monitor", "none", "-no-reboot", "-serial", "stdio"])
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", results.display()));
     if cfg.interactive {
@@ -156,13 +172,20 @@ fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Op
     }
     c.stderr(Stdio::piped());
     let started = Instant::now();
-    let mut child = c.spawn().context("start qemu-system-x86_64 (run cargo xtask setup)")?;
+    let mut child = c
+        .spawn()
+        .context("start qemu-system-x86_64 (run cargo xtask setup)")?;
 
     let trouble: Arc<Mutex<Option<String>>> = Arc::default();
     let console = if cfg.interactive {
         None
     } else {
-        Some(watch_console(&mut child, &console_log, cfg.echo, trouble.clone())?)
+        Some(watch_console(
+            &mut child,
+            &console_log,
+            cfg.echo,
+            trouble.clone(),
+        )?)
     };
     let stderr_log = cfg.dir.join("qemu.stderr");
     let stderr = child.stderr.take();
@@ -202,7 +225,12 @@ fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Op
             kill(&mut child);
             break;
         }
-        if trouble.lock().unwrap().as_deref().is_some_and(|t| t.contains("Kernel panic")) {
+        if trouble
+            .lock()
+            .unwrap()
+            .as_deref()
+            .is_some_and(|t| t.contains("Kernel panic"))
+        {
             std::thread::sleep(Duration::from_secs(2));
             kill(&mut child);
             break;
@@ -267,13 +295,22 @@ fn watch_console(
                 let _ = std::io::stdout().flush();
             }
             let l = line.trim_end();
-            if ["Kernel panic", "BUG:", "Oops:", "general protection fault", "WARNING: CPU"]
-                .iter()
-                .any(|k| l.contains(k))
+            if [
+                "Kernel panic",
+                "BUG:",
+                "Oops:",
+                "general protection fault",
+                "WARNING: CPU",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
             {
                 let mut t = trouble.lock().unwrap();
                 // Keep the first report, but let a later panic override a warning.
-                if t.is_none() || (l.contains("Kernel panic") && !t.as_deref().unwrap_or("").contains("Kernel panic")) {
+                if t.is_none()
+                    || (l.contains("Kernel panic")
+                        && !t.as_deref().unwrap_or("").contains("Kernel panic"))
+                {
                     *t = Some(l.to_string());
                 }
             }

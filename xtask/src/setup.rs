@@ -17,7 +17,11 @@ const BPF_LINKER: &str = "0.10.0";
 const DEBIAN_TOOLS: &[(&str, &str, &str)] = &[
     // (check, package, why)
     ("qemu-system-x86_64", "qemu-system-x86", "boots the test VM"),
-    ("busybox-static", "busybox-static", "shell and tools inside the VM"),
+    (
+        "busybox-static",
+        "busybox-static",
+        "shell and tools inside the VM",
+    ),
     ("mkfs.ext4", "e2fsprogs", "makes ext4 on the emulated pmem"),
     ("mkfs.xfs", "xfsprogs", "makes xfs on the emulated pmem"),
     ("xz", "xz-utils", "decompresses .ko.xz kernel modules"),
@@ -36,8 +40,31 @@ impl Report {
     }
 }
 
+/// Puts `~/.cargo/bin` on PATH for this process and its children (cargo installs
+/// bpf-linker there; a fresh shell may not have it on PATH yet).
+fn cargo_bin_on_path() {
+    let Some(home) = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+    else {
+        return;
+    };
+    let bin = home.join("bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|p| p == bin) {
+        return;
+    }
+    let mut parts = vec![bin];
+    parts.extend(std::env::split_paths(&path));
+    if let Ok(joined) = std::env::join_paths(parts) {
+        // SAFETY: called from the main thread before xtask starts any other thread.
+        unsafe { std::env::set_var("PATH", joined) };
+    }
+}
+
 /// Makes sure every prerequisite exists, installing what can be installed.
 pub fn ensure(verbose: bool) -> Result<()> {
+    cargo_bin_on_path();
     let mut r = Report::default();
     ensure_nightly(&mut r)?;
     ensure_bpf_linker(&mut r)?;
@@ -111,15 +138,7 @@ fn bpf_linker_version() -> Option<String> {
 
 fn ensure_bpf_linker(r: &mut Report) -> Result<()> {
     match bpf_linker_version() {
-        Some(v) if v.contains(BPF_LINKER) => {
-            r.ok("bpf-linker", &v);
-            if !have("bpf-linker") {
-                bail!(
-                    "bpf-linker is installed in ~/.cargo/bin but that is not on PATH: add it \
-                     (export PATH=\"$HOME/.cargo/bin:$PATH\") and rerun"
-                );
-            }
-        }
+        Some(v) if v.contains(BPF_LINKER) => r.ok("bpf-linker", &v),
         other => {
             if let Some(v) = other {
                 eprintln!(
@@ -206,7 +225,9 @@ fn ensure_host_tools(r: &mut Report) -> Result<()> {
         c.arg("apt-get");
         c
     };
-    run(update.arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(update
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(apt
         .args(["install", "-y", "--no-install-recommends"])
         .args(&pkgs)

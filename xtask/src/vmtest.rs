@@ -7,8 +7,7 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 use crate::{
-    initramfs, kernels,
-    paths,
+    initramfs, kernels, paths,
     qemu::{self, VmConfig, VmRun},
     setup,
 };
@@ -55,7 +54,11 @@ pub fn run(opts: &Options) -> Result<()> {
         fs::create_dir_all(&dir)?;
         let initrd = dir.join("initrd.cpio");
         initramfs::write(&initrd, &[&payload, &initramfs::modules(&kernel)?])?;
-        eprintln!("vm-test: booting {} ({})", kernel.release, kernel.packages.join(", "));
+        eprintln!(
+            "vm-test: booting {} ({})",
+            kernel.release,
+            kernel.packages.join(", ")
+        );
         let vm = qemu::run(&VmConfig {
             kernel: &kernel,
             initrd,
@@ -135,7 +138,12 @@ fn collect(label: &str, vm: &VmRun, rows: &mut Vec<Row>) {
             summary: o["summary"].as_str().unwrap_or("").to_string(),
             details: o["details"]
                 .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
                 .unwrap_or_default(),
         });
     }
@@ -147,7 +155,12 @@ fn collect(label: &str, vm: &VmRun, rows: &mut Vec<Row>) {
             summary: f["error"].as_str().unwrap_or("fatal").to_string(),
             details: f["dmesg"]
                 .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
                 .unwrap_or_default(),
         });
     }

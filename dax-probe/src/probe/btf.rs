@@ -408,7 +408,7 @@ impl Btf {
                 id = self.resolve(member_type)?;
             }
         }
-        (total_bits % 8 == 0).then_some(total_bits / 8)
+        total_bits.is_multiple_of(8).then_some(total_bits / 8)
     }
 
     /// Size in bytes of the type of `struct_name.field` (after typedef/const resolution).

@@ -75,11 +75,13 @@ impl<L: PfnLookup> Decoder<'_, L> {
         } else {
             (None, None)
         };
-        if pfn.is_none() && mapped && !zero_page {
-            if let Some(p) = self.lookup.pfn_of(raw.hdr.tgid, page_address) {
-                pfn = Some(p);
-                pfn_source = Some(PfnSource::Pagemap);
-            }
+        if pfn.is_none()
+            && mapped
+            && !zero_page
+            && let Some(p) = self.lookup.pfn_of(raw.hdr.tgid, page_address)
+        {
+            pfn = Some(p);
+            pfn_source = Some(PfnSource::Pagemap);
         }
         if zero_page {
             // The shared zero page is RAM, not the device: never report it as a pmem pfn.
@@ -143,7 +145,7 @@ mod tests {
             vm_start: 0x7f00_0000_0000,
             vm_end: 0x7f00_0080_0000,
             vm_flags: 0xfb,
-            dev: (259 << 20) | 0,
+            dev: (259 << 20),
             result: 0x100,
             fault_flags: 0x1,
             entry_flags: 0,

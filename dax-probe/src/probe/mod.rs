@@ -17,13 +17,15 @@ use crate::exit::{Code, Failure};
 
 pub use loader::{Counters, Probe};
 
-/// Where to read the kernel from.
+/// Where to read the kernel from, and how the operator wants it probed.
 #[derive(Clone, Debug)]
 pub struct KernelSource {
     /// Root of /proc and /sys (normally `/`).
     pub root: PathBuf,
     /// BTF file to use instead of /sys/kernel/btf/vmlinux.
     pub btf: Option<PathBuf>,
+    /// Attach kinds the operator ruled out (`--skip-hooks`).
+    pub skip: Vec<plan::AttachKind>,
 }
 
 /// A running probe: programs attached, reader thread draining the ring buffer.
@@ -41,7 +43,7 @@ impl Session {
     /// code the operator can act on; on failure nothing stays attached.
     pub fn start(src: &KernelSource, ring_bytes: u32) -> anyhow::Result<Self> {
         let facts = collect_facts(src)?;
-        let plan = plan::plan(&facts);
+        let plan = plan::plan(&facts, &src.skip);
         let layout = layout::compute(&facts.btf, &facts)
             .map_err(|e| Failure::new(Code::Unavailable, e.to_string()))?;
         let mut probe = loader::load(&plan, &layout, &facts.btf_path, ring_bytes).map_err(|e| {
@@ -105,10 +107,11 @@ pub fn ring_bytes(kib: u32) -> Result<u32, Failure> {
     Ok(kib * 1024)
 }
 
-/// Default kernel source: the running kernel.
-pub fn live(root: &Path, btf: Option<&Path>) -> KernelSource {
+/// The running kernel (below `root`).
+pub fn live(root: &Path, btf: Option<&Path>, skip: &[plan::AttachKind]) -> KernelSource {
     KernelSource {
         root: root.to_path_buf(),
         btf: btf.map(Path::to_path_buf),
+        skip: skip.to_vec(),
     }
 }

@@ -36,12 +36,16 @@ impl Concern {
 }
 
 /// How a program attaches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum AttachKind {
+    #[value(name = "tp_btf")]
     TpBtf,
+    #[value(name = "raw_tp")]
     RawTp,
+    #[value(name = "fentry")]
     FEntry,
+    #[value(name = "kprobe")]
     KProbe,
 }
 
@@ -246,7 +250,10 @@ pub fn insert_args(facts: &dyn KernelFacts) -> Option<(u32, u32, u32, bool)> {
     Some((pos("vmf")?, pfn, pos("flags")?, pfn_is_pfn_t))
 }
 
-pub fn plan(facts: &dyn KernelFacts) -> Plan {
+/// Plans against `facts`. Candidates using an attach kind in `skip` are ruled out (the
+/// operator's `--skip-hooks`, to route around a misbehaving hook type or to prove a
+/// fallback).
+pub fn plan(facts: &dyn KernelFacts, skip: &[AttachKind]) -> Plan {
     let concerns = Concern::ALL
         .iter()
         .map(|&concern| {
@@ -254,11 +261,15 @@ pub fn plan(facts: &dyn KernelFacts) -> Plan {
                 .iter()
                 .filter(|c| c.concern == concern)
                 .map(|c| {
-                    let missing = c
-                        .attaches
-                        .iter()
-                        .find_map(|a| missing_for(a, facts))
-                        .or_else(|| missing_extra(c, facts));
+                    let skipped = c.attaches.iter().find(|a| skip.contains(&a.kind));
+                    let missing = match skipped {
+                        Some(a) => Some(format!("skipped (--skip-hooks {})", a.kind.label())),
+                        None => c
+                            .attaches
+                            .iter()
+                            .find_map(|a| missing_for(a, facts))
+                            .or_else(|| missing_extra(c, facts)),
+                    };
                     Verdict {
                         candidate: *c,
                         missing,
@@ -333,7 +344,7 @@ mod tests {
 
     #[test]
     fn prefers_btf_programs_when_everything_is_there() {
-        let p = plan(&debian_6_1());
+        let p = plan(&debian_6_1(), &[]);
         assert_eq!(
             p.usable(Concern::FaultDone).next().unwrap().label,
             "tp_btf fs_dax:dax_{pte,pmd}_fault_done"
@@ -347,17 +358,25 @@ mod tests {
         let usable: Vec<_> = p.usable(Concern::FaultPfn).map(|c| c.label).collect();
         assert_eq!(
             usable,
-            ["fentry dax_insert_entry", "kprobe dax_insert_entry", "userspace /proc/PID/pagemap lookup"]
+            [
+                "fentry dax_insert_entry",
+                "kprobe dax_insert_entry",
+                "userspace /proc/PID/pagemap lookup"
+            ]
         );
         let v = p.verdicts(Concern::FaultPfn);
-        assert!(v[2].missing.as_deref().unwrap().contains("3/5/6"), "{:?}", v[2]);
+        assert!(
+            v[2].missing.as_deref().unwrap().contains("3/5/6"),
+            "{:?}",
+            v[2]
+        );
     }
 
     #[test]
     fn falls_back_to_raw_tracepoint_and_reports_why() {
         let mut k = debian_6_1();
         k.btf_tps.clear();
-        let p = plan(&k);
+        let p = plan(&k, &[]);
         assert_eq!(
             p.usable(Concern::FaultDone).next().unwrap().label,
             "raw_tp fs_dax:dax_{pte,pmd}_fault_done"
@@ -388,10 +407,16 @@ mod tests {
             ("dirty", "bool"),
         ]);
         assert_eq!(insert_args(&k), Some((2, 4, 5, true)));
-        let usable: Vec<_> = plan(&k).usable(Concern::FaultPfn).map(|c| c.label).collect();
+        let usable: Vec<_> = plan(&k, &[])
+            .usable(Concern::FaultPfn)
+            .map(|c| c.label)
+            .collect();
         assert_eq!(
             usable,
-            ["kprobe dax_insert_entry (vmf 3rd)", "userspace /proc/PID/pagemap lookup"]
+            [
+                "kprobe dax_insert_entry (vmf 3rd)",
+                "userspace /proc/PID/pagemap lookup"
+            ]
         );
         // 7.x: pfn_t is gone, a plain unsigned long.
         let mut k = debian_6_1();
@@ -407,9 +432,26 @@ mod tests {
         k.btf_funcs.clear();
         k.syms.clear();
         k.insert_params = None;
-        let p = plan(&k);
+        let p = plan(&k, &[]);
         let usable: Vec<_> = p.usable(Concern::FaultPfn).map(|c| c.label).collect();
         assert_eq!(usable, vec!["userspace /proc/PID/pagemap lookup"]);
+    }
+
+    #[test]
+    fn skipped_kinds_are_ruled_out_with_the_reason() {
+        let p = plan(&debian_6_1(), &[AttachKind::TpBtf, AttachKind::FEntry]);
+        assert_eq!(
+            p.usable(Concern::FaultDone).next().unwrap().label,
+            "raw_tp fs_dax:dax_{pte,pmd}_fault_done"
+        );
+        assert_eq!(
+            p.usable(Concern::FaultPfn).next().unwrap().label,
+            "kprobe dax_insert_entry"
+        );
+        assert_eq!(
+            p.verdicts(Concern::FaultPfn)[0].missing.as_deref(),
+            Some("skipped (--skip-hooks fentry)")
+        );
     }
 
     #[test]
@@ -417,7 +459,7 @@ mod tests {
         let mut k = debian_6_1();
         k.btf_tps.clear();
         k.raw_tps.clear();
-        let p = plan(&k);
+        let p = plan(&k, &[]);
         assert_eq!(p.usable(Concern::FaultDone).count(), 0);
         assert!(
             p.verdicts(Concern::FaultDone)

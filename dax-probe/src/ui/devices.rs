@@ -20,8 +20,8 @@ pub fn run(topo: &Topology, json: bool) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "{:<10} {:<13} {:<8} {:<7} {:>9} {:<27} {}",
-        "DEVICE", "NAMESPACE", "REGION", "MODE", "SIZE", "PHYS", "MOUNT"
+        "{:<10} {:<13} {:<8} {:<7} {:>9} {:<27} MOUNT",
+        "DEVICE", "NAMESPACE", "REGION", "MODE", "SIZE", "PHYS"
     )?;
     for ns in &topo.namespaces {
         let mount = ns

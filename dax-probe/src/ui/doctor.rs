@@ -52,7 +52,7 @@ struct CandidateReport {
 
 pub fn run(src: &KernelSource, json: bool) -> anyhow::Result<()> {
     let facts = probe::collect_facts(src)?;
-    let plan = plan::plan(&facts);
+    let plan = plan::plan(&facts, &src.skip);
     let privileged = privilege::can_trace() && src.btf.is_none();
 
     // As root: prove it. Loading happens here and is dropped (detached) right away.

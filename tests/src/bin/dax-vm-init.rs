@@ -14,7 +14,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use dax_probe_tests::{
-    agent, pmem, puppet::{Huge, Puppet},
+    agent, pmem,
+    puppet::{Huge, Puppet},
     report::{self, Outcome},
     scenarios::{self, DaxFs, Env, Target},
     sys,
@@ -35,9 +36,10 @@ fn main() {
 }
 
 fn cmdline_param(cmdline: &str, key: &str) -> Option<String> {
-    cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("daxprobe.{key}=")).map(str::to_string))
+    cmdline.split_whitespace().find_map(|w| {
+        w.strip_prefix(&format!("daxprobe.{key}="))
+            .map(str::to_string)
+    })
 }
 
 fn real_main() {
@@ -53,8 +55,10 @@ fn real_main() {
     let env = match setup(&cmdline) {
         Ok(env) => env,
         Err(e) => {
-            report::send(json!({"event": "fatal", "error": format!("setup failed: {e:#}"),
-                                "dmesg": sys::dmesg_tail(30)}));
+            report::send(
+                json!({"event": "fatal", "error": format!("setup failed: {e:#}"),
+                                "dmesg": sys::dmesg_tail(30)}),
+            );
             println!("[dax-vm] setup failed: {e:#}");
             report::send(json!({"event": "done"}));
             return;
@@ -214,7 +218,10 @@ fn demo(env: &Env) -> Result<()> {
     println!("-- workload {} writes 4 pages", p.pid);
     p.touch(a, 4 * 4096, true, 4096)?;
     std::thread::sleep(Duration::from_millis(500));
-    println!("-- workload {} maps 4 MiB at a 2 MiB boundary: 2 PMD faults", p.pid);
+    println!(
+        "-- workload {} maps 4 MiB at a 2 MiB boundary: 2 PMD faults",
+        p.pid
+    );
     let b = p.map(&file, 4 << 20, 4 << 20, true, Huge::Pmd)?;
     p.touch(b, 4 << 20, false, 4096)?;
     std::thread::sleep(Duration::from_millis(500));
@@ -276,7 +283,10 @@ fn bench_fault_overhead(env: &Env) -> Result<()> {
         }
         let out = mon.stop()?;
         events += out.of_type("fault").count() as u64;
-        dropped += out.summary().and_then(|s| s["dropped"].as_u64()).unwrap_or(0);
+        dropped += out
+            .summary()
+            .and_then(|s| s["dropped"].as_u64())
+            .unwrap_or(0);
     }
     report::send(json!({"event": "bench", "name": "fault-overhead",
         "pages_per_round": 16384, "without_ns": without, "with_ns": with,
@@ -285,8 +295,12 @@ fn bench_fault_overhead(env: &Env) -> Result<()> {
 }
 
 fn shell() {
-    let _ = Command::new("/bin/busybox").args(["--install", "-s", "/bin"]).status();
-    println!("[dax-vm] shell: ext4 on /mnt/ext4, xfs on /mnt/xfs; agent at /bin/dax-probe; exit to power off");
+    let _ = Command::new("/bin/busybox")
+        .args(["--install", "-s", "/bin"])
+        .status();
+    println!(
+        "[dax-vm] shell: ext4 on /mnt/ext4, xfs on /mnt/xfs; agent at /bin/dax-probe; exit to power off"
+    );
     let _ = Command::new("/bin/busybox")
         .args(["cttyhack", "/bin/sh"])
         .env("PATH", "/bin:/sbin")

@@ -93,7 +93,11 @@ fn map_file(path: &str, offset: u64, len: u64, shared: bool, pmd: bool) -> Resul
         if fd < 0 {
             return Err(format!("open {path}: {}", std::io::Error::last_os_error()));
         }
-        let flags = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+        let flags = if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let addr = if pmd {
             // Reserve room, then place the file at a 2 MiB-aligned address: PMD faults need
@@ -131,7 +135,14 @@ fn map_file(path: &str, offset: u64, len: u64, shared: bool, pmd: bool) -> Resul
             }
             p
         } else {
-            let p = libc::mmap(std::ptr::null_mut(), len as usize, prot, flags, fd, offset as i64);
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                prot,
+                flags,
+                fd,
+                offset as i64,
+            );
             if p != libc::MAP_FAILED {
                 libc::madvise(p, len as usize, libc::MADV_NOHUGEPAGE);
             }

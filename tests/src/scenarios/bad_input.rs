@@ -100,7 +100,10 @@ pub fn run(env: &Env, fs: &DaxFs) -> Result<Checked> {
     c.check(
         "no tracefs -> doctor says not mounted, not needed",
         doc.contains("not mounted (not needed"),
-        doc.lines().find(|l| l.starts_with("tracefs")).unwrap_or("").to_string(),
+        doc.lines()
+            .find(|l| l.starts_with("tracefs"))
+            .unwrap_or("")
+            .to_string(),
     );
     if had_tracefs {
         sys::mount("tracefs", tracefs, "tracefs", "")?;
@@ -120,7 +123,9 @@ pub fn run(env: &Env, fs: &DaxFs) -> Result<Checked> {
     // SAFETY: our child.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     drop(m);
-    let gone = sys::wait_for(Duration::from_secs(5), || ours_loaded().is_ok_and(|n| n == 0));
+    let gone = sys::wait_for(Duration::from_secs(5), || {
+        ours_loaded().is_ok_and(|n| n == 0)
+    });
     c.check(
         "SIGKILLed agent leaves no program loaded",
         while_running > 0 && gone,

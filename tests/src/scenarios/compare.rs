@@ -70,7 +70,8 @@ pub fn tally(events: &[Value], x: &Expect) -> Tally {
         let Some(truth) = truth else {
             t.not_present += 1;
             if t.examples.len() < 5 {
-                t.examples.push(format!("{}: page {va:#x} not present in pagemap", x.label));
+                t.examples
+                    .push(format!("{}: page {va:#x} not present in pagemap", x.label));
             }
             continue;
         };
@@ -86,7 +87,8 @@ pub fn tally(events: &[Value], x: &Expect) -> Tally {
         let Some((idx, e)) = hit else {
             t.missing += 1;
             if t.examples.len() < 5 {
-                t.examples.push(format!("{}: no agent event for page {va:#x}", x.label));
+                t.examples
+                    .push(format!("{}: no agent event for page {va:#x}", x.label));
             }
             continue;
         };
@@ -162,12 +164,15 @@ mod tests {
     #[test]
     fn detects_missing_wrong_and_foreign_events() {
         let events = vec![
-            ev(7, 0x200000, 4096, 999),  // wrong pfn
-            ev(8, 0x201000, 4096, 101),  // other process: must not count
+            ev(7, 0x200000, 4096, 999), // wrong pfn
+            ev(8, 0x201000, 4096, 101), // other process: must not count
         ];
         let t = tally(&events, &expect(vec![Some(100), Some(101), None], 4096));
         assert!(!t.perfect());
-        assert_eq!((t.pages, t.matched, t.wrong_pfn, t.missing, t.not_present), (2, 0, 1, 1, 1));
+        assert_eq!(
+            (t.pages, t.matched, t.wrong_pfn, t.missing, t.not_present),
+            (2, 0, 1, 1, 1)
+        );
     }
 
     #[test]

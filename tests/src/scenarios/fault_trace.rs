@@ -12,12 +12,50 @@ use super::{
     Checked, DaxFs, Env,
     compare::{Expect, tally},
 };
-use crate::{agent::Monitor, pagemap, pmem, puppet::{Huge, Puppet}, sys};
+use crate::{
+    agent::Monitor,
+    pagemap, pmem,
+    puppet::{Huge, Puppet},
+    sys,
+};
 
 const MIB: u64 = 1 << 20;
 
+/// Preferred hooks (whatever the agent picks on this kernel).
 pub fn run(_env: &Env, fs: &DaxFs) -> Result<Checked> {
-    let dir = format!("{}/fault-trace", fs.mnt);
+    trace(fs, "fault-trace", &[], None, None)
+}
+
+/// The fallback hooks: raw tracepoint with probe reads, kprobe on the insert function.
+pub fn run_fallback(_env: &Env, fs: &DaxFs) -> Result<Checked> {
+    trace(
+        fs,
+        "fallback",
+        &["--skip-hooks", "tp_btf,fentry"],
+        Some("raw_tp"),
+        Some("kprobe"),
+    )
+}
+
+/// No insert hook at all: pfns from /proc/PID/pagemap in the agent.
+pub fn run_pagemap(_env: &Env, fs: &DaxFs) -> Result<Checked> {
+    trace(
+        fs,
+        "pagemap",
+        &["--skip-hooks", "fentry,kprobe"],
+        Some("tp_btf"),
+        Some("userspace"),
+    )
+}
+
+fn trace(
+    fs: &DaxFs,
+    tag: &str,
+    agent_args: &[&str],
+    want_fault_hook: Option<&str>,
+    want_pfn_hook: Option<&str>,
+) -> Result<Checked> {
+    let dir = format!("{}/fault-trace-{tag}", fs.mnt);
     std::fs::create_dir_all(&dir)?;
     let f4k = format!("{dir}/pte-4m");
     let f2m = format!("{dir}/pmd-8m");
@@ -31,7 +69,7 @@ pub fn run(_env: &Env, fs: &DaxFs) -> Result<Checked> {
     let (dev4, ino4) = sys::stat_dev_ino(Path::new(&f4k))?;
     let (dev2, ino2) = sys::stat_dev_ino(Path::new(&f2m))?;
 
-    let monitor = Monitor::start(&format!("fault-trace-{}", fs.target), &[])?;
+    let monitor = Monitor::start(&format!("fault-trace-{tag}-{}", fs.target), agent_args)?;
     let mut p = Puppet::spawn()?;
     let a4 = p.map(&f4k, 0, 4 * MIB, true, Huge::Pte)?;
     let touched4 = p.touch(a4, 4 * MIB, false, 4096)?;
@@ -41,8 +79,24 @@ pub fn run(_env: &Env, fs: &DaxFs) -> Result<Checked> {
     let truth4 = pagemap::pfns(p.pid, a4, 4 * MIB)?;
     let truth2 = pagemap::pfns(p.pid, a2, 8 * MIB)?;
     let pid = p.pid;
+    // 1024 PTE faults and 4 PMD faults must reach the agent before the process goes.
+    monitor.wait_for_faults(pid, 1028, std::time::Duration::from_secs(20));
     p.exit()?;
     let out = monitor.stop()?;
+
+    // Which hooks served the run (the attached line), against what the variant demands.
+    let attached = out.of_type("attached").next().cloned().unwrap_or_default();
+    let chosen = |concern: &str| -> String {
+        attached["hooks"]
+            .as_array()
+            .and_then(|h| h.iter().find(|x| x["concern"] == concern))
+            .and_then(|x| x["chosen"].as_str())
+            .unwrap_or("none")
+            .to_string()
+    };
+    let (fault_hook, pfn_hook) = (chosen("fault-done"), chosen("fault-pfn"));
+    let hooks_ok = want_fault_hook.is_none_or(|w| fault_hook.starts_with(w))
+        && want_pfn_hook.is_none_or(|w| pfn_hook.starts_with(w));
 
     let faults: Vec<_> = out.of_type("fault").cloned().collect();
     let t4 = tally(
@@ -100,8 +154,14 @@ pub fn run(_env: &Env, fs: &DaxFs) -> Result<Checked> {
         && truth_outside == 0
         && named_device == mine.len()
         && dropped == 0
+        && hooks_ok
         && out.exit_code == Some(0);
-    let mut details: Vec<String> = t4.examples.iter().chain(t2.examples.iter()).cloned().collect();
+    let mut details: Vec<String> = t4
+        .examples
+        .iter()
+        .chain(t2.examples.iter())
+        .cloned()
+        .collect();
     if !outside.is_empty() {
         details.push(format!(
             "{} agent pfns outside {} [{:#x}, {:#x}): first {:#x}",
@@ -120,6 +180,11 @@ pub fn run(_env: &Env, fs: &DaxFs) -> Result<Checked> {
             fs.dev.block
         ));
     }
+    if !hooks_ok {
+        details.push(format!(
+            "hooks used: {fault_hook} / {pfn_hook}; wanted {want_fault_hook:?} / {want_pfn_hook:?}"
+        ));
+    }
     if out.exit_code != Some(0) || dropped != 0 {
         details.push(format!(
             "agent exit {:?}, dropped {dropped}, stderr: {}",
@@ -131,8 +196,14 @@ pub fn run(_env: &Env, fs: &DaxFs) -> Result<Checked> {
         passed,
         summary: format!(
             "4K: {}/{} pages matched pagemap via {} events; 2M: {}/{} pages via {} PMD events; \
-             {} pfns outside {}",
-            t4.matched, t4.pages, t4.events, t2.matched, t2.pages, t2.events, outside.len(),
+             {} pfns outside {} [{fault_hook} + {pfn_hook}]",
+            t4.matched,
+            t4.pages,
+            t4.events,
+            t2.matched,
+            t2.pages,
+            t2.events,
+            outside.len(),
             fs.dev.block
         ),
         counts: json!({
@@ -146,6 +217,7 @@ pub fn run(_env: &Env, fs: &DaxFs) -> Result<Checked> {
             "pfns_outside_device": outside.len(),
             "dropped": dropped,
             "device": fs.dev.block,
+            "hooks": {"fault": fault_hook, "pfn": pfn_hook},
             "device_range": [fs.dev.data_start, fs.dev.data_end],
         }),
         details,

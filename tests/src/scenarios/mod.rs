@@ -74,6 +74,16 @@ pub fn all() -> Vec<Scenario> {
             run: fault_trace::run,
         },
         Scenario {
+            name: "fault-trace-fallback",
+            targets: &[Target::Ext4],
+            run: fault_trace::run_fallback,
+        },
+        Scenario {
+            name: "fault-trace-pagemap",
+            targets: &[Target::Ext4],
+            run: fault_trace::run_pagemap,
+        },
+        Scenario {
             name: "bad-input",
             targets: &[Target::Ext4],
             run: bad_input::run,
