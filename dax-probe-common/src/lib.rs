@@ -14,7 +14,7 @@ pub use layout::KernelLayout;
 
 /// Bumped whenever an event or map layout changes. The agent refuses an object built for
 /// another ABI (both are built from the same tree, so this only guards stale build outputs).
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 pub const TASK_COMM_LEN: usize = 16;
 
@@ -22,6 +22,8 @@ pub const TASK_COMM_LEN: usize = 16;
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Name of the per-CPU counter array (see [`Counter`]).
 pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Name of the hash map of DAX-holding processes (tgid → 1).
+pub const WATCHED_MAP: &str = "WATCHED";
 /// Name of the global that carries [`KernelLayout`] into the programs.
 pub const LAYOUT_GLOBAL: &str = "LAYOUT";
 /// Default ring buffer size: 4 MiB holds ~35k fault events, several seconds of a fault storm
@@ -32,14 +34,25 @@ pub const EVENTS_RING_BYTES: u32 = 4 << 20;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// A DAX page fault completed (fsdax PTE or PMD fault).
+    /// A DAX page fault completed (fsdax PTE/PMD fault, or a device-dax fault).
     Fault = 1,
+    /// Page table entries of a DAX mapping were torn down (munmap, exit, exec, truncate,
+    /// hole punch, mremap's source, madvise).
+    Zap = 2,
+    /// A process that maps DAX pages forked: the child may hold copies of its PTEs.
+    Fork = 3,
+    /// A process that maps DAX pages moved or resized a mapping (mremap): PTEs moved
+    /// without faulting.
+    Mremap = 4,
 }
 
 impl EventKind {
     pub const fn from_u32(v: u32) -> Option<Self> {
         match v {
             1 => Some(Self::Fault),
+            2 => Some(Self::Zap),
+            3 => Some(Self::Fork),
+            4 => Some(Self::Mremap),
             _ => None,
         }
     }
@@ -83,6 +96,10 @@ pub struct EventHeader {
 pub const FAULT_PFN_VALID: u32 = 1 << 0;
 /// `FaultEvent::flags`: the fault was a PMD (2 MiB) fault attempt.
 pub const FAULT_PMD: u32 = 1 << 1;
+/// `FaultEvent::flags`: a device-dax fault (`dev` is the character device, `ino` 0).
+pub const FAULT_DEVDAX: u32 = 1 << 2;
+/// `FaultEvent::flags`: the fault was a PUD (1 GiB) fault attempt (device-dax only).
+pub const FAULT_PUD: u32 = 1 << 3;
 
 /// `FaultEvent::fault_flags` bit for a write fault (`FAULT_FLAG_WRITE`, 1 on every kernel since
 /// 2.6).
@@ -117,7 +134,10 @@ pub struct FaultEvent {
     pub vm_start: u64,
     pub vm_end: u64,
     pub vm_flags: u64,
-    /// Device of the file system (`sb->s_dev`, kernel encoding: major << 20 | minor).
+    /// The address space (`vma->vm_mm`): the holder's identity inside the kernel.
+    pub mm: u64,
+    /// Device of the file system (`sb->s_dev`, kernel encoding: major << 20 | minor); for
+    /// device-dax the character device (`i_rdev`).
     pub dev: u32,
     /// `vm_fault_t` the fault handler returned.
     pub result: u32,
@@ -127,18 +147,73 @@ pub struct FaultEvent {
     pub entry_flags: u32,
     /// FAULT_* flags above.
     pub flags: u32,
-    /// log2 of the size this fault tried to map: 12 (PTE) or 21 (PMD).
+    /// log2 of the size this fault tried to map: 12 (PTE), 21 (PMD) or 30 (PUD).
     pub page_shift: u32,
+}
+
+/// `ZapEvent::flags`: the zap runs in the address space's own process.
+pub const ZAP_OWN_MM: u32 = 1 << 0;
+/// `ZapEvent::flags`: the current task has no mm any more (it is exiting).
+pub const ZAP_EXITING: u32 = 1 << 1;
+/// `ZapEvent::flags`: a device-dax mapping (`dev` is the character device).
+pub const ZAP_DEVDAX: u32 = 1 << 2;
+
+/// PTEs of `[start, end)` in a DAX vma of `mm` were torn down.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZapEvent {
+    /// The current task, which may not be the mapping's owner (truncate by another process).
+    pub hdr: EventHeader,
+    pub mm: u64,
+    pub start: u64,
+    pub end: u64,
+    pub vm_start: u64,
+    pub vm_end: u64,
+    /// File page offset of `vm_start`.
+    pub vm_pgoff: u64,
+    pub ino: u64,
+    pub dev: u32,
+    pub flags: u32,
+    /// `mm->owner`'s tgid where the kernel keeps an owner (CONFIG_MEMCG), else 0.
+    pub owner_tgid: u32,
+    pub _pad: u32,
+}
+
+/// A DAX-holding process forked (threads are not reported).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkEvent {
+    /// The parent.
+    pub hdr: EventHeader,
+    pub child_tgid: u32,
+    pub child_tid: u32,
+    pub child_mm: u64,
+}
+
+/// A DAX-holding process called mremap successfully.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MremapEvent {
+    pub hdr: EventHeader,
+    pub old_addr: u64,
+    pub old_len: u64,
+    pub new_len: u64,
+    pub flags: u64,
+    /// Where the mapping is now (the syscall's result).
+    pub new_addr: u64,
 }
 
 const _: () = {
     assert!(core::mem::size_of::<EventHeader>() == 40);
     assert!(core::mem::offset_of!(EventHeader, ts_ns) == 8);
     assert!(core::mem::offset_of!(EventHeader, comm) == 24);
-    assert!(core::mem::size_of::<FaultEvent>() == 120);
+    assert!(core::mem::size_of::<FaultEvent>() == 128);
     assert!(core::mem::offset_of!(FaultEvent, ino) == 40);
-    assert!(core::mem::offset_of!(FaultEvent, dev) == 96);
-    assert!(core::mem::offset_of!(FaultEvent, page_shift) == 116);
+    assert!(core::mem::offset_of!(FaultEvent, mm) == 96);
+    assert!(core::mem::offset_of!(FaultEvent, page_shift) == 124);
+    assert!(core::mem::size_of::<ZapEvent>() == 112);
+    assert!(core::mem::size_of::<ForkEvent>() == 56);
+    assert!(core::mem::size_of::<MremapEvent>() == 80);
 };
 
 /// Marker for plain-old-data events that may be viewed as bytes and rebuilt from bytes.
@@ -169,9 +244,20 @@ pub unsafe trait Event: Copy + 'static {
     }
 }
 
-// SAFETY: repr(C), integers only, sizes asserted above (40 + 7*8 + 6*4 = 120, no padding).
+// SAFETY (all four): repr(C), integers only, sizes asserted above without padding:
+// Fault 40 + 8*8 + 6*4 = 128; Zap 40 + 7*8 + 4*4 = 112; Fork 40 + 2*4 + 8 = 56;
+// Mremap 40 + 5*8 = 80.
 unsafe impl Event for FaultEvent {
     const KIND: EventKind = EventKind::Fault;
+}
+unsafe impl Event for ZapEvent {
+    const KIND: EventKind = EventKind::Zap;
+}
+unsafe impl Event for ForkEvent {
+    const KIND: EventKind = EventKind::Fork;
+}
+unsafe impl Event for MremapEvent {
+    const KIND: EventKind = EventKind::Mremap;
 }
 
 /// Reads the header of any event, `None` if the bytes are too short for one.
@@ -187,6 +273,9 @@ pub fn header_of(bytes: &[u8]) -> Option<EventHeader> {
 mod user {
     // SAFETY: repr(C) integer-only types without padding (asserted in the parent module).
     unsafe impl aya::Pod for super::FaultEvent {}
+    unsafe impl aya::Pod for super::ZapEvent {}
+    unsafe impl aya::Pod for super::ForkEvent {}
+    unsafe impl aya::Pod for super::MremapEvent {}
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::KernelLayout {}
 }
@@ -213,6 +302,7 @@ mod tests {
             vm_start: 0x7f00_0000_0000,
             vm_end: 0x7f00_0080_0000,
             vm_flags: 0xfb,
+            mm: 0xffff_8880_1234_5000,
             dev: (259 << 20) | 1,
             result: VM_FAULT_NOPAGE,
             fault_flags: FAULT_FLAG_WRITE,
@@ -221,10 +311,39 @@ mod tests {
             page_shift: 21,
         };
         let bytes = ev.as_bytes();
-        assert_eq!(bytes.len(), 120);
+        assert_eq!(bytes.len(), 128);
         assert_eq!(header_of(bytes).unwrap().kind, 1);
         assert_eq!(FaultEvent::from_bytes(bytes), Some(ev));
-        assert_eq!(FaultEvent::from_bytes(&bytes[..119]), None);
+        assert_eq!(FaultEvent::from_bytes(&bytes[..127]), None);
+    }
+
+    #[test]
+    fn lifecycle_events_round_trip() {
+        let z = ZapEvent {
+            hdr: EventHeader {
+                kind: EventKind::Zap as u32,
+                size: 112,
+                ..Default::default()
+            },
+            mm: 1,
+            start: 0x1000,
+            end: 0x3000,
+            flags: ZAP_OWN_MM,
+            ..Default::default()
+        };
+        assert_eq!(ZapEvent::from_bytes(z.as_bytes()), Some(z));
+        let f = ForkEvent {
+            child_tgid: 9,
+            child_tid: 9,
+            child_mm: 7,
+            ..Default::default()
+        };
+        assert_eq!(ForkEvent::from_bytes(f.as_bytes()), Some(f));
+        let m = MremapEvent {
+            new_addr: 0x7f00_0000_0000,
+            ..Default::default()
+        };
+        assert_eq!(MremapEvent::from_bytes(m.as_bytes()), Some(m));
     }
 
     #[test]
@@ -232,5 +351,6 @@ mod tests {
         assert_eq!(EventKind::from_u32(0), None);
         assert_eq!(EventKind::from_u32(999), None);
         assert_eq!(EventKind::from_u32(1), Some(EventKind::Fault));
+        assert_eq!(EventKind::from_u32(4), Some(EventKind::Mremap));
     }
 }

@@ -1,29 +1,51 @@
-//! fsdax fault path.
+//! DAX fault path.
 //!
-//! Two hooks cooperate per fault:
+//! fsdax: two hooks cooperate per fault:
 //! 1. the DAX insert function (`dax_insert_entry`, in vmlinux on every supported kernel) sees
-//!    the pfn about to be mapped and stashes it under the thread id;
+//!    the pfn about to be mapped and stashes it in a per-CPU slot;
 //! 2. the `fs_dax:dax_{pte,pmd}_fault_done` tracepoint (identical arguments on 5.10 … 7.x)
 //!    sees the inode, the `vm_fault` and the result, joins the stash and emits one
 //!    [`FaultEvent`].
 //!
 //! The tracepoint alone cannot tell the pfn; the insert function alone cannot tell whether
-//! the fault succeeded. Joining on (tid, vmf pointer) in a per-CPU slot keeps a stale stash
-//! from a fault that never reached "done" from being attributed to a later one.
+//! the fault succeeded. Joining on (tid, vmf pointer) keeps a stale stash from a fault that
+//! never reached "done" from being attributed to a later one.
+//!
+//! device-dax has no tracepoint: an entry probe on `dev_dax_huge_fault` remembers the
+//! `vm_fault`, the return probe emits the event; the agent reads the pfn from pagemap.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns},
-    macros::{btf_tracepoint, fentry, kprobe, raw_tracepoint},
-    programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext},
+    macros::{btf_tracepoint, fentry, kprobe, kretprobe, raw_tracepoint},
+    programs::{
+        BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, RetProbeContext,
+    },
 };
 use dax_probe_common::{
-    Counter, EventHeader, EventKind, FAULT_PFN_VALID, FAULT_PMD, FaultEvent, TASK_COMM_LEN,
+    Counter, EventHeader, EventKind, FAULT_DEVDAX, FAULT_PFN_VALID, FAULT_PMD, FAULT_PUD,
+    FaultEvent, TASK_COMM_LEN,
 };
 
 use crate::{
     kernel::{Direct, Mem, Probe},
-    maps::{EVENTS, INSERT_STASH, InsertStash, count, layout, submit_flags},
+    maps::{
+        DEVDAX_STASH, DevdaxStash, INSERT_STASH, InsertStash, count, emit, layout, watch,
+    },
 };
+
+/// The common header for an event about the current task.
+#[inline(always)]
+pub fn header(kind: EventKind, size: usize) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EventHeader {
+        kind: kind as u32,
+        size: size as u32,
+        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        comm: bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]),
+    }
+}
 
 // ---- insert hook: remember the pfn ------------------------------------------------------
 //
@@ -113,9 +135,7 @@ fn fault_done<M: Mem>(inode: u64, vmf: u64, result: u32, pmd: bool) {
         return;
     }
     count(Counter::FaultsSeen);
-
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
+    let tid = bpf_get_current_pid_tgid() as u32;
 
     let mut pfn = 0u64;
     let mut entry_flags = 0u32;
@@ -135,37 +155,80 @@ fn fault_done<M: Mem>(inode: u64, vmf: u64, result: u32, pmd: bool) {
     if flags & FAULT_PFN_VALID == 0 {
         count(Counter::FaultWithoutPfn);
     }
-
-    let vma: u64 = M::read(vmf, l.vmf_vma);
     let sb: u64 = M::read(inode, l.inode_sb);
-    let event = FaultEvent {
-        hdr: EventHeader {
-            kind: EventKind::Fault as u32,
-            size: core::mem::size_of::<FaultEvent>() as u32,
-            ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-            tgid: (pid_tgid >> 32) as u32,
-            tid,
-            comm: bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]),
-        },
-        ino: M::read(inode, l.inode_ino),
+    let mut ev = fault_event::<M>(vmf, result, flags, if pmd { 21 } else { 12 });
+    ev.ino = M::read(inode, l.inode_ino);
+    ev.dev = M::read(sb, l.sb_dev);
+    ev.pfn = pfn;
+    ev.entry_flags = entry_flags;
+    watch(ev.hdr.tgid);
+    emit(ev);
+}
+
+/// A fault event with everything the `vm_fault` tells; file identity left to the caller.
+#[inline(always)]
+fn fault_event<M: Mem>(vmf: u64, result: u32, flags: u32, page_shift: u32) -> FaultEvent {
+    let l = layout();
+    let vma: u64 = M::read(vmf, l.vmf_vma);
+    FaultEvent {
+        hdr: header(EventKind::Fault, core::mem::size_of::<FaultEvent>()),
+        ino: 0,
         pgoff: M::read(vmf, l.vmf_pgoff),
         address: M::read(vmf, l.vmf_address),
-        pfn,
+        pfn: 0,
         vm_start: M::read(vma, l.vma_start),
         vm_end: M::read(vma, l.vma_end),
         vm_flags: M::read(vma, l.vma_flags),
-        dev: M::read(sb, l.sb_dev),
+        mm: M::read(vma, l.vma_mm),
+        dev: 0,
         result,
         fault_flags: M::read::<u32>(vmf, l.vmf_flags),
-        entry_flags,
+        entry_flags: 0,
         flags,
-        page_shift: if pmd { 21 } else { 12 },
-    };
-    match EVENTS.reserve::<FaultEvent>(0) {
-        Some(mut slot) => {
-            slot.write(event);
-            slot.submit(submit_flags(core::mem::size_of::<FaultEvent>() as u64));
-        }
-        None => count(Counter::RingFull),
+        page_shift,
     }
+}
+
+// ---- device-dax ---------------------------------------------------------------------------
+
+/// `dev_dax_huge_fault(vmf, pe_size | order)` entry (module function: kprobe on every kernel;
+/// aya cannot fentry into modules).
+#[kprobe]
+pub fn devdax_fault_entry(ctx: ProbeContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let stash = DevdaxStash {
+        vmf: ctx.arg(0).unwrap_or(0),
+        size: ctx.arg(1).unwrap_or(0),
+    };
+    let _ = DEVDAX_STASH.insert(&tid, &stash, 0);
+    0
+}
+
+#[kretprobe]
+pub fn devdax_fault_exit(ctx: RetProbeContext) -> u32 {
+    let l = layout();
+    if l.ready == 0 {
+        return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: copied out before the remove.
+    let Some(stash) = (unsafe { DEVDAX_STASH.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = DEVDAX_STASH.remove(&tid);
+    count(Counter::FaultsSeen);
+    let (flags, shift) = match (l.devdax_size_is_enum != 0, stash.size) {
+        (true, 1) | (false, 9) => (FAULT_DEVDAX | FAULT_PMD, 21),
+        (true, 2) | (false, 18) => (FAULT_DEVDAX | FAULT_PUD, 30),
+        _ => (FAULT_DEVDAX, 12),
+    };
+    let result: u64 = ctx.ret();
+    let mut ev = fault_event::<Probe>(stash.vmf, result as u32, flags, shift);
+    let vma: u64 = Probe::read(stash.vmf, l.vmf_vma);
+    let file: u64 = Probe::read(vma, l.vma_file);
+    let inode: u64 = Probe::read(file, l.file_inode);
+    ev.dev = Probe::read(inode, l.inode_rdev);
+    watch(ev.hdr.tgid);
+    emit(ev);
+    0
 }

@@ -10,6 +10,7 @@
 mod fault;
 mod kernel;
 mod maps;
+mod task;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
 };
 use dax_probe_common::{COUNTER_SLOTS, Counter, EVENTS_RING_BYTES, KernelLayout};
 
@@ -52,22 +52,53 @@ pub fn submit_flags(size: u64) -> u64 {
 
 /// Filled by the agent from the running kernel's BTF before load (read-only data).
 #[unsafe(no_mangle)]
-pub static LAYOUT: KernelLayout = KernelLayout {
-    ready: 0,
-    vmf_vma: 0,
-    vmf_address: 0,
-    vmf_pgoff: 0,
-    vmf_flags: 0,
-    vma_start: 0,
-    vma_end: 0,
-    vma_flags: 0,
-    inode_ino: 0,
-    inode_sb: 0,
-    sb_dev: 0,
-    wakeup_bytes: 0,
-    _reserved: [0; 2],
-    pfn_mask: 0,
-};
+pub static LAYOUT: KernelLayout = KernelLayout::ZERO;
+
+/// Processes (tgids) that hold DAX pages: only their forks and mremaps are reported. The
+/// fault program adds a process the moment it maps a DAX page (so a fork right after its
+/// first fault is not missed); the agent adds the holders its start-up scan finds and
+/// removes processes that are gone.
+#[map(name = "WATCHED")]
+pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+
+/// A device-dax fault between its entry and return probes, keyed by thread id (a fault may
+/// sleep and migrate; these are rare enough for a hash map).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DevdaxStash {
+    pub vmf: u64,
+    pub size: u64,
+}
+
+#[map(name = "DEVDAX_STASH")]
+pub static DEVDAX_STASH: HashMap<u32, DevdaxStash> = HashMap::with_max_entries(4096, 0);
+
+/// Marks the current process as a DAX holder (cheap when it already is one).
+#[inline(always)]
+pub fn watch(tgid: u32) {
+    // SAFETY: read-only peek at a plain value.
+    if unsafe { WATCHED.get(&tgid) }.is_none() {
+        let _ = WATCHED.insert(&tgid, &1, 0);
+    }
+}
+
+#[inline(always)]
+pub fn watched(tgid: u32) -> bool {
+    // SAFETY: read-only peek at a plain value.
+    unsafe { WATCHED.get(&tgid) }.is_some()
+}
+
+/// Reserves, fills and submits one event; counts it as dropped if the ring is full.
+#[inline(always)]
+pub fn emit<T: 'static>(event: T) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut slot) => {
+            slot.write(event);
+            slot.submit(submit_flags(core::mem::size_of::<T>() as u64));
+        }
+        None => count(Counter::RingFull),
+    }
+}
 
 #[inline(always)]
 pub fn layout() -> KernelLayout {

@@ -51,6 +51,62 @@ pub struct Fault {
     pub shared: bool,
     /// Device that owns the pfn (`pmem0`, `dax0.0`), when the topology knows it.
     pub device: Option<String>,
+    /// A device-dax fault: `dev` is the character device, `ino` 0, `offset` into the device.
+    pub devdax: bool,
+    /// Kernel address of the address space (the holder's identity in the kernel).
+    #[serde(skip)]
+    pub mm: u64,
+}
+
+/// PTEs of a DAX mapping torn down.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Zap {
+    pub ts_ns: u64,
+    /// The task that tore them down (not always the mapping's owner).
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub start: u64,
+    pub end: u64,
+    pub vma_start: u64,
+    pub vma_end: u64,
+    /// File (or device) offset of `start`, in bytes.
+    pub offset: u64,
+    pub dev: DevId,
+    pub ino: u64,
+    pub devdax: bool,
+    /// The owner's own task did it (munmap, mremap, exit).
+    pub own_mm: bool,
+    /// The task doing it is exiting (exit or exec teardown).
+    pub exiting: bool,
+    /// `mm->owner`'s tgid where the kernel tracks it.
+    pub owner_tgid: Option<u32>,
+    #[serde(skip)]
+    pub mm: u64,
+}
+
+/// A holder forked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Fork {
+    pub ts_ns: u64,
+    pub parent_tgid: u32,
+    pub comm: String,
+    pub child_tgid: u32,
+    #[serde(skip)]
+    pub child_mm: u64,
+}
+
+/// A holder called mremap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Mremap {
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub comm: String,
+    pub old_addr: u64,
+    pub old_len: u64,
+    pub new_len: u64,
+    pub flags: u64,
+    pub new_addr: u64,
 }
 
 /// Everything the agent reports, tagged by `type` in JSON.
@@ -58,6 +114,9 @@ pub struct Fault {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     Fault(Fault),
+    Zap(Zap),
+    Fork(Fork),
+    Mremap(Mremap),
 }
 
 const VM_FAULT_NAMES: &[(u32, &str)] = &[

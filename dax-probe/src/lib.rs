@@ -1,9 +1,13 @@
 //! dax-probe: watch and police DAX mappings of persistent memory.
 //!
 //! Flow, one direction only: kernel hook → ring buffer (`probe`) → decoder (`probe::decode`)
-//! → state (`topology`, later the holder map) → outputs (`ui`).
+//! → state (`topology`, `holders`) → outputs (`ui`, the control socket). `agent` runs the
+//! loop.
 
+pub mod agent;
+pub mod control;
 pub mod event;
+pub mod holders;
 pub mod exit;
 pub mod privilege;
 pub mod probe;

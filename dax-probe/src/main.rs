@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use dax_probe::{exit, probe, topology::Topology, ui};
+use dax_probe::{control, exit, probe, topology::Topology, ui};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +45,33 @@ enum Command {
         /// Size of the kernel→agent event ring buffer (power of two).
         #[arg(long, value_name = "KIB", default_value_t = dax_probe_common::EVENTS_RING_BYTES / 1024)]
         ring_size_kib: u32,
+        /// Answer `dax-probe holders` on this socket.
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Do not open the control socket.
+        #[arg(long)]
+        no_socket: bool,
+        /// Compare the holder map with every process's page tables this often.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        reconcile_secs: u64,
+    },
+    /// Who maps a DAX device, file, mount point or pfn right now (asks the running monitor,
+    /// else scans every process; needs root).
+    Holders {
+        /// pmem0, /dev/pmem0, namespace0.0, pfn0.0, /dev/dax0.0, a file, a mount point, a pfn
+        /// (0x1234), a pfn range (0x1000-0x2000 or 0x1000+512), or `all`.
+        target: String,
+        #[arg(long)]
+        json: bool,
+        /// List every extent (virtual address, pfn, offset, pages).
+        #[arg(long)]
+        pages: bool,
+        /// Scan procfs even when a monitor is running.
+        #[arg(long)]
+        scan: bool,
+        /// The monitor's control socket.
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Show what this kernel offers and which hooks the agent uses.
     Doctor {
@@ -71,7 +98,11 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("dax-probe: error: {e:#}");
+            // A finding (e.g. no holders) carries no message: the output already said it.
+            let msg = format!("{e:#}");
+            if !msg.is_empty() {
+                eprintln!("dax-probe: error: {msg}");
+            }
             ExitCode::from(exit::code_of(&e) as u8)
         }
     }
@@ -85,6 +116,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             duration,
             ring_size_kib,
+            socket,
+            no_socket,
+            reconcile_secs,
         } => {
             let ring_bytes = probe::ring_bytes(ring_size_kib)?;
             let duration = match duration {
@@ -104,13 +138,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &src,
                 ui::monitor::Options {
                     json,
-                    wait,
                     duration,
-                    ring_bytes,
+                    agent: dax_probe::agent::Options {
+                        ring_bytes,
+                        wait,
+                        socket: (!no_socket).then_some(socket),
+                        reconcile: Duration::from_secs(reconcile_secs.max(1)),
+                    },
                 },
             ))
         }
         Command::Doctor { json } => ui::doctor::run(&src, json),
+        Command::Holders {
+            target,
+            json,
+            pages,
+            scan,
+            socket,
+        } => ui::holders::run(&ui::holders::Options {
+            target: &target,
+            json,
+            pages,
+            scan,
+            socket: &socket,
+            root: &cli.root,
+        }),
         Command::Devices { json } => ui::devices::run(&Topology::read(&cli.root), json),
     }
 }

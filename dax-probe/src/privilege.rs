@@ -22,6 +22,15 @@ pub fn can_trace() -> bool {
     caps_allow_tracing(effective_caps().unwrap_or(0))
 }
 
+/// True when /proc/PID/pagemap shows pfns (CAP_SYS_ADMIN; zeros otherwise).
+pub fn can_read_pagemap() -> bool {
+    // SAFETY: geteuid has no failure mode.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    effective_caps().unwrap_or(0) & (1u64 << CAP_SYS_ADMIN) != 0
+}
+
 pub fn caps_allow_tracing(caps: u64) -> bool {
     let has = |c: u32| caps & (1u64 << c) != 0;
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))

@@ -11,3 +11,4 @@ pub mod puppet;
 pub mod report;
 pub mod scenarios;
 pub mod sys;
+pub mod truth;

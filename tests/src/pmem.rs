@@ -108,6 +108,68 @@ pub fn make_fsdax(region: &str) -> Result<Fsdax> {
     })
 }
 
+/// A configured device-dax device.
+#[derive(Clone, Debug, Serialize)]
+pub struct Devdax {
+    pub region: String,
+    pub namespace: String,
+    /// `daxX.Y`: the character device under /dev.
+    pub name: String,
+    pub data_start: u64,
+    pub data_end: u64,
+}
+
+impl Devdax {
+    pub fn dev_path(&self) -> String {
+        format!("/dev/{}", self.name)
+    }
+    pub fn contains_pfn(&self, pfn: u64) -> bool {
+        let a = pfn << 12;
+        a >= self.data_start && a < self.data_end
+    }
+}
+
+/// Converts `region`'s raw namespace to device-dax with 2 MiB alignment.
+pub fn make_devdax(region: &str) -> Result<Devdax> {
+    let ns = raw_namespace(region)?;
+    let seed = sys::read(format!("{ND}/{region}/dax_seed"))?;
+    if Path::new(&format!("{ND}/{ns}/driver")).exists() {
+        sys::write("/sys/bus/nd/drivers/nd_pmem/unbind", &ns)?;
+    }
+    sys::write(format!("{ND}/{seed}/uuid"), &sys::uuid())?;
+    sys::write(format!("{ND}/{seed}/mode"), "pmem")?;
+    sys::write(format!("{ND}/{seed}/align"), "2097152")?;
+    sys::write(format!("{ND}/{seed}/namespace"), &ns)?;
+    sys::write("/sys/bus/nd/drivers/dax_pmem/bind", &seed)
+        .with_context(|| format!("bind {seed} to dax_pmem"))?;
+    // The device-dax device shows up on the dax bus (named like the seed on the kernels we
+    // test, but look it up rather than assume).
+    let mut name = None;
+    sys::wait_for(Duration::from_secs(10), || {
+        name = fs::read_dir("/sys/bus/dax/devices").ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| {
+                    fs::read_link(format!("/sys/bus/dax/devices/{n}"))
+                        .map(|l| l.to_string_lossy().contains(&format!("/{seed}/")))
+                        .unwrap_or(false)
+                })
+        });
+        name.as_ref().is_some_and(|n| Path::new(&format!("/dev/{n}")).exists())
+    });
+    let name = name.with_context(|| format!("{seed} bound but no /dev/dax device appeared"))?;
+    let dir = format!("/sys/bus/dax/devices/{name}");
+    let data_start = sys::read_u64(format!("{dir}/resource"))?;
+    let size = sys::read_u64(format!("{dir}/size"))?;
+    Ok(Devdax {
+        region: region.to_string(),
+        namespace: ns,
+        name,
+        data_start,
+        data_end: data_start + size,
+    })
+}
+
 /// Makes an ext4 file system that allows DAX and 2 MiB-aligned allocations, mounted -o dax.
 pub fn mount_ext4(dev: &Fsdax, mnt: &str) -> Result<()> {
     // -b 4096: DAX needs block size == page size. stride/stripe_width of 512 blocks (2 MiB)

@@ -96,6 +96,26 @@ impl Puppet {
         self.cmd(&format!("unmap {addr} {len}")).map(|_| ())
     }
 
+    /// mremap; `mv` forces a move to a new address. Returns the new address.
+    pub fn mremap(&mut self, addr: u64, old: u64, new: u64, mv: bool) -> Result<u64> {
+        let v = self.cmd(&format!(
+            "mremap {addr} {old} {new} {}",
+            if mv { "move" } else { "inplace" }
+        ))?;
+        v["addr"].as_u64().context("mremap reply without addr")
+    }
+
+    /// Forks a child that keeps the mappings and idles; returns its pid.
+    pub fn fork(&mut self) -> Result<u32> {
+        let v = self.cmd("fork")?;
+        v["child"].as_u64().map(|p| p as u32).context("fork reply without child")
+    }
+
+    /// Ends a forked child and reaps it.
+    pub fn reap(&mut self, child: u32) -> Result<()> {
+        self.cmd(&format!("reap {child}")).map(|_| ())
+    }
+
     /// Asks the puppet to exit and reaps it.
     pub fn exit(mut self) -> Result<()> {
         let _ = writeln!(self.stdin, "exit");

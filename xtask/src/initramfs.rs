@@ -24,7 +24,6 @@ const MODULES: &[&str] = &[
     "nd_btt",
     "dax_pmem",
     "dax_pmem_core",
-    "dax_pmem_compat",
     "device_dax",
     "crc32c_generic",
     "crc32c-intel",

@@ -66,7 +66,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 "daxprobe.mode=test daxprobe.scenario={}",
                 opts.scenario.as_deref().unwrap_or("all")
             ),
-            nvdimms: 2,
+            nvdimms: 3,
             timeout: Duration::from_secs(25 * 60),
             echo: opts.verbose,
             interactive: false,

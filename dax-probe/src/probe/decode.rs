@@ -1,12 +1,13 @@
 //! Ring-buffer bytes → [`Event`]s.
 
 use dax_probe_common::{
-    DAX_ENTRY_ZERO_PAGE, Event as _, EventKind, FAULT_FLAG_WRITE, FAULT_PFN_VALID, FaultEvent,
-    header_of,
+    DAX_ENTRY_ZERO_PAGE, Event as RawEvent, EventKind, FAULT_DEVDAX, FAULT_FLAG_WRITE,
+    FAULT_PFN_VALID, FaultEvent, ForkEvent, MremapEvent, ZAP_DEVDAX, ZAP_EXITING, ZAP_OWN_MM,
+    ZapEvent, header_of,
 };
 
 use crate::{
-    event::{Event, Fault, PfnSource, VM_FAULT_ERROR_BITS, vm_fault_name},
+    event::{Event, Fault, Fork, Mremap, PfnSource, VM_FAULT_ERROR_BITS, Zap, vm_fault_name},
     topology::{DevId, Topology},
 };
 
@@ -53,13 +54,30 @@ impl<L: PfnLookup> Decoder<'_, L> {
             });
         }
         match EventKind::from_u32(hdr.kind) {
-            Some(EventKind::Fault) => {
-                let raw = FaultEvent::from_bytes(bytes).ok_or(DecodeError::Truncated {
-                    kind: hdr.kind,
-                    claimed: core::mem::size_of::<FaultEvent>() as u32,
-                    got: bytes.len(),
-                })?;
-                Ok(Event::Fault(self.fault(&raw)))
+            Some(EventKind::Fault) => Ok(Event::Fault(self.fault(&raw::<FaultEvent>(bytes)?))),
+            Some(EventKind::Zap) => Ok(Event::Zap(zap(&raw::<ZapEvent>(bytes)?))),
+            Some(EventKind::Fork) => {
+                let f = raw::<ForkEvent>(bytes)?;
+                Ok(Event::Fork(Fork {
+                    ts_ns: f.hdr.ts_ns,
+                    parent_tgid: f.hdr.tgid,
+                    comm: comm_string(&f.hdr.comm),
+                    child_tgid: f.child_tgid,
+                    child_mm: f.child_mm,
+                }))
+            }
+            Some(EventKind::Mremap) => {
+                let m = raw::<MremapEvent>(bytes)?;
+                Ok(Event::Mremap(Mremap {
+                    ts_ns: m.hdr.ts_ns,
+                    tgid: m.hdr.tgid,
+                    comm: comm_string(&m.hdr.comm),
+                    old_addr: m.old_addr,
+                    old_len: m.old_len,
+                    new_len: m.new_len,
+                    flags: m.flags,
+                    new_addr: m.new_addr,
+                }))
             }
             None => Err(DecodeError::UnknownKind(hdr.kind)),
         }
@@ -88,6 +106,7 @@ impl<L: PfnLookup> Decoder<'_, L> {
             pfn = None;
             pfn_source = None;
         }
+        let devdax = raw.flags & FAULT_DEVDAX != 0;
         let device = pfn
             .and_then(|p| self.topology.namespace_of_pfn(p))
             .map(|n| n.device_name().to_string());
@@ -113,7 +132,38 @@ impl<L: PfnLookup> Decoder<'_, L> {
             vma_end: raw.vm_end,
             shared: raw.vm_flags & VM_SHARED != 0,
             device,
+            devdax,
+            mm: raw.mm,
         }
+    }
+}
+
+fn raw<T: RawEvent>(bytes: &[u8]) -> Result<T, DecodeError> {
+    T::from_bytes(bytes).ok_or(DecodeError::Truncated {
+        kind: T::KIND as u32,
+        claimed: core::mem::size_of::<T>() as u32,
+        got: bytes.len(),
+    })
+}
+
+fn zap(z: &ZapEvent) -> Zap {
+    Zap {
+        ts_ns: z.hdr.ts_ns,
+        tgid: z.hdr.tgid,
+        tid: z.hdr.tid,
+        comm: comm_string(&z.hdr.comm),
+        start: z.start,
+        end: z.end,
+        vma_start: z.vm_start,
+        vma_end: z.vm_end,
+        offset: (z.vm_pgoff << 12) + z.start.saturating_sub(z.vm_start),
+        dev: DevId::from_kernel(z.dev),
+        ino: z.ino,
+        devdax: z.flags & ZAP_DEVDAX != 0,
+        own_mm: z.flags & ZAP_OWN_MM != 0,
+        exiting: z.flags & ZAP_EXITING != 0,
+        owner_tgid: (z.owner_tgid != 0).then_some(z.owner_tgid),
+        mm: z.mm,
     }
 }
 
@@ -132,7 +182,7 @@ mod tests {
         FaultEvent {
             hdr: EventHeader {
                 kind: 1,
-                size: 120,
+                size: 128,
                 ts_ns: 5,
                 tgid: 100,
                 tid: 101,
@@ -145,6 +195,7 @@ mod tests {
             vm_start: 0x7f00_0000_0000,
             vm_end: 0x7f00_0080_0000,
             vm_flags: 0xfb,
+            mm: 0xffff_8880_0000_1000,
             dev: (259 << 20),
             result: 0x100,
             fault_flags: 0x1,
@@ -168,7 +219,7 @@ mod tests {
             topology: &topo,
             lookup: NoLookup,
         };
-        let Event::Fault(f) = d.decode(raw_fault().as_bytes()).unwrap();
+        let Event::Fault(f) = d.decode(raw_fault().as_bytes()).unwrap() else { panic!() };
         assert_eq!(f.tgid, 100);
         assert_eq!(f.comm, "dax-workload");
         assert_eq!(
@@ -197,7 +248,7 @@ mod tests {
         let mut raw = raw_fault();
         raw.page_shift = 21;
         raw.flags |= FAULT_PMD;
-        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap();
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else { panic!() };
         assert_eq!(f.page_size, 2 << 20);
         assert_eq!(f.page_address, 0x7f00_0020_0000);
         assert_eq!(f.offset, 512 * 4096);
@@ -212,14 +263,14 @@ mod tests {
         };
         let mut raw = raw_fault();
         raw.flags = 0;
-        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap();
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else { panic!() };
         assert_eq!(
             (f.pfn, f.pfn_source),
             (Some(0x4242), Some(PfnSource::Pagemap))
         );
 
         raw.result = 0x800; // FALLBACK: nothing mapped
-        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap();
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else { panic!() };
         assert_eq!(f.pfn, None);
         assert!(!f.mapped);
     }
@@ -233,7 +284,7 @@ mod tests {
         };
         let mut raw = raw_fault();
         raw.entry_flags = DAX_ENTRY_ZERO_PAGE;
-        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap();
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else { panic!() };
         assert!(f.zero_page);
         assert_eq!(f.pfn, None);
     }

@@ -6,7 +6,7 @@ use super::{btf::Btf, facts::KernelFacts, plan::insert_args};
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "this kernel's BTF has no {what}: dax-probe cannot read DAX faults on it \
+    "this kernel's BTF has no {what}: dax-probe cannot read DAX mappings on it \
      (please report the kernel version)"
 )]
 pub struct LayoutError {
@@ -15,8 +15,21 @@ pub struct LayoutError {
 
 /// `pfn_t` keeps flag bits (PFN_DEV, PFN_MAP, …) in its top 12 bits; a plain pfn does not.
 const PFN_T_MASK: u64 = (1 << 52) - 1;
+/// `S_DAX` (include/linux/fs.h): 1 << 13 since 4.x, on every kernel we test.
+const S_DAX: u32 = 1 << 13;
 
-pub fn compute(btf: &Btf, facts: &dyn KernelFacts) -> Result<KernelLayout, LayoutError> {
+/// What the layout needs from outside BTF.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extra {
+    /// Character-device major of device-dax, when the topology knows one.
+    pub dax_major: Option<u32>,
+}
+
+pub fn compute(
+    btf: &Btf,
+    facts: &dyn KernelFacts,
+    extra: Extra,
+) -> Result<KernelLayout, LayoutError> {
     let off = |s: &str, f: &str| {
         btf.member_offset(s, &[f]).ok_or_else(|| LayoutError {
             what: format!("member {f} in struct {s}"),
@@ -31,11 +44,34 @@ pub fn compute(btf: &Btf, facts: &dyn KernelFacts) -> Result<KernelLayout, Layou
         vma_start: off("vm_area_struct", "vm_start")?,
         vma_end: off("vm_area_struct", "vm_end")?,
         vma_flags: off("vm_area_struct", "vm_flags")?,
+        vma_mm: off("vm_area_struct", "vm_mm")?,
+        vma_file: off("vm_area_struct", "vm_file")?,
+        vma_pgoff: off("vm_area_struct", "vm_pgoff")?,
+        file_inode: off("file", "f_inode")?,
         inode_ino: off("inode", "i_ino")?,
         inode_sb: off("inode", "i_sb")?,
+        inode_flags: off("inode", "i_flags")?,
+        inode_mode: off("inode", "i_mode")?,
+        inode_rdev: off("inode", "i_rdev")?,
         sb_dev: off("super_block", "s_dev")?,
+        task_tgid: off("task_struct", "tgid")?,
+        task_pid: off("task_struct", "pid")?,
+        task_mm: off("task_struct", "mm")?,
+        // Only with CONFIG_MEMCG; without it foreign zaps are attributed by other means.
+        mm_owner: btf.member_offset("mm_struct", &["owner"]).unwrap_or(0),
+        regs_arg: [
+            off("pt_regs", "di")?,
+            off("pt_regs", "si")?,
+            off("pt_regs", "dx")?,
+            off("pt_regs", "r10")?,
+            off("pt_regs", "r8")?,
+        ],
+        s_dax: S_DAX,
+        dax_major: extra.dax_major.unwrap_or(0),
+        // 5.10/6.1 pass `enum page_entry_size`, 6.12+ a page order.
+        devdax_size_is_enum: u32::from(btf.enum_value("page_entry_size", "PE_SIZE_PMD").is_some()),
         wakeup_bytes: 0,
-        _reserved: [0; 2],
+        _reserved: 0,
         pfn_mask: u64::MAX,
     };
     // Absent insert function: the pfn concern falls back to userspace, layout stays valid.

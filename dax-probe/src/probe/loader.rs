@@ -9,10 +9,12 @@ use std::path::Path;
 
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FEntry, KProbe, Program, RawTracePoint},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, Program, RawTracePoint},
 };
-use dax_probe_common::{COUNTERS_MAP, Counter, EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL};
+use dax_probe_common::{
+    COUNTERS_MAP, Counter, EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, WATCHED_MAP,
+};
 use serde::Serialize;
 
 use super::plan::{Attach, AttachKind, Candidate, Concern, Plan};
@@ -70,6 +72,15 @@ impl Probe {
         Ok(RingBuf::try_from(map)?)
     }
 
+    /// Takes the WATCHED set (once).
+    pub fn take_watched(&mut self) -> Result<Watched, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(WATCHED_MAP)
+            .ok_or(LoadError::MissingMap("WATCHED"))?;
+        Ok(Watched(BpfHashMap::try_from(map)?))
+    }
+
     /// Takes the per-CPU counters (once).
     pub fn take_counters(&mut self) -> Result<Counters, LoadError> {
         let map = self
@@ -77,6 +88,20 @@ impl Probe {
             .take_map(COUNTERS_MAP)
             .ok_or(LoadError::MissingMap("COUNTERS"))?;
         Ok(Counters(PerCpuArray::try_from(map)?))
+    }
+}
+
+/// The kernel-side set of processes holding DAX pages.
+pub struct Watched(BpfHashMap<MapData, u32, u32>);
+
+impl Watched {
+    pub fn add(&mut self, tgid: u32) {
+        if let Err(e) = self.0.insert(tgid, 1, 0) {
+            log::warn!("cannot watch process {tgid}: {e}");
+        }
+    }
+    pub fn remove(&mut self, tgid: u32) {
+        let _ = self.0.remove(&tgid);
     }
 }
 
@@ -217,7 +242,13 @@ fn load_and_attach(ebpf: &mut Ebpf, a: &Attach, btf: &Btf) -> Result<(), String>
                 .map_err(|e| err("load", &verifier(e)))?;
             p.attach().map_err(attach_err)?;
         }
-        AttachKind::KProbe => {
+        AttachKind::FExit => {
+            let p: &mut FExit = prog.try_into().map_err(|e| err("type", &e))?;
+            p.load(a.target, btf).map_err(|e| err("load", &verifier(e)))?;
+            p.attach().map_err(attach_err)?;
+        }
+        AttachKind::KProbe | AttachKind::KRetProbe => {
+            // The section name (kprobe/kretprobe) decides the direction.
             let p: &mut KProbe = prog.try_into().map_err(|e| err("type", &e))?;
             p.load().map_err(|e| err("load", &verifier(e)))?;
             p.attach(a.target, 0).map_err(attach_err)?;
@@ -258,6 +289,7 @@ fn unload(ebpf: &mut Ebpf, name: &str) {
         Program::BtfTracePoint(p) => p.unload(),
         Program::RawTracePoint(p) => p.unload(),
         Program::FEntry(p) => p.unload(),
+        Program::FExit(p) => p.unload(),
         Program::KProbe(p) => p.unload(),
         _ => Ok(()),
     };

@@ -35,6 +35,8 @@ pub struct Session {
     pub probe: Probe,
     pub counters: Counters,
     pub records: UnboundedReceiver<Vec<u8>>,
+    /// The kernel's set of DAX-holding processes (forks and mremaps of these are reported).
+    pub watched: loader::Watched,
     reader: Option<reader::Reader>,
 }
 
@@ -44,7 +46,10 @@ impl Session {
     pub fn start(src: &KernelSource, ring_bytes: u32) -> anyhow::Result<Self> {
         let facts = collect_facts(src)?;
         let plan = plan::plan(&facts, &src.skip);
-        let layout = layout::compute(&facts.btf, &facts)
+        let extra = layout::Extra {
+            dax_major: crate::topology::dax_char_major(&src.root),
+        };
+        let layout = layout::compute(&facts.btf, &facts, extra)
             .map_err(|e| Failure::new(Code::Unavailable, e.to_string()))?;
         let mut probe = loader::load(&plan, &layout, &facts.btf_path, ring_bytes).map_err(|e| {
             let code = match e {
@@ -55,6 +60,7 @@ impl Session {
         })?;
         let ring = probe.take_events()?;
         let counters = probe.take_counters()?;
+        let watched = probe.take_watched()?;
         let (tx, records) = unbounded_channel();
         let reader = reader::Reader::spawn(ring, tx);
         Ok(Self {
@@ -63,8 +69,16 @@ impl Session {
             probe,
             counters,
             records,
+            watched,
             reader: Some(reader),
         })
+    }
+
+    /// Makes sure every event the kernel submitted so far is in `records`.
+    pub fn sync(&self) {
+        if let Some(r) = &self.reader {
+            r.sync();
+        }
     }
 
     /// Stops the reader after it drained what the kernel already submitted.

@@ -17,15 +17,34 @@ pub enum Concern {
     FaultDone,
     /// The pfn a DAX fault mapped.
     FaultPfn,
+    /// A device-dax fault.
+    DevdaxFault,
+    /// Page tables of a DAX mapping torn down (munmap, exit, exec, truncate, punch).
+    Zap,
+    /// A holder forked: its child may hold copies of its PTEs.
+    Fork,
+    /// A holder moved a mapping with mremap.
+    Mremap,
 }
 
 impl Concern {
-    pub const ALL: [Concern; 2] = [Concern::FaultDone, Concern::FaultPfn];
+    pub const ALL: [Concern; 6] = [
+        Concern::FaultDone,
+        Concern::FaultPfn,
+        Concern::DevdaxFault,
+        Concern::Zap,
+        Concern::Fork,
+        Concern::Mremap,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Concern::FaultDone => "fsdax fault",
             Concern::FaultPfn => "fault pfn",
+            Concern::DevdaxFault => "devdax fault",
+            Concern::Zap => "PTE teardown",
+            Concern::Fork => "fork",
+            Concern::Mremap => "mremap",
         }
     }
 
@@ -45,8 +64,12 @@ pub enum AttachKind {
     RawTp,
     #[value(name = "fentry")]
     FEntry,
+    #[value(name = "fexit")]
+    FExit,
     #[value(name = "kprobe")]
     KProbe,
+    #[value(name = "kretprobe")]
+    KRetProbe,
 }
 
 impl AttachKind {
@@ -55,7 +78,9 @@ impl AttachKind {
             AttachKind::TpBtf => "tp_btf",
             AttachKind::RawTp => "raw_tp",
             AttachKind::FEntry => "fentry",
+            AttachKind::FExit => "fexit",
             AttachKind::KProbe => "kprobe",
+            AttachKind::KRetProbe => "kretprobe",
         }
     }
 }
@@ -89,84 +114,144 @@ const fn attach(program: &'static str, kind: AttachKind, target: &'static str) -
     }
 }
 
+const fn probes(concern: Concern, label: &'static str, attaches: &'static [Attach]) -> Candidate {
+    Candidate {
+        concern,
+        label,
+        attaches,
+        userspace: None,
+        insert_proto: None,
+    }
+}
+
+const fn insert_probe(
+    label: &'static str,
+    attaches: &'static [Attach],
+    proto: (u32, u32, u32),
+) -> Candidate {
+    Candidate {
+        concern: Concern::FaultPfn,
+        label,
+        attaches,
+        userspace: None,
+        insert_proto: Some(proto),
+    }
+}
+
+const fn fallback(concern: Concern, label: &'static str, what: &'static str) -> Candidate {
+    Candidate {
+        concern,
+        label,
+        attaches: &[],
+        userspace: Some(what),
+        insert_proto: None,
+    }
+}
+
+use AttachKind::*;
+use Concern::*;
+
 /// The table. Order inside a concern is preference.
 pub const CANDIDATES: &[Candidate] = &[
-    Candidate {
-        concern: Concern::FaultDone,
-        label: "tp_btf fs_dax:dax_{pte,pmd}_fault_done",
-        attaches: &[
-            attach(
-                "dax_pte_fault_done_btf",
-                AttachKind::TpBtf,
-                "dax_pte_fault_done",
-            ),
-            attach(
-                "dax_pmd_fault_done_btf",
-                AttachKind::TpBtf,
-                "dax_pmd_fault_done",
-            ),
+    probes(
+        FaultDone,
+        "tp_btf fs_dax:dax_{pte,pmd}_fault_done",
+        &[
+            attach("dax_pte_fault_done_btf", TpBtf, "dax_pte_fault_done"),
+            attach("dax_pmd_fault_done_btf", TpBtf, "dax_pmd_fault_done"),
         ],
-        userspace: None,
-        insert_proto: None,
-    },
-    Candidate {
-        concern: Concern::FaultDone,
-        label: "raw_tp fs_dax:dax_{pte,pmd}_fault_done",
-        attaches: &[
-            attach(
-                "dax_pte_fault_done_raw",
-                AttachKind::RawTp,
-                "dax_pte_fault_done",
-            ),
-            attach(
-                "dax_pmd_fault_done_raw",
-                AttachKind::RawTp,
-                "dax_pmd_fault_done",
-            ),
+    ),
+    probes(
+        FaultDone,
+        "raw_tp fs_dax:dax_{pte,pmd}_fault_done",
+        &[
+            attach("dax_pte_fault_done_raw", RawTp, "dax_pte_fault_done"),
+            attach("dax_pmd_fault_done_raw", RawTp, "dax_pmd_fault_done"),
         ],
-        userspace: None,
-        insert_proto: None,
-    },
-    Candidate {
-        concern: Concern::FaultPfn,
-        label: "fentry dax_insert_entry",
-        attaches: &[attach(
-            "dax_insert_entry_fentry",
-            AttachKind::FEntry,
-            "dax_insert_entry",
-        )],
-        userspace: None,
-        insert_proto: Some((1, 4, 5)),
-    },
-    Candidate {
-        concern: Concern::FaultPfn,
-        label: "kprobe dax_insert_entry",
-        attaches: &[attach(
-            "dax_insert_entry_kprobe",
-            AttachKind::KProbe,
-            "dax_insert_entry",
-        )],
-        userspace: None,
-        insert_proto: Some((1, 4, 5)),
-    },
-    Candidate {
-        concern: Concern::FaultPfn,
-        label: "kprobe dax_insert_entry (vmf 3rd)",
-        attaches: &[attach(
-            "dax_insert_entry_kprobe_vmf2",
-            AttachKind::KProbe,
-            "dax_insert_entry",
-        )],
-        userspace: None,
-        insert_proto: Some((2, 4, 5)),
-    },
-    Candidate {
-        concern: Concern::FaultPfn,
-        label: "userspace /proc/PID/pagemap lookup",
-        attaches: &[],
-        userspace: Some("reads the pfn from /proc/PID/pagemap when the event arrives"),
-        insert_proto: None,
-    },
+    ),
+    insert_probe(
+        "fentry dax_insert_entry",
+        &[attach("dax_insert_entry_fentry", FEntry, "dax_insert_entry")],
+        (1, 4, 5),
+    ),
+    insert_probe(
+        "kprobe dax_insert_entry",
+        &[attach("dax_insert_entry_kprobe", KProbe, "dax_insert_entry")],
+        (1, 4, 5),
+    ),
+    insert_probe(
+        "kprobe dax_insert_entry (vmf 3rd)",
+        &[attach("dax_insert_entry_kprobe_vmf2", KProbe, "dax_insert_entry")],
+        (2, 4, 5),
+    ),
+    fallback(
+        FaultPfn,
+        "userspace /proc/PID/pagemap lookup",
+        "reads the pfn from /proc/PID/pagemap when the event arrives",
+    ),
+    probes(
+        DevdaxFault,
+        "kprobe+kretprobe device_dax:dev_dax_huge_fault",
+        &[
+            attach("devdax_fault_entry", KProbe, "dev_dax_huge_fault"),
+            attach("devdax_fault_exit", KRetProbe, "dev_dax_huge_fault"),
+        ],
+    ),
+    fallback(
+        DevdaxFault,
+        "userspace periodic pagemap scan",
+        "finds device-dax mappings at the next reconcile (load device_dax before the agent)",
+    ),
+    probes(
+        Zap,
+        "fentry unmap_page_range",
+        &[attach("zap_unmap_page_range", FEntry, "unmap_page_range")],
+    ),
+    probes(
+        Zap,
+        "fentry __zap_vma_range",
+        &[attach("zap_zap_vma_range", FEntry, "__zap_vma_range")],
+    ),
+    probes(
+        Zap,
+        "kprobe unmap_page_range",
+        &[attach("zap_kprobe", KProbe, "unmap_page_range")],
+    ),
+    probes(
+        Zap,
+        "kprobe __zap_vma_range",
+        &[attach("zap_kprobe", KProbe, "__zap_vma_range")],
+    ),
+    fallback(
+        Zap,
+        "userspace periodic pagemap reconcile",
+        "notices torn-down mappings at the next reconcile",
+    ),
+    probes(
+        Fork,
+        "tp_btf sched:sched_process_fork",
+        &[attach("fork_btf", TpBtf, "sched_process_fork")],
+    ),
+    probes(
+        Fork,
+        "raw_tp sched:sched_process_fork",
+        &[attach("fork_raw", RawTp, "sched_process_fork")],
+    ),
+    fallback(
+        Fork,
+        "userspace periodic /proc scan",
+        "finds children holding inherited mappings at the next full scan",
+    ),
+    probes(
+        Mremap,
+        "fexit __x64_sys_mremap",
+        &[attach("mremap_exit", FExit, "__x64_sys_mremap")],
+    ),
+    fallback(
+        Mremap,
+        "userspace periodic pagemap reconcile",
+        "notices moved mappings at the next reconcile",
+    ),
 ];
 
 /// Why a candidate is or is not usable on this kernel.
@@ -213,11 +298,10 @@ fn missing_for(a: &Attach, facts: &dyn KernelFacts) -> Option<String> {
         AttachKind::RawTp => {
             (!facts.raw_tracepoint(a.target)).then(|| format!("no tracepoint {}", a.target))
         }
-        AttachKind::FEntry => (!facts.vmlinux_btf_func(a.target))
+        AttachKind::FEntry | AttachKind::FExit => (!facts.vmlinux_btf_func(a.target))
             .then(|| format!("no BTF function {} in vmlinux", a.target)),
-        AttachKind::KProbe => {
-            (!facts.kallsyms_func(a.target)).then(|| format!("no symbol {} in kallsyms", a.target))
-        }
+        AttachKind::KProbe | AttachKind::KRetProbe => (!facts.kallsyms_func(a.target))
+            .then(|| format!("no symbol {} in kallsyms (module not loaded?)", a.target)),
     }
 }
 

@@ -14,7 +14,7 @@ use serde::Serialize;
 pub use mounts::{DaxOption, Mount};
 
 /// A device number as userspace sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 pub struct DevId {
     pub major: u32,
     pub minor: u32,
@@ -184,9 +184,32 @@ impl Topology {
     }
 }
 
+/// The character-device major of device-dax (`dax` in /proc/devices; registered by the
+/// built-in dax core, so present even before a devdax device exists).
+pub fn dax_char_major(root: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(root.join("proc/devices")).ok()?;
+    parse_dax_major(&text)
+}
+
+fn parse_dax_major(text: &str) -> Option<u32> {
+    let chars = text.split("Block devices:").next()?;
+    chars.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        let major = it.next()?.parse().ok()?;
+        (it.next()? == "dax").then_some(major)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_dax_character_major() {
+        let text = "Character devices:\n  1 mem\n252 dax\n253 bsg\n\nBlock devices:\n259 blkext\n252 dax\n";
+        assert_eq!(parse_dax_major(text), Some(252));
+        assert_eq!(parse_dax_major("Character devices:\n  1 mem\n"), None);
+    }
 
     #[test]
     fn device_numbers_convert_both_encodings() {

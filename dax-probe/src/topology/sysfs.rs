@@ -132,6 +132,13 @@ pub(super) fn read_namespaces(root: &Path) -> Vec<Namespace> {
                 } else if h.starts_with("dax") {
                     ns.mode = Mode::Devdax;
                     ns.chardev = devdax_char(root, &hdir, h);
+                    // The device-dax device's own range is authoritative (the nd holder's
+                    // attributes are unreadable on some kernels once bound).
+                    if let Some((name, _)) = &ns.chardev
+                        && let Some(r) = range(&root.join("sys/bus/dax/devices").join(name))
+                    {
+                        ns.data_range = r;
+                    }
                 } else if h.starts_with("btt") {
                     ns.mode = Mode::Sector;
                     ns.block = child_dev(&hdir, "block");
@@ -208,6 +215,33 @@ mod tests {
         // The pfn info block / memmap reservation is not user-reachable.
         assert!(t.namespace_of_pfn(0x100000).is_none());
         assert!(t.has_dax());
+    }
+
+    #[test]
+    fn reads_a_devdax_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let w = |p: &str, v: &str| {
+            let p = root.join(p);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, format!("{v}\n")).unwrap();
+        };
+        let nd = "sys/bus/nd/devices";
+        w(&format!("{nd}/namespace2.0/resource"), "0x140000000");
+        w(&format!("{nd}/namespace2.0/size"), "534773760");
+        w(&format!("{nd}/namespace2.0/mode"), "dax");
+        w(&format!("{nd}/namespace2.0/holder"), "dax2.0");
+        w(&format!("{nd}/dax2.0/align"), "2097152");
+        w("sys/bus/dax/devices/dax2.0/dev", "252:0");
+        w("sys/bus/dax/devices/dax2.0/resource", "0x140800000");
+        w("sys/bus/dax/devices/dax2.0/size", "526385152");
+        let t = Topology::read(root);
+        let ns = &t.namespaces[0];
+        assert_eq!(ns.mode, Mode::Devdax);
+        assert_eq!(ns.chardev, Some(("dax2.0".into(), DevId { major: 252, minor: 0 })));
+        assert_eq!(ns.data_range.start, 0x1_4080_0000);
+        assert_eq!(ns.device_name(), "dax2.0");
+        assert_eq!(t.namespace_of_pfn(0x140800).unwrap().name, "namespace2.0");
     }
 
     #[test]

@@ -58,7 +58,13 @@ pub fn run(src: &KernelSource, json: bool) -> anyhow::Result<()> {
     // As root: prove it. Loading happens here and is dropped (detached) right away.
     let attempt = if privileged {
         Some(
-            probe::layout::compute(&facts.btf, &facts)
+            probe::layout::compute(
+                &facts.btf,
+                &facts,
+                probe::layout::Extra {
+                    dax_major: crate::topology::dax_char_major(&src.root),
+                },
+            )
                 .map_err(|e| e.to_string())
                 .and_then(|l| {
                     probe::loader::load(

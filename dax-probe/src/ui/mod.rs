@@ -2,4 +2,5 @@
 
 pub mod devices;
 pub mod doctor;
+pub mod holders;
 pub mod monitor;

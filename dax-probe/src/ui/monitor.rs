@@ -2,34 +2,22 @@
 
 use std::{
     io::{BufWriter, Write},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use dax_probe_common::Counter;
 use serde::Serialize;
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    agent::{self, Agent, Output},
     event::{Event, Fault},
-    exit::{Code, Failure},
-    privilege,
-    probe::{
-        KernelSource, Session,
-        decode::{Decoder, PfnLookup},
-        plan::Concern,
-    },
-    proc::pagemap::PagemapLookup,
-    topology::Topology,
+    probe::{KernelSource, plan::Concern},
 };
 
 pub struct Options {
     pub json: bool,
-    /// Keep running even when no DAX device exists yet.
-    pub wait: bool,
     /// Stop after this long (for scripts and benchmarks); otherwise until Ctrl-C/SIGTERM.
     pub duration: Option<Duration>,
-    /// Event ring buffer size in bytes.
-    pub ring_bytes: u32,
+    pub agent: agent::Options,
 }
 
 /// First line of `--json` output: what is attached.
@@ -38,6 +26,8 @@ struct Attached<'a> {
     r#type: &'static str,
     kernel: &'a str,
     hooks: Vec<HookLine>,
+    holders: usize,
+    holder_pages: u64,
 }
 
 #[derive(Serialize)]
@@ -47,138 +37,74 @@ struct HookLine {
     userspace: bool,
 }
 
-/// Last line: what happened overall.
-#[derive(Serialize, Default)]
-struct Summary {
-    r#type: &'static str,
-    events: u64,
-    faults: u64,
-    /// Lost in the kernel: ring buffer full.
-    dropped: u64,
-    /// Records the agent could not decode.
-    undecodable: u64,
-    /// Kernel reads that failed (fields zeroed).
-    kernel_read_errors: u64,
-    /// Faults the kernel programs saw.
-    faults_seen_by_kernel: u64,
-    duration_s: f64,
-}
-
 pub async fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
-    if !privilege::can_trace() {
-        return Err(Failure::new(
-            Code::NoPermission,
-            "monitor needs root (or CAP_BPF with CAP_PERFMON) to load eBPF programs: \
-             run it with sudo",
-        )
-        .into());
-    }
-    let mut topology = Topology::read(&src.root);
-    if !topology.has_dax() {
-        let msg = "no DAX device present: no fsdax/devdax pmem namespace and no file system \
-                   mounted with -o dax";
-        if !opts.wait {
-            return Err(Failure::new(
-                Code::NoInput,
-                format!("{msg}; pass --wait to monitor anyway (devices added later are seen)"),
-            )
-            .into());
-        }
-        eprintln!("dax-probe: warning: {msg}; waiting for one");
-    }
-
-    let mut session = Session::start(src, opts.ring_bytes)?;
-    let userspace_pfn = session.pfn_from_userspace();
-    announce(&session, opts.json, userspace_pfn);
+    let mut agent = Agent::start(src, &opts.agent)?;
+    announce(&agent, opts.json);
 
     let mut out = BufWriter::new(std::io::stdout().lock());
-    let mut summary = Summary {
-        r#type: "summary",
-        ..Default::default()
-    };
-    let started = Instant::now();
-    let mut last_topology = Instant::now();
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    let sleep_until = async {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
+    let json = opts.json;
+    let mut sink = |o: Output| -> anyhow::Result<()> {
+        if json {
+            serde_json::to_writer(&mut out, &o)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{}", format_output(&o))?;
         }
+        // Whoever reads us (a pipe, a file, a terminal) sees each event promptly.
+        out.flush()?;
+        Ok(())
     };
-    tokio::pin!(sleep_until);
-
-    loop {
-        tokio::select! {
-            rec = session.records.recv() => {
-                let Some(rec) = rec else { break };
-                handle(&rec, &mut topology, &mut last_topology, &src.root, userspace_pfn,
-                       opts.json, &mut out, &mut summary)?;
-                // Batch: write whatever else is already queued, then flush once.
-                while let Ok(rec) = session.records.try_recv() {
-                    handle(&rec, &mut topology, &mut last_topology, &src.root, userspace_pfn,
-                           opts.json, &mut out, &mut summary)?;
-                }
-                out.flush()?;
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = &mut sleep_until => break,
-        }
-    }
-
-    // Drain what the kernel submitted before we stopped, so counts are complete.
-    session.stop_reader();
-    while let Ok(rec) = session.records.try_recv() {
-        handle(
-            &rec,
-            &mut topology,
-            &mut last_topology,
-            &src.root,
-            userspace_pfn,
-            opts.json,
-            &mut out,
-            &mut summary,
-        )?;
-    }
-    summary.dropped = session.counters.get(Counter::RingFull);
-    summary.kernel_read_errors = session.counters.get(Counter::ReadFailed);
-    summary.faults_seen_by_kernel = session.counters.get(Counter::FaultsSeen);
-    summary.duration_s = started.elapsed().as_secs_f64();
-    if opts.json {
+    agent.run(opts.duration, &mut sink).await?;
+    let summary = agent.summary();
+    drop(sink);
+    if json {
         serde_json::to_writer(&mut out, &summary)?;
         writeln!(out)?;
     }
     out.flush()?;
     drop(out);
-    if !opts.json {
+    if !json {
         eprintln!(
             "dax-probe: {} events ({} faults) in {:.1} s; {} dropped (ring buffer full), \
-             {} undecodable, {} kernel read errors",
+             {} undecodable, {} kernel read errors; {} holders of {} pages; drift corrected \
+             {}+/{}- pages",
             summary.events,
             summary.faults,
             summary.duration_s,
             summary.dropped,
             summary.undecodable,
-            summary.kernel_read_errors
+            summary.kernel_read_errors,
+            summary.holders,
+            summary.holder_pages,
+            summary.drift_missing,
+            summary.drift_extra,
         );
     }
     if summary.dropped > 0 {
         eprintln!(
             "dax-probe: warning: {} events were lost because the ring buffer was full: the \
-             reader fell behind a fault storm; raise --ring-size-kib or write to a file",
+             reader fell behind a fault storm; raise --ring-size-kib or write to a file \
+             (the holder map was repaired from procfs)",
             summary.dropped
         );
     }
     Ok(())
 }
 
-fn announce(session: &Session, json: bool, userspace_pfn: bool) {
+fn announce(agent: &Agent, json: bool) {
+    let session = &agent.session;
+    let userspace_pfn = session.pfn_from_userspace();
     if json {
         let line = Attached {
             r#type: "attached",
             kernel: &session.facts.release,
+            holders: agent.applier.map.holder_count(),
+            holder_pages: agent
+                .applier
+                .map
+                .holders()
+                .map(|(h, _)| agent.applier.map.pages_of(h))
+                .sum(),
             hooks: session
                 .probe
                 .choices
@@ -209,9 +135,10 @@ fn announce(session: &Session, json: bool, userspace_pfn: bool) {
         })
         .collect();
     eprintln!(
-        "dax-probe: watching DAX faults on {} ({}); Ctrl-C to stop",
+        "dax-probe: watching DAX mappings on {} ({}); {} holders found; Ctrl-C to stop",
         session.facts.release,
-        hooks.join(", ")
+        hooks.join(", "),
+        agent.applier.map.holder_count()
     );
     for c in &session.probe.choices {
         for (label, why) in &c.failed {
@@ -230,67 +157,76 @@ fn announce(session: &Session, json: bool, userspace_pfn: bool) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    rec: &[u8],
-    topology: &mut Topology,
-    last_topology: &mut Instant,
-    root: &std::path::Path,
-    userspace_pfn: bool,
-    json: bool,
-    out: &mut impl Write,
-    summary: &mut Summary,
-) -> anyhow::Result<()> {
-    // pagemap fills in pfns the kernel hook could not tell: every pfn on kernels without an
-    // insert hook, the odd preempted fault otherwise.
-    let _ = userspace_pfn;
-    let decoded = decode_with(rec, topology, PagemapLookup);
-    let event = match decoded {
-        Ok(e) => e,
-        Err(e) => {
-            summary.undecodable += 1;
-            log::warn!("{e}");
-            return Ok(());
-        }
-    };
-    summary.events += 1;
-    let Event::Fault(f) = &event;
-    summary.faults += 1;
-    // A pfn outside every known device: the topology may have changed (namespace
-    // reconfigured, device hot-added). Re-read it, at most once a second.
-    if f.pfn.is_some() && f.device.is_none() && last_topology.elapsed() > Duration::from_secs(1) {
-        *topology = Topology::read(root);
-        *last_topology = Instant::now();
+/// One text line per output.
+pub fn format_output(o: &Output) -> String {
+    match o {
+        Output::Event(Event::Fault(f)) => format_fault(f),
+        Output::Event(Event::Zap(z)) => format!(
+            "{} unmap {}/{} {:<15} dev={} ino={} addr={:#x}-{:#x} ({} pages){}",
+            stamp(z.ts_ns),
+            z.tgid,
+            z.tid,
+            z.comm,
+            z.dev,
+            z.ino,
+            z.start,
+            z.end,
+            (z.end - z.start) / 4096,
+            if z.exiting {
+                " [exit/exec]"
+            } else if !z.own_mm {
+                " [another process's mapping]"
+            } else {
+                ""
+            }
+        ),
+        Output::Event(Event::Fork(f)) => format!(
+            "{} fork  {} {:<15} child {}",
+            stamp(f.ts_ns),
+            f.parent_tgid,
+            f.comm,
+            f.child_tgid
+        ),
+        Output::Event(Event::Mremap(m)) => format!(
+            "{} mremap {} {:<15} {:#x}+{:#x} -> {:#x}+{:#x}",
+            stamp(m.ts_ns),
+            m.tgid,
+            m.comm,
+            m.old_addr,
+            m.old_len,
+            m.new_addr,
+            m.new_len
+        ),
+        Output::Reconcile(r) => format!(
+            "reconcile ({}): {} holders; corrected {} missing and {} extra pages",
+            r.reconcile.reason, r.reconcile.holders, r.reconcile.missing, r.reconcile.extra
+        ),
     }
-    if json {
-        serde_json::to_writer(&mut *out, &event)?;
-        writeln!(out)?;
-    } else {
-        writeln!(out, "{}", format_fault(f))?;
-    }
-    Ok(())
 }
 
-fn decode_with<L: PfnLookup>(
-    rec: &[u8],
-    topology: &Topology,
-    lookup: L,
-) -> Result<Event, crate::probe::decode::DecodeError> {
-    Decoder { topology, lookup }.decode(rec)
+fn stamp(ts_ns: u64) -> String {
+    format!(
+        "[{:>5}.{:06}]",
+        ts_ns / 1_000_000_000,
+        (ts_ns % 1_000_000_000) / 1000
+    )
 }
 
 /// One text line per fault, dmesg-style timestamp first so it lines up with kernel logs.
 pub fn format_fault(f: &Fault) -> String {
-    let size = if f.page_size >= 2 << 20 { "2M" } else { "4K" };
+    let size = match f.page_size {
+        s if s >= 1 << 30 => "1G",
+        s if s >= 2 << 20 => "2M",
+        _ => "4K",
+    };
     let pfn = match f.pfn {
         Some(p) => format!("{p:#x}"),
         None if f.zero_page => "zero-page".into(),
         None => "-".into(),
     };
     format!(
-        "[{:>5}.{:06}] fault {:<5} {}/{} {:<15} dev={} ino={} off={:#x} addr={:#x} pfn={} {}{} {}",
-        f.ts_ns / 1_000_000_000,
-        (f.ts_ns % 1_000_000_000) / 1000,
+        "{} fault {:<5} {}/{} {:<15} dev={} ino={} off={:#x} addr={:#x} pfn={} {}{} {}",
+        stamp(f.ts_ns),
         if f.write { "write" } else { "read" },
         f.tgid,
         f.tid,
@@ -341,6 +277,8 @@ mod tests {
             vma_end: 0,
             shared: true,
             device: Some("pmem0".into()),
+            devdax: false,
+            mm: 0,
         };
         let line = format_fault(&f);
         assert!(

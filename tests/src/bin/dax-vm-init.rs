@@ -136,12 +136,16 @@ fn setup(cmdline: &str) -> Result<Env> {
         mnt: "/mnt/xfs".into(),
         reflink,
     });
+    if let Some(r) = regions.get(2) {
+        env.devdax = Some(pmem::make_devdax(r).context("devdax")?);
+    }
     report::note(&format!(
         "setup done in {:.1} s: {}",
         t.elapsed().as_secs_f64(),
         env.fs
             .iter()
             .map(|f| format!("{} on {} ({})", f.target, f.dev.block, f.dev.pfn_dev))
+            .chain(env.devdax.iter().map(|d| format!("devdax {}", d.dev_path())))
             .collect::<Vec<_>>()
             .join(", ")
     ));

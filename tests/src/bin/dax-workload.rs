@@ -5,6 +5,9 @@
 //!   map PATH OFFSET LEN shared|private pte|pmd   -> {"ok":true,"addr":N}
 //!   touch ADDR LEN read|write STEP               -> {"ok":true,"pages":N}
 //!   unmap ADDR LEN                               -> {"ok":true}
+//!   mremap ADDR OLDLEN NEWLEN move|inplace       -> {"ok":true,"addr":N}
+//!   fork                                         -> {"ok":true,"child":PID}
+//!   reap PID                                     -> {"ok":true}  (ends a forked child)
 //!   exit
 //! `dax-workload rounds PATH LEN ROUNDS` maps, touches every 4 KiB page and unmaps, ROUNDS
 //! times, and prints the nanoseconds of each round (fault-overhead benchmark).
@@ -28,6 +31,9 @@ fn main() {
         }
     }
 }
+
+/// Forked children, with the write end of the pipe that keeps each alive.
+static CHILDREN: std::sync::Mutex<Vec<(i32, i32)>> = std::sync::Mutex::new(Vec::new());
 
 fn puppet() {
     let stdin = std::io::stdin();
@@ -79,7 +85,90 @@ fn run(w: &[&str]) -> Result<serde_json::Value, String> {
             }
             Ok(json!({"ok": true}))
         }
+        Some("mremap") => {
+            let addr = num(w.get(1))?;
+            let old = num(w.get(2))?;
+            let new = num(w.get(3))?;
+            let mv = w.get(4) == Some(&"move");
+            Ok(json!({"ok": true, "addr": remap(addr, old, new, mv)?}))
+        }
+        Some("fork") => Ok(json!({"ok": true, "child": fork_child()?})),
+        Some("reap") => {
+            let pid = num(w.get(1))? as i32;
+            let mut kids = CHILDREN.lock().unwrap();
+            let Some(pos) = kids.iter().position(|(p, _)| *p == pid) else {
+                return Err(format!("no child {pid}"));
+            };
+            let (_, fd) = kids.remove(pos);
+            // SAFETY: closing our pipe end lets the child's read return; then reap it.
+            unsafe {
+                libc::close(fd);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            Ok(json!({"ok": true}))
+        }
         other => Err(format!("unknown command {other:?}")),
+    }
+}
+
+/// mremap: `move` forces a new address (MREMAP_MAYMOVE|MREMAP_FIXED to a fresh 2 MiB-aligned
+/// place), `inplace` only resizes.
+fn remap(addr: u64, old: u64, new: u64, mv: bool) -> Result<u64, String> {
+    // SAFETY: the scenario names a range it mapped through us.
+    unsafe {
+        let p = if mv {
+            // Find a free, 2 MiB-aligned destination.
+            let resv = libc::mmap(
+                std::ptr::null_mut(),
+                (new + TWO_MIB) as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if resv == libc::MAP_FAILED {
+                return Err(format!("reserve: {}", std::io::Error::last_os_error()));
+            }
+            let dest = (resv as u64 + TWO_MIB - 1) & !(TWO_MIB - 1);
+            libc::mremap(
+                addr as *mut _,
+                old as usize,
+                new as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dest as *mut libc::c_void,
+            )
+        } else {
+            libc::mremap(addr as *mut _, old as usize, new as usize, 0)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mremap: {}", std::io::Error::last_os_error()));
+        }
+        Ok(p as u64)
+    }
+}
+
+/// Forks a child that keeps the parent's mappings and does nothing until reaped.
+fn fork_child() -> Result<i32, String> {
+    let mut fds = [0i32; 2];
+    // SAFETY: plain syscalls; the child only reads a pipe and exits.
+    unsafe {
+        if libc::pipe(fds.as_mut_ptr()) != 0 {
+            return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+        }
+        match libc::fork() {
+            -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+            0 => {
+                libc::close(fds[1]);
+                let mut b = 0u8;
+                libc::read(fds[0], (&mut b as *mut u8).cast(), 1);
+                libc::_exit(0);
+            }
+            pid => {
+                libc::close(fds[0]);
+                CHILDREN.lock().unwrap().push((pid, fds[1]));
+                Ok(pid)
+            }
+        }
     }
 }
 

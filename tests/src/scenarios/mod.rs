@@ -4,19 +4,25 @@
 pub mod bad_input;
 pub mod compare;
 pub mod fault_trace;
+pub mod holders;
 
 use std::fmt;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::{pmem::Fsdax, report::Outcome};
+use crate::{
+    pmem::{Devdax, Fsdax},
+    report::Outcome,
+    truth::DaxSpace,
+};
 
 /// What a scenario runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
     Ext4,
     Xfs,
+    Devdax,
 }
 
 impl fmt::Display for Target {
@@ -24,6 +30,7 @@ impl fmt::Display for Target {
         f.write_str(match self {
             Target::Ext4 => "ext4",
             Target::Xfs => "xfs",
+            Target::Devdax => "devdax",
         })
     }
 }
@@ -42,6 +49,7 @@ pub struct DaxFs {
 #[derive(Clone, Debug, Default)]
 pub struct Env {
     pub fs: Vec<DaxFs>,
+    pub devdax: Option<Devdax>,
     /// `dax-probe monitor` run before any namespace was made DAX: (exit code, stderr).
     pub before_setup_monitor: Option<(Option<i32>, String)>,
 }
@@ -50,12 +58,35 @@ impl Env {
     pub fn fs(&self, t: Target) -> Option<&DaxFs> {
         self.fs.iter().find(|f| f.target == t)
     }
+
+    pub fn has(&self, t: Target) -> bool {
+        match t {
+            Target::Devdax => self.devdax.is_some(),
+            t => self.fs(t).is_some(),
+        }
+    }
+
+    /// Where DAX memory is, for ground-truth scans.
+    pub fn space(&self) -> DaxSpace {
+        let mut s = DaxSpace::default();
+        for f in &self.fs {
+            s.pfn_ranges.push((f.dev.data_start >> 12, f.dev.data_end >> 12));
+            s.path_prefixes.push(format!("{}/", f.mnt));
+        }
+        if let Some(d) = &self.devdax {
+            s.pfn_ranges.push((d.data_start >> 12, d.data_end >> 12));
+            s.path_prefixes.push(d.dev_path());
+        }
+        s
+    }
 }
+
+pub type Run = fn(&Env, Target) -> Result<Checked>;
 
 pub struct Scenario {
     pub name: &'static str,
     pub targets: &'static [Target],
-    pub run: fn(&Env, &DaxFs) -> Result<Checked>,
+    pub run: Run,
 }
 
 /// What a scenario found: pass/fail is decided by the scenario from these.
@@ -66,27 +97,83 @@ pub struct Checked {
     pub details: Vec<String>,
 }
 
+fn fs_of(env: &Env, t: Target) -> Result<&DaxFs> {
+    env.fs(t).with_context(|| format!("{t} was not prepared"))
+}
+
+const FS: &[Target] = &[Target::Ext4, Target::Xfs];
+
 pub fn all() -> Vec<Scenario> {
     vec![
         Scenario {
             name: "fault-trace",
-            targets: &[Target::Ext4, Target::Xfs],
-            run: fault_trace::run,
+            targets: FS,
+            run: |e, t| fault_trace::run(e, fs_of(e, t)?),
         },
         Scenario {
             name: "fault-trace-fallback",
             targets: &[Target::Ext4],
-            run: fault_trace::run_fallback,
+            run: |e, t| fault_trace::run_fallback(e, fs_of(e, t)?),
         },
         Scenario {
             name: "fault-trace-pagemap",
             targets: &[Target::Ext4],
-            run: fault_trace::run_pagemap,
+            run: |e, t| fault_trace::run_pagemap(e, fs_of(e, t)?),
         },
         Scenario {
             name: "bad-input",
             targets: &[Target::Ext4],
-            run: bad_input::run,
+            run: |e, t| bad_input::run(e, fs_of(e, t)?),
+        },
+        Scenario {
+            name: "map-before-agent",
+            targets: FS,
+            run: holders::map_before_agent,
+        },
+        Scenario {
+            name: "fork-inherit",
+            targets: FS,
+            run: holders::fork_inherit,
+        },
+        Scenario {
+            name: "exit",
+            targets: FS,
+            run: holders::exit,
+        },
+        Scenario {
+            name: "partial-munmap",
+            targets: FS,
+            run: holders::partial_munmap,
+        },
+        Scenario {
+            name: "mremap",
+            targets: FS,
+            run: holders::mremap,
+        },
+        Scenario {
+            name: "private-cow",
+            targets: FS,
+            run: holders::private_cow,
+        },
+        Scenario {
+            name: "truncate",
+            targets: FS,
+            run: holders::truncate,
+        },
+        Scenario {
+            name: "shared-by-two",
+            targets: FS,
+            run: holders::shared_by_two,
+        },
+        Scenario {
+            name: "reflinked-files",
+            targets: &[Target::Xfs],
+            run: holders::reflinked_files,
+        },
+        Scenario {
+            name: "devdax",
+            targets: &[Target::Devdax],
+            run: holders::devdax,
         },
     ]
 }
@@ -101,15 +188,15 @@ pub fn execute(s: &Scenario, env: &Env, target: Target) -> Outcome {
         counts,
         details,
     };
-    let Some(fs) = env.fs(target) else {
+    if !env.has(target) {
         return base(
             false,
             format!("{target} was not prepared in this VM"),
             Value::Null,
             Vec::new(),
         );
-    };
-    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (s.run)(env, fs)));
+    }
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (s.run)(env, target)));
     match res {
         Ok(Ok(c)) => base(c.passed, c.summary, c.counts, c.details),
         Ok(Err(e)) => base(

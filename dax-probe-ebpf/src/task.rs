@@ -1,0 +1,186 @@
+//! The life of a DAX mapping after its faults: PTE teardown (munmap, exit, exec, truncate,
+//! hole punch, mremap's source), fork (the child may hold copies of the parent's PTEs without
+//! ever faulting) and mremap (PTEs move without faulting).
+//!
+//! Teardown is observed where the kernel zaps page tables (`unmap_page_range` up to 6.12,
+//! `__zap_vma_range` from 7.x: same argument positions), filtered to DAX vmas: a file with
+//! `S_DAX`, or the device-dax character device. Forks and mremaps are reported only for
+//! processes in `WATCHED`.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, raw_tracepoint},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
+    },
+};
+use dax_probe_common::{
+    EventKind, ForkEvent, MremapEvent, ZAP_DEVDAX, ZAP_EXITING, ZAP_OWN_MM, ZapEvent,
+};
+
+use crate::{
+    fault::header,
+    kernel::{Direct, Mem, Probe},
+    maps::{emit, layout, watch, watched},
+};
+
+// ---- PTE teardown ---------------------------------------------------------------------------
+
+/// `unmap_page_range(tlb, vma, addr, end, details)`, 5.10 … 6.12.
+#[fentry(function = "unmap_page_range")]
+pub fn zap_unmap_page_range(ctx: FEntryContext) -> u32 {
+    zap::<Direct>(ctx.arg(1), ctx.arg(2), ctx.arg(3));
+    0
+}
+
+/// `__zap_vma_range(tlb, vma, start, end, details)`, 7.x.
+#[fentry(function = "__zap_vma_range")]
+pub fn zap_zap_vma_range(ctx: FEntryContext) -> u32 {
+    zap::<Direct>(ctx.arg(1), ctx.arg(2), ctx.arg(3));
+    0
+}
+
+/// Either of the above through a kprobe (same argument positions).
+#[kprobe]
+pub fn zap_kprobe(ctx: ProbeContext) -> u32 {
+    zap::<Probe>(
+        ctx.arg(1).unwrap_or(0),
+        ctx.arg(2).unwrap_or(0),
+        ctx.arg(3).unwrap_or(0),
+    );
+    0
+}
+
+const S_IFMT: u16 = 0o170000;
+const S_IFCHR: u16 = 0o020000;
+
+#[inline(always)]
+fn zap<M: Mem>(vma: u64, start: u64, end: u64) {
+    let l = layout();
+    if l.ready == 0 || vma == 0 {
+        return;
+    }
+    let file: u64 = M::read(vma, l.vma_file);
+    if file == 0 {
+        return; // anonymous memory
+    }
+    let inode: u64 = M::read(file, l.file_inode);
+    let iflags: u32 = M::read(inode, l.inode_flags);
+    let mut flags = 0;
+    let dev: u32;
+    let ino: u64;
+    if iflags & l.s_dax != 0 {
+        let sb: u64 = M::read(inode, l.inode_sb);
+        dev = M::read(sb, l.sb_dev);
+        ino = M::read(inode, l.inode_ino);
+    } else {
+        let mode: u16 = M::read(inode, l.inode_mode);
+        if mode & S_IFMT != S_IFCHR || l.dax_major == 0 {
+            return;
+        }
+        let rdev: u32 = M::read(inode, l.inode_rdev);
+        if rdev >> 20 != l.dax_major {
+            return;
+        }
+        dev = rdev;
+        ino = 0;
+        flags |= ZAP_DEVDAX;
+    }
+    let mm: u64 = M::read(vma, l.vma_mm);
+    // The current task is untyped here (bpf_get_current_task): read it with the helper.
+    let task = unsafe { bpf_get_current_task() };
+    let cur_mm: u64 = Probe::read(task, l.task_mm);
+    if cur_mm == mm {
+        flags |= ZAP_OWN_MM;
+    } else if cur_mm == 0 {
+        flags |= ZAP_EXITING;
+    }
+    let mut owner_tgid = 0u32;
+    if l.mm_owner != 0 {
+        let owner: u64 = M::read(mm, l.mm_owner);
+        if owner != 0 {
+            owner_tgid = M::read(owner, l.task_tgid);
+        }
+    }
+    emit(ZapEvent {
+        hdr: header(EventKind::Zap, core::mem::size_of::<ZapEvent>()),
+        mm,
+        start,
+        end,
+        vm_start: M::read(vma, l.vma_start),
+        vm_end: M::read(vma, l.vma_end),
+        vm_pgoff: M::read(vma, l.vma_pgoff),
+        ino,
+        dev,
+        flags,
+        owner_tgid,
+        _pad: 0,
+    });
+}
+
+// ---- fork ---------------------------------------------------------------------------------
+
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn fork_btf(ctx: BtfTracePointContext) -> u32 {
+    fork::<Direct>(ctx.arg(1));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn fork_raw(ctx: RawTracePointContext) -> i32 {
+    fork::<Probe>(ctx.arg(1));
+    0
+}
+
+#[inline(always)]
+fn fork<M: Mem>(child: u64) {
+    let l = layout();
+    if l.ready == 0 {
+        return;
+    }
+    // The tracepoint runs in the parent.
+    let parent_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !watched(parent_tgid) {
+        return;
+    }
+    let child_tgid: u32 = M::read(child, l.task_tgid);
+    if child_tgid == parent_tgid {
+        return; // a thread: same address space
+    }
+    watch(child_tgid);
+    emit(ForkEvent {
+        hdr: header(EventKind::Fork, core::mem::size_of::<ForkEvent>()),
+        child_tgid,
+        child_tid: M::read(child, l.task_pid),
+        child_mm: M::read(child, l.task_mm),
+    });
+}
+
+// ---- mremap -------------------------------------------------------------------------------
+
+/// `__x64_sys_mremap(const struct pt_regs *regs)` returning the new address or -errno.
+#[fexit(function = "__x64_sys_mremap")]
+pub fn mremap_exit(ctx: FExitContext) -> u32 {
+    let l = layout();
+    if l.ready == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !watched(tgid) {
+        return 0;
+    }
+    let ret: i64 = ctx.arg(1);
+    if ret < 0 {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    emit(MremapEvent {
+        hdr: header(EventKind::Mremap, core::mem::size_of::<MremapEvent>()),
+        old_addr: Direct::read(regs, l.regs_arg[0]),
+        old_len: Direct::read(regs, l.regs_arg[1]),
+        new_len: Direct::read(regs, l.regs_arg[2]),
+        flags: Direct::read(regs, l.regs_arg[3]),
+        new_addr: ret as u64,
+    });
+    0
+}

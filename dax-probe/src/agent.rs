@@ -1,0 +1,417 @@
+//! The running agent: kernel events in, the live holder map kept exact, answers out.
+//!
+//! One loop owns all state (topology, holder map, counters). Records arrive from the reader
+//! thread; each is decoded, applied to the map and handed to the output sink (monitor text,
+//! JSON, TUI). The control socket is served from the same loop after a reader sync, so an
+//! answer includes every event the kernel emitted before the question. A reconcile against
+//! procfs runs periodically and right after the kernel reported lost events.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use dax_probe_common::Counter;
+use serde::Serialize;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    control::{self, AgentStats, Request, Response},
+    event::Event,
+    exit::{Code, Failure},
+    holders::{
+        Applier,
+        query::{name_files, rows, select},
+        scan::LiveProc,
+    },
+    privilege,
+    probe::{
+        KernelSource, Session,
+        decode::{DecodeError, Decoder},
+    },
+    proc::pagemap::PagemapLookup,
+    topology::Topology,
+};
+
+pub struct Options {
+    pub ring_bytes: u32,
+    /// Keep running even when no DAX device exists yet.
+    pub wait: bool,
+    /// Serve the control socket here (None: no socket).
+    pub socket: Option<PathBuf>,
+    /// Reconcile with procfs this often.
+    pub reconcile: Duration,
+}
+
+/// A reconcile's outcome, reported like an event.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Reconcile {
+    /// Pages the kernel maps that the map lacked.
+    pub missing: u64,
+    /// Pages in the map the kernel no longer maps.
+    pub extra: u64,
+    pub holders: usize,
+    pub reason: &'static str,
+}
+
+/// What the sink receives.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Output {
+    Event(Event),
+    Reconcile(ReconcileLine),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReconcileLine {
+    pub r#type: &'static str,
+    #[serde(flatten)]
+    pub reconcile: Reconcile,
+}
+
+/// Totals for the final summary.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    pub r#type: &'static str,
+    pub events: u64,
+    pub faults: u64,
+    /// Lost in the kernel: ring buffer full.
+    pub dropped: u64,
+    /// Records the agent could not decode.
+    pub undecodable: u64,
+    /// Kernel reads that failed (fields zeroed).
+    pub kernel_read_errors: u64,
+    /// Faults the kernel programs saw.
+    pub faults_seen_by_kernel: u64,
+    pub holders: usize,
+    pub holder_pages: u64,
+    pub drift_missing: u64,
+    pub drift_extra: u64,
+    pub reconciles: u64,
+    pub duration_s: f64,
+}
+
+pub struct Agent {
+    pub session: Session,
+    pub topology: Topology,
+    pub applier: Applier,
+    root: PathBuf,
+    last_topology: Instant,
+    started: Instant,
+    summary: Summary,
+    last_dropped: u64,
+    listener: Option<(UnixListener, PathBuf)>,
+    reconcile_every: Duration,
+}
+
+impl Agent {
+    /// Checks privileges and devices, attaches, scans existing holders and opens the socket.
+    pub fn start(src: &KernelSource, opts: &Options) -> anyhow::Result<Self> {
+        if !privilege::can_trace() {
+            return Err(Failure::new(
+                Code::NoPermission,
+                "the agent needs root (or CAP_BPF with CAP_PERFMON and CAP_SYS_ADMIN for \
+                 page tables) to load eBPF programs: run it with sudo",
+            )
+            .into());
+        }
+        let topology = Topology::read(&src.root);
+        if !topology.has_dax() {
+            let msg = "no DAX device present: no fsdax/devdax pmem namespace and no file \
+                       system mounted with -o dax";
+            if !opts.wait {
+                return Err(Failure::new(
+                    Code::NoInput,
+                    format!("{msg}; pass --wait to monitor anyway (devices added later are seen)"),
+                )
+                .into());
+            }
+            eprintln!("dax-probe: warning: {msg}; waiting for one");
+        }
+        let listener = match &opts.socket {
+            Some(p) => Some((bind(p)?, p.clone())),
+            None => None,
+        };
+        let session = Session::start(src, opts.ring_bytes)?;
+        let mut agent = Self {
+            session,
+            topology,
+            applier: Applier::new(Box::new(LiveProc::new(&src.root))),
+            root: src.root.clone(),
+            last_topology: Instant::now(),
+            started: Instant::now(),
+            summary: Summary {
+                r#type: "summary",
+                ..Default::default()
+            },
+            last_dropped: 0,
+            listener,
+            reconcile_every: opts.reconcile,
+        };
+        // Mappings made before we attached: programs are live first, so nothing that
+        // happens during the scan is lost (its events are applied on top).
+        agent.applier.reconcile(&agent.topology);
+        agent.applier.stats = Default::default();
+        agent.push_watch();
+        Ok(agent)
+    }
+
+    fn push_watch(&mut self) {
+        let w = self.applier.take_watch_changes();
+        for t in w.add {
+            self.session.watched.add(t);
+        }
+        for t in w.remove {
+            self.session.watched.remove(t);
+        }
+    }
+
+    fn refresh_topology(&mut self) {
+        if self.last_topology.elapsed() > Duration::from_secs(1) {
+            self.topology = Topology::read(&self.root);
+            self.last_topology = Instant::now();
+        }
+    }
+
+    fn decode(&self, rec: &[u8]) -> Result<Event, DecodeError> {
+        Decoder {
+            topology: &self.topology,
+            lookup: PagemapLookup,
+        }
+        .decode(rec)
+    }
+
+    /// Decodes and applies one record; returns the event for the outputs.
+    pub fn handle(&mut self, rec: &[u8]) -> Option<Event> {
+        let mut ev = match self.decode(rec) {
+            Ok(e) => e,
+            Err(e) => {
+                self.summary.undecodable += 1;
+                log::warn!("{e}");
+                return None;
+            }
+        };
+        // A pfn outside every known device: the topology may have changed (namespace
+        // reconfigured, device hot-added). Re-read it (at most once a second) and retry.
+        if let Event::Fault(f) = &ev
+            && f.pfn.is_some()
+            && f.device.is_none()
+        {
+            self.refresh_topology();
+            if let Ok(again) = self.decode(rec) {
+                ev = again;
+            }
+        }
+        self.summary.events += 1;
+        if matches!(ev, Event::Fault(_)) {
+            self.summary.faults += 1;
+        }
+        self.applier.apply(&ev, &self.topology);
+        self.push_watch();
+        Some(ev)
+    }
+
+    /// Drains everything already queued.
+    fn drain(&mut self, out: &mut dyn FnMut(Output) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        while let Ok(rec) = self.session.records.try_recv() {
+            if let Some(ev) = self.handle(&rec) {
+                out(Output::Event(ev))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn reconcile(
+        &mut self,
+        reason: &'static str,
+        out: &mut dyn FnMut(Output) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        self.refresh_topology();
+        let (missing, extra) = self.applier.reconcile(&self.topology);
+        self.push_watch();
+        if missing + extra > 0 || reason != "periodic" {
+            out(Output::Reconcile(ReconcileLine {
+                r#type: "reconcile",
+                reconcile: Reconcile {
+                    missing,
+                    extra,
+                    holders: self.applier.map.holder_count(),
+                    reason,
+                },
+            }))?;
+        }
+        Ok(())
+    }
+
+    /// Runs until Ctrl-C, SIGTERM or `duration`; every event and reconcile goes to `out`.
+    pub async fn run(
+        &mut self,
+        duration: Option<Duration>,
+        out: &mut dyn FnMut(Output) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+        let sleep_until = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(sleep_until);
+        let mut tick = tokio::time::interval(self.reconcile_every);
+        tick.tick().await; // the start-up scan just ran
+        let mut drops = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                rec = self.session.records.recv() => {
+                    let Some(rec) = rec else { break };
+                    if let Some(ev) = self.handle(&rec) {
+                        out(Output::Event(ev))?;
+                    }
+                    self.drain(out)?;
+                }
+                conn = accept(&self.listener) => {
+                    if let Ok(stream) = conn {
+                        self.serve(stream, out).await;
+                    }
+                }
+                _ = tick.tick() => self.reconcile("periodic", out)?,
+                _ = drops.tick() => {
+                    // Lost events leave the map behind the kernel: repair at once.
+                    let dropped = self.session.counters.get(Counter::RingFull);
+                    if dropped > self.last_dropped {
+                        self.last_dropped = dropped;
+                        self.drain(out)?;
+                        self.reconcile("events lost", out)?;
+                    }
+                }
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = &mut sleep_until => break,
+            }
+        }
+        // Drain what the kernel submitted before we stopped, so counts are complete.
+        self.session.stop_reader();
+        self.drain(out)?;
+        Ok(())
+    }
+
+    async fn serve(
+        &mut self,
+        stream: tokio::net::UnixStream,
+        out: &mut dyn FnMut(Output) -> anyhow::Result<()>,
+    ) {
+        let (rd, mut wr) = stream.into_split();
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            BufReader::new(rd).read_line(&mut line),
+        )
+        .await;
+        let resp = match read {
+            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                Ok(req) => {
+                    // "Right now" includes everything the kernel already reported.
+                    self.session.sync();
+                    if let Err(e) = self.drain(out) {
+                        log::warn!("output failed: {e}");
+                    }
+                    self.answer(req)
+                }
+                Err(e) => Response {
+                    ok: false,
+                    error: Some(format!("bad request: {e}")),
+                    rows: Vec::new(),
+                    stats: None,
+                },
+            },
+            _ => return,
+        };
+        if let Ok(mut text) = serde_json::to_string(&resp) {
+            text.push('\n');
+            let _ = wr.write_all(text.as_bytes()).await;
+        }
+    }
+
+    fn answer(&mut self, req: Request) -> Response {
+        match req {
+            Request::Holders { target, pages } => {
+                let sel = select(&self.applier.map, &target);
+                let mut r = rows(&self.applier.map, &sel, pages);
+                name_files(&mut r, self.applier.procfs(), &self.topology);
+                Response {
+                    ok: true,
+                    error: None,
+                    rows: r,
+                    stats: Some(self.stats()),
+                }
+            }
+            Request::Stats => Response {
+                ok: true,
+                error: None,
+                rows: Vec::new(),
+                stats: Some(self.stats()),
+            },
+        }
+    }
+
+    pub fn stats(&self) -> AgentStats {
+        AgentStats {
+            holders: self.applier.map.holder_count(),
+            extents: self.applier.map.extent_count(),
+            map_bytes: self.applier.map.heap_bytes(),
+            events: self.summary.events,
+            dropped: self.session.counters.get(Counter::RingFull),
+            map: self.applier.stats.into(),
+        }
+    }
+
+    pub fn summary(&self) -> Summary {
+        let map = &self.applier.map;
+        Summary {
+            dropped: self.session.counters.get(Counter::RingFull),
+            kernel_read_errors: self.session.counters.get(Counter::ReadFailed),
+            faults_seen_by_kernel: self.session.counters.get(Counter::FaultsSeen),
+            holders: map.holder_count(),
+            holder_pages: map.holders().map(|(h, _)| map.pages_of(h)).sum(),
+            drift_missing: self.applier.stats.drift_missing,
+            drift_extra: self.applier.stats.drift_extra,
+            reconciles: self.applier.stats.reconciles,
+            duration_s: self.started.elapsed().as_secs_f64(),
+            ..self.summary.clone()
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some((_, p)) = &self.listener {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    control::prepare(path).map_err(|e| Failure::new(Code::Software, e.to_string()))?;
+    let l = UnixListener::bind(path).map_err(|e| {
+        Failure::new(
+            Code::Software,
+            format!("cannot listen on {}: {e}", path.display()),
+        )
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+async fn accept(l: &Option<(UnixListener, PathBuf)>) -> std::io::Result<tokio::net::UnixStream> {
+    match l {
+        Some((l, _)) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
