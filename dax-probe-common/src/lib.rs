@@ -157,6 +157,8 @@ pub const ZAP_OWN_MM: u32 = 1 << 0;
 pub const ZAP_EXITING: u32 = 1 << 1;
 /// `ZapEvent::flags`: a device-dax mapping (`dev` is the character device).
 pub const ZAP_DEVDAX: u32 = 1 << 2;
+/// `ZapEvent::flags`: copy-on-write: a private page now maps an anonymous copy.
+pub const ZAP_COW: u32 = 1 << 3;
 
 /// PTEs of `[start, end)` in a DAX vma of `mm` were torn down.
 #[repr(C)]

@@ -15,7 +15,7 @@ use aya_ebpf::{
     },
 };
 use dax_probe_common::{
-    EventKind, ForkEvent, MremapEvent, ZAP_DEVDAX, ZAP_EXITING, ZAP_OWN_MM, ZapEvent,
+    EventKind, ForkEvent, MremapEvent, ZAP_COW, ZAP_DEVDAX, ZAP_EXITING, ZAP_OWN_MM, ZapEvent,
 };
 
 use crate::{
@@ -29,14 +29,32 @@ use crate::{
 /// `unmap_page_range(tlb, vma, addr, end, details)`, 5.10 … 6.12.
 #[fentry(function = "unmap_page_range")]
 pub fn zap_unmap_page_range(ctx: FEntryContext) -> u32 {
-    zap::<Direct>(ctx.arg(1), ctx.arg(2), ctx.arg(3));
+    zap::<Direct>(ctx.arg(1), ctx.arg(2), ctx.arg(3), 0);
     0
 }
 
 /// `__zap_vma_range(tlb, vma, start, end, details)`, 7.x.
 #[fentry(function = "__zap_vma_range")]
 pub fn zap_zap_vma_range(ctx: FEntryContext) -> u32 {
-    zap::<Direct>(ctx.arg(1), ctx.arg(2), ctx.arg(3));
+    zap::<Direct>(ctx.arg(1), ctx.arg(2), ctx.arg(3), 0);
+    0
+}
+
+/// `wp_page_copy(vmf)` returned: a write to a private mapping replaced the page by an
+/// anonymous copy. For a DAX vma that page no longer maps the device: reported as a
+/// one-page zap. Failed copies (OOM) leave the old page and are not reported.
+#[fexit(function = "wp_page_copy")]
+pub fn cow_exit(ctx: FExitContext) -> u32 {
+    const VM_FAULT_ERROR: u64 = 0x0001 | 0x0002 | 0x0010 | 0x0020 | 0x0040 | 0x0400;
+    let ret: u64 = ctx.arg(1);
+    if ret & VM_FAULT_ERROR != 0 {
+        return 0;
+    }
+    let l = layout();
+    let vmf: u64 = ctx.arg(0);
+    let vma: u64 = Direct::read(vmf, l.vmf_vma);
+    let addr: u64 = Direct::read::<u64>(vmf, l.vmf_address) & !0xfff;
+    zap::<Direct>(vma, addr, addr + 4096, ZAP_COW);
     0
 }
 
@@ -47,6 +65,7 @@ pub fn zap_kprobe(ctx: ProbeContext) -> u32 {
         ctx.arg(1).unwrap_or(0),
         ctx.arg(2).unwrap_or(0),
         ctx.arg(3).unwrap_or(0),
+        0,
     );
     0
 }
@@ -55,7 +74,7 @@ const S_IFMT: u16 = 0o170000;
 const S_IFCHR: u16 = 0o020000;
 
 #[inline(always)]
-fn zap<M: Mem>(vma: u64, start: u64, end: u64) {
+fn zap<M: Mem>(vma: u64, start: u64, end: u64, extra_flags: u32) {
     let l = layout();
     if l.ready == 0 || vma == 0 {
         return;
@@ -66,7 +85,7 @@ fn zap<M: Mem>(vma: u64, start: u64, end: u64) {
     }
     let inode: u64 = M::read(file, l.file_inode);
     let iflags: u32 = M::read(inode, l.inode_flags);
-    let mut flags = 0;
+    let mut flags = extra_flags;
     let dev: u32;
     let ino: u64;
     if iflags & l.s_dax != 0 {

@@ -79,6 +79,8 @@ pub struct Zap {
     pub own_mm: bool,
     /// The task doing it is exiting (exit or exec teardown).
     pub exiting: bool,
+    /// Copy-on-write of one private page (it now maps an anonymous copy).
+    pub cow: bool,
     /// `mm->owner`'s tgid where the kernel tracks it.
     pub owner_tgid: Option<u32>,
     #[serde(skip)]

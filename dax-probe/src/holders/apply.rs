@@ -78,15 +78,20 @@ impl Applier {
         self.map.holder(tgid, start, if comm.is_empty() { &c } else { comm })
     }
 
-    /// Drops holders left with no page, and unwatches them.
+    /// Drops holders left with no page. The kernel keeps watching a process that is still
+    /// alive (it may fault again and fork: a stale "unwatch" would hide that fork); only a
+    /// process that is gone is unwatched.
     fn gc(&mut self, h: HolderId) {
         if self.map.pages_of(h) == 0
             && let Some(info) = self.map.info(h)
         {
-            let tgid = info.tgid;
+            let (tgid, start) = (info.tgid, info.start_time);
             self.map.remove_holder(h);
-            self.mm_owner.retain(|_, t| *t != tgid);
-            self.watch.remove.push(tgid);
+            let alive = self.proc.stat(tgid).is_some_and(|(s, _)| s == start || start == 0);
+            if !alive {
+                self.mm_owner.retain(|_, t| *t != tgid);
+                self.watch.remove.push(tgid);
+            }
         }
     }
 
@@ -197,20 +202,19 @@ impl Applier {
         }
     }
 
+    /// The kernel reports forks of watched processes only. The parent may have no pages
+    /// left by the time we get here (later events already applied), but the child's copies
+    /// were made at fork time: always read the child.
     fn fork(&mut self, f: &Fork, topo: &Topology) {
         if f.child_mm != 0 {
             self.mm_owner.insert(f.child_mm, f.child_tgid);
         }
-        if self.map.holder_of(f.parent_tgid).is_none() {
-            return;
-        }
         self.resync_process(f.child_tgid, topo);
     }
 
+    /// The source range was zapped (removed already); the pages now live at the new range.
     fn mremap(&mut self, m: &Mremap, topo: &Topology) {
-        let Some(h) = self.map.holder_of(m.tgid) else {
-            return;
-        };
+        let h = self.holder(m.tgid, &m.comm);
         let s = m.new_addr >> 12;
         let e = (m.new_addr + m.new_len).div_ceil(4096);
         self.resync(h, m.tgid, s, e, topo);

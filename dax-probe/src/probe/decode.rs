@@ -2,7 +2,8 @@
 
 use dax_probe_common::{
     DAX_ENTRY_ZERO_PAGE, Event as RawEvent, EventKind, FAULT_DEVDAX, FAULT_FLAG_WRITE,
-    FAULT_PFN_VALID, FaultEvent, ForkEvent, MremapEvent, ZAP_DEVDAX, ZAP_EXITING, ZAP_OWN_MM,
+    FAULT_PFN_VALID, FaultEvent, ForkEvent, MremapEvent, ZAP_COW, ZAP_DEVDAX, ZAP_EXITING,
+    ZAP_OWN_MM,
     ZapEvent, header_of,
 };
 
@@ -162,6 +163,7 @@ fn zap(z: &ZapEvent) -> Zap {
         devdax: z.flags & ZAP_DEVDAX != 0,
         own_mm: z.flags & ZAP_OWN_MM != 0,
         exiting: z.flags & ZAP_EXITING != 0,
+        cow: z.flags & ZAP_COW != 0,
         owner_tgid: (z.owner_tgid != 0).then_some(z.owner_tgid),
         mm: z.mm,
     }

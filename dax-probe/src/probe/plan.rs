@@ -25,16 +25,19 @@ pub enum Concern {
     Fork,
     /// A holder moved a mapping with mremap.
     Mremap,
+    /// A write to a private DAX mapping replaced a page by an anonymous copy.
+    Cow,
 }
 
 impl Concern {
-    pub const ALL: [Concern; 6] = [
+    pub const ALL: [Concern; 7] = [
         Concern::FaultDone,
         Concern::FaultPfn,
         Concern::DevdaxFault,
         Concern::Zap,
         Concern::Fork,
         Concern::Mremap,
+        Concern::Cow,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +48,7 @@ impl Concern {
             Concern::Zap => "PTE teardown",
             Concern::Fork => "fork",
             Concern::Mremap => "mremap",
+            Concern::Cow => "copy-on-write",
         }
     }
 
@@ -251,6 +255,16 @@ pub const CANDIDATES: &[Candidate] = &[
         Mremap,
         "userspace periodic pagemap reconcile",
         "notices moved mappings at the next reconcile",
+    ),
+    probes(
+        Cow,
+        "fexit wp_page_copy",
+        &[attach("cow_exit", FExit, "wp_page_copy")],
+    ),
+    fallback(
+        Cow,
+        "userspace periodic pagemap reconcile",
+        "notices private pages copied to RAM at the next reconcile",
     ),
 ];
 

@@ -162,8 +162,9 @@ pub fn format_output(o: &Output) -> String {
     match o {
         Output::Event(Event::Fault(f)) => format_fault(f),
         Output::Event(Event::Zap(z)) => format!(
-            "{} unmap {}/{} {:<15} dev={} ino={} addr={:#x}-{:#x} ({} pages){}",
+            "{} {} {}/{} {:<15} dev={} ino={} addr={:#x}-{:#x} ({} pages){}",
             stamp(z.ts_ns),
+            if z.cow { "cow  " } else { "unmap" },
             z.tgid,
             z.tid,
             z.comm,

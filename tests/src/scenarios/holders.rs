@@ -243,6 +243,10 @@ pub fn truncate(env: &Env, t: Target) -> Result<Checked> {
     let fh = std::fs::OpenOptions::new().write(true).open(&f)?;
     fh.set_len(4 * MIB)?;
     s.check("file truncated to half by another process")?;
+    // DAX truncate breaks every layout of the file (all its PTEs go); fault the remaining
+    // half back in so the hole punch has something to take away.
+    p.touch(a, 4 * MIB, false, 4096)?;
+    s.check("remaining half touched again")?;
     // SAFETY: valid fd; punching a hole keeps the size.
     let rc = unsafe {
         libc::fallocate(
