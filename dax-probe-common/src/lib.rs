@@ -70,6 +70,8 @@ pub enum Counter {
     FaultWithoutPfn = 2,
     /// Faults seen by the fault-done hook, emitted or not.
     FaultsSeen = 3,
+    /// Events of every kind the programs tried to emit (delivered + dropped).
+    Attempted = 4,
 }
 
 pub const COUNTER_SLOTS: u32 = 8;

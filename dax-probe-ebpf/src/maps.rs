@@ -73,6 +73,10 @@ pub struct DevdaxStash {
 #[map(name = "DEVDAX_STASH")]
 pub static DEVDAX_STASH: HashMap<u32, DevdaxStash> = HashMap::with_max_entries(4096, 0);
 
+/// User registers of an mremap in flight, by thread id (kprobe fallback).
+#[map(name = "MREMAP_STASH")]
+pub static MREMAP_STASH: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
+
 /// Marks the current process as a DAX holder (cheap when it already is one).
 #[inline(always)]
 pub fn watch(tgid: u32) {
@@ -91,6 +95,7 @@ pub fn watched(tgid: u32) -> bool {
 /// Reserves, fills and submits one event; counts it as dropped if the ring is full.
 #[inline(always)]
 pub fn emit<T: 'static>(event: T) {
+    count(Counter::Attempted);
     match EVENTS.reserve::<T>(0) {
         Some(mut slot) => {
             slot.write(event);

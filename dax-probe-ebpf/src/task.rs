@@ -9,9 +9,10 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
-    macros::{btf_tracepoint, fentry, fexit, kprobe, raw_tracepoint},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, raw_tracepoint},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
+        RetProbeContext,
     },
 };
 use dax_probe_common::{
@@ -21,7 +22,7 @@ use dax_probe_common::{
 use crate::{
     fault::header,
     kernel::{Direct, Mem, Probe},
-    maps::{emit, layout, watch, watched},
+    maps::{MREMAP_STASH, emit, layout, watch, watched},
 };
 
 // ---- PTE teardown ---------------------------------------------------------------------------
@@ -38,6 +39,37 @@ pub fn zap_unmap_page_range(ctx: FEntryContext) -> u32 {
 pub fn zap_zap_vma_range(ctx: FEntryContext) -> u32 {
     zap::<Direct>(ctx.arg(1), ctx.arg(2), ctx.arg(3), 0);
     0
+}
+
+/// A new anonymous page is being mapped at `address` of `vma` (6.12+:
+/// `folio_add_new_anon_rmap`, older: `page_add_new_anon_rmap`; vma and address in the same
+/// positions). Where `wp_page_copy` is inlined (6.12, 7.x) this is how a copy-on-write of a
+/// private DAX page shows: the copy is made and about to replace the pmem page. Runs for
+/// every new anonymous page, so the first test (no file: plain anonymous memory) is cheap.
+#[fentry(function = "folio_add_new_anon_rmap")]
+pub fn cow_new_anon_folio(ctx: FEntryContext) -> u32 {
+    new_anon(ctx.arg(1), ctx.arg(2));
+    0
+}
+
+#[fentry(function = "page_add_new_anon_rmap")]
+pub fn cow_new_anon_page(ctx: FEntryContext) -> u32 {
+    new_anon(ctx.arg(1), ctx.arg(2));
+    0
+}
+
+#[inline(always)]
+fn new_anon(vma: u64, address: u64) {
+    let l = layout();
+    if l.ready == 0 || vma == 0 {
+        return;
+    }
+    let file: u64 = Direct::read(vma, l.vma_file);
+    if file == 0 {
+        return;
+    }
+    let addr = address & !0xfff;
+    zap::<Direct>(vma, addr, addr + 4096, ZAP_COW);
 }
 
 /// `wp_page_copy(vmf)` returned: a write to a private mapping replaced the page by an
@@ -180,26 +212,60 @@ fn fork<M: Mem>(child: u64) {
 /// `__x64_sys_mremap(const struct pt_regs *regs)` returning the new address or -errno.
 #[fexit(function = "__x64_sys_mremap")]
 pub fn mremap_exit(ctx: FExitContext) -> u32 {
+    mremap::<Direct>(ctx.arg(0), ctx.arg(1));
+    0
+}
+
+/// The same with helper reads of `regs` (5.10's verifier refuses direct loads through the
+/// syscall wrapper's `const struct pt_regs *`).
+#[fexit(function = "__x64_sys_mremap")]
+pub fn mremap_exit_probe(ctx: FExitContext) -> u32 {
+    mremap::<Probe>(ctx.arg(0), ctx.arg(1));
+    0
+}
+
+/// 5.10's BTF describes the syscall wrapper's `pt_regs` only as a forward declaration, so
+/// no fexit there: an entry probe remembers the user registers, the return probe reports.
+#[kprobe]
+pub fn mremap_entry_kprobe(ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if layout().ready == 0 || !watched(tgid) {
+        return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let regs: u64 = ctx.arg(0).unwrap_or(0);
+    let _ = MREMAP_STASH.insert(&tid, &regs, 0);
+    0
+}
+
+#[kretprobe]
+pub fn mremap_exit_kretprobe(ctx: RetProbeContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: copied out before the remove.
+    let Some(regs) = (unsafe { MREMAP_STASH.get(&tid) }).copied() else {
+        return 0;
+    };
+    let _ = MREMAP_STASH.remove(&tid);
+    mremap::<Probe>(regs, ctx.ret());
+    0
+}
+
+#[inline(always)]
+fn mremap<M: Mem>(regs: u64, ret: i64) {
     let l = layout();
     if l.ready == 0 {
-        return 0;
+        return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !watched(tgid) {
-        return 0;
+    if !watched(tgid) || ret < 0 {
+        return;
     }
-    let ret: i64 = ctx.arg(1);
-    if ret < 0 {
-        return 0;
-    }
-    let regs: u64 = ctx.arg(0);
     emit(MremapEvent {
         hdr: header(EventKind::Mremap, core::mem::size_of::<MremapEvent>()),
-        old_addr: Direct::read(regs, l.regs_arg[0]),
-        old_len: Direct::read(regs, l.regs_arg[1]),
-        new_len: Direct::read(regs, l.regs_arg[2]),
-        flags: Direct::read(regs, l.regs_arg[3]),
+        old_addr: M::read(regs, l.regs_arg[0]),
+        old_len: M::read(regs, l.regs_arg[1]),
+        new_len: M::read(regs, l.regs_arg[2]),
+        flags: M::read(regs, l.regs_arg[3]),
         new_addr: ret as u64,
     });
-    0
 }

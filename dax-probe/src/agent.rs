@@ -87,6 +87,8 @@ pub struct Summary {
     pub kernel_read_errors: u64,
     /// Faults the kernel programs saw.
     pub faults_seen_by_kernel: u64,
+    /// Events of every kind the kernel programs tried to emit: delivered + dropped.
+    pub events_attempted_by_kernel: u64,
     pub holders: usize,
     pub holder_pages: u64,
     pub drift_missing: u64,
@@ -265,7 +267,7 @@ impl Agent {
         tokio::pin!(sleep_until);
         let mut tick = tokio::time::interval(self.reconcile_every);
         tick.tick().await; // the start-up scan just ran
-        let mut drops = tokio::time::interval(Duration::from_millis(500));
+        let mut drops = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
                 rec = self.session.records.recv() => {
@@ -281,15 +283,7 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => self.reconcile("periodic", out)?,
-                _ = drops.tick() => {
-                    // Lost events leave the map behind the kernel: repair at once.
-                    let dropped = self.session.counters.get(Counter::RingFull);
-                    if dropped > self.last_dropped {
-                        self.last_dropped = dropped;
-                        self.drain(out)?;
-                        self.reconcile("events lost", out)?;
-                    }
-                }
+                _ = drops.tick() => self.repair_after_drops(out)?,
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = &mut sleep_until => break,
@@ -298,6 +292,21 @@ impl Agent {
         // Drain what the kernel submitted before we stopped, so counts are complete.
         self.session.stop_reader();
         self.drain(out)?;
+        self.repair_after_drops(out)?;
+        Ok(())
+    }
+
+    /// Lost events leave the map behind the kernel: repair at once.
+    fn repair_after_drops(
+        &mut self,
+        out: &mut dyn FnMut(Output) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let dropped = self.session.counters.get(Counter::RingFull);
+        if dropped > self.last_dropped {
+            self.last_dropped = dropped;
+            self.drain(out)?;
+            self.reconcile("events lost", out)?;
+        }
         Ok(())
     }
 
@@ -377,6 +386,7 @@ impl Agent {
             dropped: self.session.counters.get(Counter::RingFull),
             kernel_read_errors: self.session.counters.get(Counter::ReadFailed),
             faults_seen_by_kernel: self.session.counters.get(Counter::FaultsSeen),
+            events_attempted_by_kernel: self.session.counters.get(Counter::Attempted),
             holders: map.holder_count(),
             holder_pages: map.holders().map(|(h, _)| map.pages_of(h)).sum(),
             drift_missing: self.applier.stats.drift_missing,

@@ -63,8 +63,9 @@ pub fn run(opts: &Options) -> Result<()> {
             kernel: &kernel,
             initrd,
             append: format!(
-                "daxprobe.mode=test daxprobe.scenario={}",
-                opts.scenario.as_deref().unwrap_or("all")
+                "daxprobe.mode=test daxprobe.scenario={} daxprobe.verbose={}",
+                opts.scenario.as_deref().unwrap_or("all"),
+                u8::from(opts.verbose)
             ),
             nvdimms: 3,
             timeout: Duration::from_secs(25 * 60),

@@ -251,6 +251,19 @@ pub const CANDIDATES: &[Candidate] = &[
         "fexit __x64_sys_mremap",
         &[attach("mremap_exit", FExit, "__x64_sys_mremap")],
     ),
+    probes(
+        Mremap,
+        "fexit __x64_sys_mremap (helper reads)",
+        &[attach("mremap_exit_probe", FExit, "__x64_sys_mremap")],
+    ),
+    probes(
+        Mremap,
+        "kprobe+kretprobe __x64_sys_mremap",
+        &[
+            attach("mremap_entry_kprobe", KProbe, "__x64_sys_mremap"),
+            attach("mremap_exit_kretprobe", KRetProbe, "__x64_sys_mremap"),
+        ],
+    ),
     fallback(
         Mremap,
         "userspace periodic pagemap reconcile",
@@ -260,6 +273,16 @@ pub const CANDIDATES: &[Candidate] = &[
         Cow,
         "fexit wp_page_copy",
         &[attach("cow_exit", FExit, "wp_page_copy")],
+    ),
+    probes(
+        Cow,
+        "fentry folio_add_new_anon_rmap",
+        &[attach("cow_new_anon_folio", FEntry, "folio_add_new_anon_rmap")],
+    ),
+    probes(
+        Cow,
+        "fentry page_add_new_anon_rmap",
+        &[attach("cow_new_anon_page", FEntry, "page_add_new_anon_rmap")],
     ),
     fallback(
         Cow,

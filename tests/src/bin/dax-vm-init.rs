@@ -154,6 +154,14 @@ fn setup(cmdline: &str) -> Result<Env> {
 
 fn run_tests(env: &Env, cmdline: &str) {
     // What the agent makes of this kernel, for the host's report and the support matrix.
+    if cmdline_param(cmdline, "verbose").as_deref() == Some("1") {
+        // Verifier logs of anything that failed to load.
+        if let Ok((_, _, err)) = agent::run_once(&["doctor", "-vv"]) {
+            for l in err.lines().filter(|l| !l.contains("DEBUG] relocat") && !l.contains("callee")) {
+                println!("[doctor] {l}");
+            }
+        }
+    }
     match agent::run_once(&["doctor"]) {
         Ok((code, out, err)) => {
             println!("{out}{err}");
