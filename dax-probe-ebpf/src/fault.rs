@@ -28,9 +28,7 @@ use dax_probe_common::{
 
 use crate::{
     kernel::{Direct, Mem, Probe},
-    maps::{
-        DEVDAX_STASH, DevdaxStash, INSERT_STASH, InsertStash, count, emit, layout, watch,
-    },
+    maps::{DEVDAX_STASH, DevdaxStash, INSERT_STASH, InsertStash, count, emit, layout, watch},
 };
 
 /// The common header for an event about the current task.
@@ -200,7 +198,7 @@ pub fn devdax_fault_entry(ctx: ProbeContext) -> u32 {
         vmf: ctx.arg(0).unwrap_or(0),
         size: ctx.arg(1).unwrap_or(0),
     };
-    let _ = DEVDAX_STASH.insert(&tid, &stash, 0);
+    let _ = DEVDAX_STASH.insert(tid, stash, 0);
     0
 }
 
@@ -212,10 +210,10 @@ pub fn devdax_fault_exit(ctx: RetProbeContext) -> u32 {
     }
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: copied out before the remove.
-    let Some(stash) = (unsafe { DEVDAX_STASH.get(&tid) }).copied() else {
+    let Some(stash) = (unsafe { DEVDAX_STASH.get(tid) }).copied() else {
         return 0;
     };
-    let _ = DEVDAX_STASH.remove(&tid);
+    let _ = DEVDAX_STASH.remove(tid);
     count(Counter::FaultsSeen);
     let (flags, shift) = match (l.devdax_size_is_enum != 0, stash.size) {
         (true, 1) | (false, 9) => (FAULT_DEVDAX | FAULT_PMD, 21),

@@ -81,15 +81,15 @@ pub static MREMAP_STASH: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
 #[inline(always)]
 pub fn watch(tgid: u32) {
     // SAFETY: read-only peek at a plain value.
-    if unsafe { WATCHED.get(&tgid) }.is_none() {
-        let _ = WATCHED.insert(&tgid, &1, 0);
+    if unsafe { WATCHED.get(tgid) }.is_none() {
+        let _ = WATCHED.insert(tgid, 1, 0);
     }
 }
 
 #[inline(always)]
 pub fn watched(tgid: u32) -> bool {
     // SAFETY: read-only peek at a plain value.
-    unsafe { WATCHED.get(&tgid) }.is_some()
+    unsafe { WATCHED.get(tgid) }.is_some()
 }
 
 /// Reserves, fills and submits one event; counts it as dropped if the ring is full.

@@ -234,7 +234,7 @@ pub fn mremap_entry_kprobe(ctx: ProbeContext) -> u32 {
     }
     let tid = bpf_get_current_pid_tgid() as u32;
     let regs: u64 = ctx.arg(0).unwrap_or(0);
-    let _ = MREMAP_STASH.insert(&tid, &regs, 0);
+    let _ = MREMAP_STASH.insert(tid, regs, 0);
     0
 }
 
@@ -242,10 +242,10 @@ pub fn mremap_entry_kprobe(ctx: ProbeContext) -> u32 {
 pub fn mremap_exit_kretprobe(ctx: RetProbeContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: copied out before the remove.
-    let Some(regs) = (unsafe { MREMAP_STASH.get(&tid) }).copied() else {
+    let Some(regs) = (unsafe { MREMAP_STASH.get(tid) }).copied() else {
         return 0;
     };
-    let _ = MREMAP_STASH.remove(&tid);
+    let _ = MREMAP_STASH.remove(tid);
     mremap::<Probe>(regs, ctx.ret());
     0
 }

@@ -25,7 +25,7 @@ use crate::{
     exit::{Code, Failure},
     holders::{
         Applier,
-        query::{name_files, rows, select},
+        query::{resolve, rows, select},
         scan::LiveProc,
     },
     privilege,
@@ -325,19 +325,17 @@ impl Agent {
         let resp = match read {
             Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
                 Ok(req) => {
+                    let t = Instant::now();
                     // "Right now" includes everything the kernel already reported.
                     self.session.sync();
                     if let Err(e) = self.drain(out) {
                         log::warn!("output failed: {e}");
                     }
-                    self.answer(req)
+                    let mut r = self.answer(req);
+                    r.elapsed_us = t.elapsed().as_micros() as u64;
+                    r
                 }
-                Err(e) => Response {
-                    ok: false,
-                    error: Some(format!("bad request: {e}")),
-                    rows: Vec::new(),
-                    stats: None,
-                },
+                Err(e) => Response::error(None, format!("bad request: {e}")),
             },
             _ => return,
         };
@@ -350,22 +348,29 @@ impl Agent {
     fn answer(&mut self, req: Request) -> Response {
         match req {
             Request::Holders { target, pages } => {
+                self.refresh_topology();
+                let target = match resolve(&target, &self.topology, &self.root) {
+                    Ok(t) => t,
+                    Err(e) => return Response::error(Some(Code::NoInput as i32), e.to_string()),
+                };
                 let sel = select(&self.applier.map, &target);
                 let mut r = rows(&self.applier.map, &sel, pages);
-                name_files(&mut r, self.applier.procfs(), &self.topology);
+                self.applier.name_files(&mut r, &self.topology);
                 Response {
                     ok: true,
                     error: None,
                     rows: r,
                     stats: Some(self.stats()),
+                    elapsed_us: 0,
+                    target: Some(target),
+                    code: None,
                 }
             }
             Request::Stats => Response {
-                ok: true,
-                error: None,
-                rows: Vec::new(),
                 stats: Some(self.stats()),
-            },
+                ..Response::error(None, String::new())
+            }
+            .ok(),
         }
     }
 

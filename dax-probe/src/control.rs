@@ -13,15 +13,22 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::holders::{Stats, query::{HolderRow, Target}};
+use crate::holders::{
+    Stats,
+    query::{HolderRow, Target},
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/dax-probe/agent.sock";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// Holders of a target; `pages` adds every extent.
-    Holders { target: Target, pages: bool },
+    /// Holders of a target as the operator typed it (the agent resolves it against its own
+    /// topology); `pages` adds every extent.
+    Holders {
+        target: String,
+        pages: bool,
+    },
     Stats,
 }
 
@@ -34,6 +41,35 @@ pub struct Response {
     pub rows: Vec<HolderRow>,
     #[serde(default)]
     pub stats: Option<AgentStats>,
+    /// Time the agent spent answering (sync with the kernel included), microseconds.
+    #[serde(default)]
+    pub elapsed_us: u64,
+    /// The resolved target.
+    #[serde(default)]
+    pub target: Option<Target>,
+    /// For a refusal: the exit code the CLI should use.
+    #[serde(default)]
+    pub code: Option<i32>,
+}
+
+impl Response {
+    pub fn ok(mut self) -> Self {
+        self.ok = true;
+        self.error = None;
+        self
+    }
+
+    pub fn error(code: Option<i32>, msg: String) -> Self {
+        Self {
+            ok: false,
+            error: Some(msg),
+            rows: Vec::new(),
+            stats: None,
+            elapsed_us: 0,
+            target: None,
+            code,
+        }
+    }
 }
 
 /// What the agent reports about itself.

@@ -7,8 +7,8 @@
 pub mod agent;
 pub mod control;
 pub mod event;
-pub mod holders;
 pub mod exit;
+pub mod holders;
 pub mod privilege;
 pub mod probe;
 pub mod proc;

@@ -155,7 +155,8 @@ pub fn make_devdax(region: &str) -> Result<Devdax> {
                         .unwrap_or(false)
                 })
         });
-        name.as_ref().is_some_and(|n| Path::new(&format!("/dev/{n}")).exists())
+        name.as_ref()
+            .is_some_and(|n| Path::new(&format!("/dev/{n}")).exists())
     });
     let name = name.with_context(|| format!("{seed} bound but no /dev/dax device appeared"))?;
     let dir = format!("/sys/bus/dax/devices/{name}");

@@ -108,7 +108,10 @@ impl Puppet {
     /// Forks a child that keeps the mappings and idles; returns its pid.
     pub fn fork(&mut self) -> Result<u32> {
         let v = self.cmd("fork")?;
-        v["child"].as_u64().map(|p| p as u32).context("fork reply without child")
+        v["child"]
+            .as_u64()
+            .map(|p| p as u32)
+            .context("fork reply without child")
     }
 
     /// Ends a forked child and reaps it.

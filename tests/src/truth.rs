@@ -25,7 +25,9 @@ impl DaxSpace {
         self.pfn_ranges.iter().any(|&(s, e)| pfn >= s && pfn < e)
     }
     fn is_dax_path(&self, path: &str) -> bool {
-        self.path_prefixes.iter().any(|p| path.starts_with(p.as_str()))
+        self.path_prefixes
+            .iter()
+            .any(|p| path.starts_with(p.as_str()))
     }
 }
 
@@ -45,9 +47,13 @@ pub fn kernel_pages(space: &DaxSpace) -> Result<BTreeSet<Page>> {
             if !space.is_dax_path(path) {
                 continue;
             }
-            let Some((s, e)) = f[0].split_once('-') else { continue };
+            let Some((s, e)) = f[0].split_once('-') else {
+                continue;
+            };
             let (s, e) = (u64::from_str_radix(s, 16)?, u64::from_str_radix(e, 16)?);
-            let Ok(pfns) = pagemap::pfns(pid, s, e - s) else { continue };
+            let Ok(pfns) = pagemap::pfns(pid, s, e - s) else {
+                continue;
+            };
             for (i, p) in pfns.iter().enumerate() {
                 if let Some(pfn) = p
                     && space.on_device(*pfn)
@@ -137,10 +143,22 @@ pub fn step(label: &str, space: &DaxSpace) -> Result<Step> {
     let example = kernel
         .difference(&monitor)
         .next()
-        .map(|p| format!("kernel maps pid {} page {:#x} -> pfn {:#x}, monitor does not", p.0, p.1 << 12, p.2))
+        .map(|p| {
+            format!(
+                "kernel maps pid {} page {:#x} -> pfn {:#x}, monitor does not",
+                p.0,
+                p.1 << 12,
+                p.2
+            )
+        })
         .or_else(|| {
             monitor.difference(&kernel).next().map(|p| {
-                format!("monitor claims pid {} page {:#x} -> pfn {:#x}, kernel does not", p.0, p.1 << 12, p.2)
+                format!(
+                    "monitor claims pid {} page {:#x} -> pfn {:#x}, kernel does not",
+                    p.0,
+                    p.1 << 12,
+                    p.2
+                )
             })
         });
     Ok(Step {

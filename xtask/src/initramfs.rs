@@ -184,8 +184,8 @@ pub fn payload(release_bin: &Path) -> Result<Vec<u8>> {
         &fs::read("/bin/busybox").context("/bin/busybox")?,
     );
     c.symlink("bin/sh", "busybox");
-    for tool in ["mkfs.ext4", "mkfs.xfs"] {
-        let host = ["/sbin", "/usr/sbin"]
+    for tool in ["mkfs.ext4", "mkfs.xfs", "fuser"] {
+        let host = ["/sbin", "/usr/sbin", "/bin", "/usr/bin"]
             .iter()
             .map(|d| Path::new(d).join(tool))
             .find(|p| p.is_file())

@@ -71,6 +71,11 @@ enum BenchCmd {
         #[arg(long, default_value = "6.12")]
         kernel: String,
     },
+    /// Holder map memory/speed (host) and `holders` vs `fuser` with 500 processes (VM).
+    Holders {
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +123,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Vm { kernel } => demo::shell(&kernel, v),
         Cmd::Bench { which } => match which {
             BenchCmd::FaultOverhead { kernel } => bench::fault_overhead(&kernel, v),
+            BenchCmd::Holders { kernel } => bench::holders(&kernel, v),
         },
     }
 }

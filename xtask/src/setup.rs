@@ -27,6 +27,11 @@ const DEBIAN_TOOLS: &[(&str, &str, &str)] = &[
     ("xz", "xz-utils", "decompresses .ko.xz kernel modules"),
     ("dpkg-deb", "dpkg", "unpacks Debian kernel packages"),
     ("apt-get", "apt", "downloads Debian kernel packages"),
+    (
+        "fuser",
+        "psmisc",
+        "the holders benchmark compares with fuser -m",
+    ),
 ];
 
 #[derive(Default)]

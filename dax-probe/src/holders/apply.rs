@@ -16,7 +16,8 @@ use serde::Serialize;
 
 use super::{
     map::{F_HUGE, F_SHARED, F_WRITE, FileKey, HolderId, HolderMap, Run},
-    scan::{Classifier, Procfs, dax_vranges, runs_in},
+    query::HolderRow,
+    scan::{Classifier, Paths, Procfs, dax_vranges, runs_in},
 };
 use crate::{
     event::{Event, Fault, Fork, Mremap, Zap},
@@ -50,6 +51,8 @@ pub struct Applier {
     proc: Box<dyn Procfs>,
     /// Kernel address space → process, learned from events.
     mm_owner: HashMap<u64, u32>,
+    /// Names of the files held, learned from maps once per file.
+    paths: Paths,
     watch: WatchChanges,
 }
 
@@ -60,6 +63,7 @@ impl Applier {
             stats: Stats::default(),
             proc,
             mm_owner: HashMap::new(),
+            paths: Paths::new(),
             watch: WatchChanges::default(),
         }
     }
@@ -75,7 +79,8 @@ impl Applier {
         }
         let (start, c) = self.proc.stat(tgid).unwrap_or((0, comm.to_string()));
         self.watch.add.push(tgid);
-        self.map.holder(tgid, start, if comm.is_empty() { &c } else { comm })
+        self.map
+            .holder(tgid, start, if comm.is_empty() { &c } else { comm })
     }
 
     /// Drops holders left with no page. The kernel keeps watching a process that is still
@@ -87,7 +92,10 @@ impl Applier {
         {
             let (tgid, start) = (info.tgid, info.start_time);
             self.map.remove_holder(h);
-            let alive = self.proc.stat(tgid).is_some_and(|(s, _)| s == start || start == 0);
+            let alive = self
+                .proc
+                .stat(tgid)
+                .is_some_and(|(s, _)| s == start || start == 0);
             if !alive {
                 self.mm_owner.retain(|_, t| *t != tgid);
                 self.watch.remove.push(tgid);
@@ -130,6 +138,9 @@ impl Applier {
                     dev: f.dev,
                     ino: f.ino,
                 };
+                if !self.paths.contains_key(&file) {
+                    self.learn_path(f.tgid, file, topo);
+                }
                 self.map.add(
                     h,
                     file,
@@ -225,7 +236,14 @@ impl Applier {
     fn resync(&mut self, h: HolderId, tgid: u32, vstart: u64, vend: u64, topo: &Topology) {
         self.stats.resyncs += 1;
         let class = Classifier { topology: topo };
-        match runs_in(self.proc.as_ref(), &class, tgid, vstart, vend) {
+        match runs_in(
+            self.proc.as_ref(),
+            &class,
+            tgid,
+            vstart,
+            vend,
+            &mut self.paths,
+        ) {
             Ok(runs) => {
                 self.map.replace_vrange(h, vstart, vend, &runs);
             }
@@ -239,8 +257,16 @@ impl Applier {
     pub fn resync_process(&mut self, tgid: u32, topo: &Topology) -> (u64, u64) {
         self.stats.resyncs += 1;
         let class = Classifier { topology: topo };
-        let runs = dax_vranges(self.proc.as_ref(), &class, tgid)
-            .and_then(|_| runs_in(self.proc.as_ref(), &class, tgid, 0, u64::MAX >> 12));
+        let runs = dax_vranges(self.proc.as_ref(), &class, tgid).and_then(|_| {
+            runs_in(
+                self.proc.as_ref(),
+                &class,
+                tgid,
+                0,
+                u64::MAX >> 12,
+                &mut self.paths,
+            )
+        });
         let drift = match runs {
             Ok(runs) => {
                 if runs.is_empty() && self.map.holder_of(tgid).is_none() {
@@ -292,6 +318,31 @@ impl Applier {
 impl Applier {
     pub fn procfs(&self) -> &dyn Procfs {
         self.proc.as_ref()
+    }
+
+    /// Names a file from a process that maps it (once per file).
+    fn learn_path(&mut self, tgid: u32, file: FileKey, topo: &Topology) {
+        let class = Classifier { topology: topo };
+        if let Ok(maps) = self.proc.maps(tgid)
+            && let Some(v) = maps.iter().find(|v| class.dax_file(v) == Some(file))
+        {
+            self.paths
+                .insert(file, v.path.trim_end_matches(" (deleted)").to_string());
+        }
+    }
+
+    /// Fills in file names: from what we learned, else from the holder's maps.
+    pub fn name_files(&mut self, rows: &mut [HolderRow], topo: &Topology) {
+        for r in rows {
+            let key = FileKey {
+                dev: r.dev,
+                ino: r.ino,
+            };
+            if !self.paths.contains_key(&key) {
+                self.learn_path(r.pid, key, topo);
+            }
+            r.file = self.paths.get(&key).cloned();
+        }
     }
 }
 

@@ -457,13 +457,20 @@ impl HolderMap {
     }
 
     /// (virtual page, pfn) of every page holder `h` maps in `[vstart, vend)`.
-    pub fn pages_in(&self, h: HolderId, vstart: u64, vend: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.holder_extents[h as usize].iter().flat_map(move |&idx| {
-            let e = self.extents[idx as usize];
-            let s = e.vpage.max(vstart);
-            let end = (e.vpage + e.npages()).min(vend);
-            (s..end.max(s)).map(move |v| (v, e.pfn + (v - e.vpage)))
-        })
+    pub fn pages_in(
+        &self,
+        h: HolderId,
+        vstart: u64,
+        vend: u64,
+    ) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.holder_extents[h as usize]
+            .iter()
+            .flat_map(move |&idx| {
+                let e = self.extents[idx as usize];
+                let s = e.vpage.max(vstart);
+                let end = (e.vpage + e.npages()).min(vend);
+                (s..end.max(s)).map(move |v| (v, e.pfn + (v - e.vpage)))
+            })
     }
 
     // ---- queries --------------------------------------------------------------------------
@@ -487,21 +494,36 @@ impl HolderMap {
     /// Every extent containing `pfn`: one per holder mapping (a holder mapping the page at
     /// two addresses appears twice).
     pub fn who_maps(&self, pfn: u64) -> Vec<ExtentView> {
-        let mut out = Vec::new();
-        let mut cur = self.chunks.get(&(pfn >> CHUNK_SHIFT)).copied().unwrap_or(NONE);
-        while cur != NONE {
-            let e = &self.extents[cur as usize];
-            if pfn >= e.pfn && pfn < e.pfn + e.npages() {
-                out.push(self.view(cur));
+        self.who_maps_iter(pfn).collect()
+    }
+
+    /// As [`Self::who_maps`], without allocating: one hash lookup and a walk of the pfn's
+    /// chunk list.
+    pub fn who_maps_iter(&self, pfn: u64) -> impl Iterator<Item = ExtentView> + '_ {
+        let mut cur = self
+            .chunks
+            .get(&(pfn >> CHUNK_SHIFT))
+            .copied()
+            .unwrap_or(NONE);
+        std::iter::from_fn(move || {
+            while cur != NONE {
+                let idx = cur;
+                let e = &self.extents[idx as usize];
+                cur = e.next;
+                if pfn >= e.pfn && pfn < e.pfn + e.npages() {
+                    return Some(self.view(idx));
+                }
             }
-            cur = e.next;
-        }
-        out
+            None
+        })
     }
 
     /// Every extent overlapping pfns `[start, end)`, clipped to it.
     pub fn in_pfn_range(&self, start: u64, end: u64) -> Vec<ExtentView> {
-        let (cs, ce) = (start >> CHUNK_SHIFT, (end + (1 << CHUNK_SHIFT) - 1) >> CHUNK_SHIFT);
+        let (cs, ce) = (
+            start >> CHUNK_SHIFT,
+            (end + (1 << CHUNK_SHIFT) - 1) >> CHUNK_SHIFT,
+        );
         let mut out = Vec::new();
         let mut visit = |head: u32| {
             let mut cur = head;
@@ -578,7 +600,10 @@ mod tests {
 
     fn file(ino: u64) -> FileKey {
         FileKey {
-            dev: DevId { major: 259, minor: 0 },
+            dev: DevId {
+                major: 259,
+                minor: 0,
+            },
             ino,
         }
     }
@@ -631,7 +656,11 @@ mod tests {
         m.add(b, file(1), run(0x7000, 0x5000, 8));
         // A reflinked second file mapping the same pfns.
         m.add(b, file(2), run(0x9000, 0x5000, 1));
-        let mut who: Vec<_> = m.who_maps(0x5000).iter().map(|v| (v.holder, v.file.ino)).collect();
+        let mut who: Vec<_> = m
+            .who_maps(0x5000)
+            .iter()
+            .map(|v| (v.holder, v.file.ino))
+            .collect();
         who.sort();
         assert_eq!(who, vec![(a, 1), (b, 1), (b, 2)]);
     }
@@ -661,7 +690,10 @@ mod tests {
         let h = m.holder(1, 1, "a");
         m.add(h, file(1), run(0x1000, 0x5000, 4));
         // Truth: pages 0..2 as before, page 3 gone, page 5 new.
-        let truth = [(file(1), run(0x1000, 0x5000, 3)), (file(1), run(0x1005, 0x5005, 1))];
+        let truth = [
+            (file(1), run(0x1000, 0x5000, 3)),
+            (file(1), run(0x1005, 0x5005, 1)),
+        ];
         let (missing, extra) = m.replace_vrange(h, 0x1000, 0x1010, &truth);
         assert_eq!((missing, extra), (1, 1));
         assert_eq!(m.pages_of(h), 4);
@@ -685,7 +717,10 @@ mod tests {
         m.add(h, file(1), run(0x1000, 0x5000, 100));
         let v = m.in_pfn_range(0x5010, 0x5020);
         assert_eq!(v.len(), 1);
-        assert_eq!((v[0].pfn, v[0].pages, v[0].vaddr), (0x5010, 16, 0x1010 << 12));
+        assert_eq!(
+            (v[0].pfn, v[0].pages, v[0].vaddr),
+            (0x5010, 16, 0x1010 << 12)
+        );
         assert!(m.in_pfn_range(0x6000, 0x7000).is_empty());
     }
 

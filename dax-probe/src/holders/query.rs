@@ -15,7 +15,11 @@ pub enum Target {
     /// Every DAX page of every device.
     All,
     /// A pmem/dax device: the pfns of its data range.
-    Device { name: String, first_pfn: u64, end_pfn: u64 },
+    Device {
+        name: String,
+        first_pfn: u64,
+        end_pfn: u64,
+    },
     /// One file (or one device-dax device as a file).
     File { path: String, dev: DevId, ino: u64 },
     /// A mounted DAX file system: every file on it.
@@ -150,7 +154,11 @@ pub fn select(map: &HolderMap, t: &Target) -> Vec<ExtentView> {
             };
             map.all().into_iter().filter(|v| v.file == key).collect()
         }
-        Target::Mount { dev, .. } => map.all().into_iter().filter(|v| v.file.dev == *dev).collect(),
+        Target::Mount { dev, .. } => map
+            .all()
+            .into_iter()
+            .filter(|v| v.file.dev == *dev)
+            .collect(),
     }
 }
 
@@ -226,22 +234,6 @@ pub fn rows(map: &HolderMap, extents: &[ExtentView], with_extents: bool) -> Vec<
         .collect()
 }
 
-/// Fills in file paths from each process's maps (best effort: a process may have gone).
-pub fn name_files(rows: &mut [HolderRow], proc: &dyn super::scan::Procfs, topo: &Topology) {
-    for r in rows {
-        let Ok(maps) = proc.maps(r.pid) else { continue };
-        let class = super::scan::Classifier { topology: topo };
-        r.file = maps
-            .iter()
-            .find(|v| {
-                class
-                    .dax_file(v)
-                    .is_some_and(|k| k.dev == r.dev && k.ino == r.ino)
-            })
-            .map(|v| v.path.clone());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,13 +254,22 @@ mod tests {
                     start: 0x1_0080_0000,
                     end: 0x1_2000_0000,
                 },
-                block: Some(("pmem0".into(), DevId { major: 259, minor: 0 })),
+                block: Some((
+                    "pmem0".into(),
+                    DevId {
+                        major: 259,
+                        minor: 0,
+                    },
+                )),
                 chardev: None,
                 align: Some(2 << 20),
                 enabled: true,
             }],
             mounts: vec![Mount {
-                dev: DevId { major: 259, minor: 0 },
+                dev: DevId {
+                    major: 259,
+                    minor: 0,
+                },
                 mount_point: "/mnt/ext4".into(),
                 fstype: "ext4".into(),
                 source: "/dev/pmem0".into(),
@@ -319,19 +320,34 @@ mod tests {
                 end: 0x1010
             }
         );
-        assert!(matches!(resolve("0x2000-0x1000", &t, root), Err(TargetError::BadPfn(_))));
-        assert!(matches!(resolve("0xzz", &t, root), Err(TargetError::BadPfn(_))));
+        assert!(matches!(
+            resolve("0x2000-0x1000", &t, root),
+            Err(TargetError::BadPfn(_))
+        ));
+        assert!(matches!(
+            resolve("0xzz", &t, root),
+            Err(TargetError::BadPfn(_))
+        ));
     }
 
     #[test]
     fn unknown_and_non_dax_targets_are_refused() {
         let t = topo();
         let root = Path::new("/");
-        assert!(matches!(resolve("nvme0n1", &t, root), Err(TargetError::Unknown(_))));
+        assert!(matches!(
+            resolve("nvme0n1", &t, root),
+            Err(TargetError::Unknown(_))
+        ));
         // /proc is a directory but not a DAX mount in this topology.
-        assert!(matches!(resolve("/proc", &t, root), Err(TargetError::Unknown(_))));
+        assert!(matches!(
+            resolve("/proc", &t, root),
+            Err(TargetError::Unknown(_))
+        ));
         // A regular file on a non-DAX file system.
-        assert!(matches!(resolve("/etc/hostname", &t, root), Err(TargetError::NotDax(_))));
+        assert!(matches!(
+            resolve("/etc/hostname", &t, root),
+            Err(TargetError::NotDax(_))
+        ));
         let mut raw = topo();
         raw.namespaces[0].mode = Mode::Raw;
         assert!(matches!(

@@ -154,9 +154,9 @@ impl Classifier<'_> {
     }
 
     fn on_dax_device(&self, pfn: u64) -> bool {
-        self.topology.namespace_of_pfn(pfn).is_some_and(|n| {
-            matches!(n.mode, Mode::Fsdax | Mode::Devdax)
-        })
+        self.topology
+            .namespace_of_pfn(pfn)
+            .is_some_and(|n| matches!(n.mode, Mode::Fsdax | Mode::Devdax))
     }
 }
 
@@ -178,18 +178,27 @@ const PM_PFN_MASK: u64 = (1 << 55) - 1;
 /// Present DAX pages of the DAX vmas of `pid` inside virtual pages `[vstart, vend)`, as
 /// runs. Pages whose pfn is not on a DAX device (copy-on-write copies, the zero page) are
 /// not DAX holdings and are left out.
+/// Paths of the DAX files seen, by key (maps name them; events only carry dev and inode).
+pub type Paths = std::collections::HashMap<FileKey, String>;
+
 pub fn runs_in(
     proc: &dyn Procfs,
     class: &Classifier,
     pid: u32,
     vstart: u64,
     vend: u64,
+    paths: &mut Paths,
 ) -> io::Result<Vec<(FileKey, Run)>> {
     let mut out = Vec::new();
     for v in proc.maps(pid)? {
         let Some(file) = class.dax_file(&v) else {
             continue;
         };
+        if !v.path.is_empty() {
+            paths
+                .entry(file)
+                .or_insert_with(|| v.path.trim_end_matches(" (deleted)").to_string());
+        }
         let s = (v.start >> 12).max(vstart);
         let e = (v.end >> 12).min(vend);
         if s >= e {
@@ -256,12 +265,19 @@ mod tests {
 
     #[test]
     fn parses_maps_lines() {
-        let v = parse_maps_line("7f1c2e600000-7f1c2ea00000 rw-s 00200000 103:01 12 /mnt/ext4/a b").unwrap();
+        let v = parse_maps_line("7f1c2e600000-7f1c2ea00000 rw-s 00200000 103:01 12 /mnt/ext4/a b")
+            .unwrap();
         assert_eq!(v.start, 0x7f1c2e600000);
         assert_eq!(v.end, 0x7f1c2ea00000);
         assert!(v.shared && v.write);
         assert_eq!(v.offset, 0x200000);
-        assert_eq!(v.dev, DevId { major: 259, minor: 1 });
+        assert_eq!(
+            v.dev,
+            DevId {
+                major: 259,
+                minor: 1
+            }
+        );
         assert_eq!(v.ino, 12);
         assert_eq!(v.path, "/mnt/ext4/a b");
         let anon = parse_maps_line("7ffd1000-7ffd2000 rw-p 00000000 00:00 0 ").unwrap();
@@ -272,7 +288,8 @@ mod tests {
 
     #[test]
     fn parses_stat_with_awkward_comm() {
-        let stat = "42 (my (odd) prog) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 98765 1000 10";
+        let stat =
+            "42 (my (odd) prog) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 98765 1000 10";
         assert_eq!(parse_stat(stat), Some((98765, "my (odd) prog".into())));
     }
 }

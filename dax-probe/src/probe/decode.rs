@@ -3,8 +3,7 @@
 use dax_probe_common::{
     DAX_ENTRY_ZERO_PAGE, Event as RawEvent, EventKind, FAULT_DEVDAX, FAULT_FLAG_WRITE,
     FAULT_PFN_VALID, FaultEvent, ForkEvent, MremapEvent, ZAP_COW, ZAP_DEVDAX, ZAP_EXITING,
-    ZAP_OWN_MM,
-    ZapEvent, header_of,
+    ZAP_OWN_MM, ZapEvent, header_of,
 };
 
 use crate::{
@@ -221,7 +220,9 @@ mod tests {
             topology: &topo,
             lookup: NoLookup,
         };
-        let Event::Fault(f) = d.decode(raw_fault().as_bytes()).unwrap() else { panic!() };
+        let Event::Fault(f) = d.decode(raw_fault().as_bytes()).unwrap() else {
+            panic!()
+        };
         assert_eq!(f.tgid, 100);
         assert_eq!(f.comm, "dax-workload");
         assert_eq!(
@@ -250,7 +251,9 @@ mod tests {
         let mut raw = raw_fault();
         raw.page_shift = 21;
         raw.flags |= FAULT_PMD;
-        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else { panic!() };
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else {
+            panic!()
+        };
         assert_eq!(f.page_size, 2 << 20);
         assert_eq!(f.page_address, 0x7f00_0020_0000);
         assert_eq!(f.offset, 512 * 4096);
@@ -265,14 +268,18 @@ mod tests {
         };
         let mut raw = raw_fault();
         raw.flags = 0;
-        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else { panic!() };
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else {
+            panic!()
+        };
         assert_eq!(
             (f.pfn, f.pfn_source),
             (Some(0x4242), Some(PfnSource::Pagemap))
         );
 
         raw.result = 0x800; // FALLBACK: nothing mapped
-        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else { panic!() };
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else {
+            panic!()
+        };
         assert_eq!(f.pfn, None);
         assert!(!f.mapped);
     }
@@ -286,7 +293,9 @@ mod tests {
         };
         let mut raw = raw_fault();
         raw.entry_flags = DAX_ENTRY_ZERO_PAGE;
-        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else { panic!() };
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else {
+            panic!()
+        };
         assert!(f.zero_page);
         assert_eq!(f.pfn, None);
     }

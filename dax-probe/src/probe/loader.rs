@@ -244,7 +244,8 @@ fn load_and_attach(ebpf: &mut Ebpf, a: &Attach, btf: &Btf) -> Result<(), String>
         }
         AttachKind::FExit => {
             let p: &mut FExit = prog.try_into().map_err(|e| err("type", &e))?;
-            p.load(a.target, btf).map_err(|e| err("load", &verifier(e)))?;
+            p.load(a.target, btf)
+                .map_err(|e| err("load", &verifier(e)))?;
             p.attach().map_err(attach_err)?;
         }
         AttachKind::KProbe | AttachKind::KRetProbe => {

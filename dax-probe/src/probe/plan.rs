@@ -175,17 +175,29 @@ pub const CANDIDATES: &[Candidate] = &[
     ),
     insert_probe(
         "fentry dax_insert_entry",
-        &[attach("dax_insert_entry_fentry", FEntry, "dax_insert_entry")],
+        &[attach(
+            "dax_insert_entry_fentry",
+            FEntry,
+            "dax_insert_entry",
+        )],
         (1, 4, 5),
     ),
     insert_probe(
         "kprobe dax_insert_entry",
-        &[attach("dax_insert_entry_kprobe", KProbe, "dax_insert_entry")],
+        &[attach(
+            "dax_insert_entry_kprobe",
+            KProbe,
+            "dax_insert_entry",
+        )],
         (1, 4, 5),
     ),
     insert_probe(
         "kprobe dax_insert_entry (vmf 3rd)",
-        &[attach("dax_insert_entry_kprobe_vmf2", KProbe, "dax_insert_entry")],
+        &[attach(
+            "dax_insert_entry_kprobe_vmf2",
+            KProbe,
+            "dax_insert_entry",
+        )],
         (2, 4, 5),
     ),
     fallback(
@@ -277,12 +289,20 @@ pub const CANDIDATES: &[Candidate] = &[
     probes(
         Cow,
         "fentry folio_add_new_anon_rmap",
-        &[attach("cow_new_anon_folio", FEntry, "folio_add_new_anon_rmap")],
+        &[attach(
+            "cow_new_anon_folio",
+            FEntry,
+            "folio_add_new_anon_rmap",
+        )],
     ),
     probes(
         Cow,
         "fentry page_add_new_anon_rmap",
-        &[attach("cow_new_anon_page", FEntry, "page_add_new_anon_rmap")],
+        &[attach(
+            "cow_new_anon_page",
+            FEntry,
+            "page_add_new_anon_rmap",
+        )],
     ),
     fallback(
         Cow,

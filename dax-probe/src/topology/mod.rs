@@ -14,7 +14,9 @@ use serde::Serialize;
 pub use mounts::{DaxOption, Mount};
 
 /// A device number as userspace sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 pub struct DevId {
     pub major: u32,
     pub minor: u32,

@@ -238,7 +238,16 @@ mod tests {
         let t = Topology::read(root);
         let ns = &t.namespaces[0];
         assert_eq!(ns.mode, Mode::Devdax);
-        assert_eq!(ns.chardev, Some(("dax2.0".into(), DevId { major: 252, minor: 0 })));
+        assert_eq!(
+            ns.chardev,
+            Some((
+                "dax2.0".into(),
+                DevId {
+                    major: 252,
+                    minor: 0
+                }
+            ))
+        );
         assert_eq!(ns.data_range.start, 0x1_4080_0000);
         assert_eq!(ns.device_name(), "dax2.0");
         assert_eq!(t.namespace_of_pfn(0x140800).unwrap().name, "namespace2.0");

@@ -65,16 +65,16 @@ pub fn run(src: &KernelSource, json: bool) -> anyhow::Result<()> {
                     dax_major: crate::topology::dax_char_major(&src.root),
                 },
             )
+            .map_err(|e| e.to_string())
+            .and_then(|l| {
+                probe::loader::load(
+                    &plan,
+                    &l,
+                    &facts.btf_path,
+                    dax_probe_common::EVENTS_RING_BYTES,
+                )
                 .map_err(|e| e.to_string())
-                .and_then(|l| {
-                    probe::loader::load(
-                        &plan,
-                        &l,
-                        &facts.btf_path,
-                        dax_probe_common::EVENTS_RING_BYTES,
-                    )
-                    .map_err(|e| e.to_string())
-                }),
+            }),
         )
     } else {
         None

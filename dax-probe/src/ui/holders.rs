@@ -11,7 +11,7 @@ use crate::{
     exit::{Code, Failure},
     holders::{
         Applier,
-        query::{self, HolderRow, Target, name_files, rows, select},
+        query::{self, HolderRow, Target, rows, select},
         scan::LiveProc,
     },
     privilege,
@@ -29,33 +29,38 @@ pub struct Options<'a> {
 }
 
 pub fn run(o: &Options) -> anyhow::Result<()> {
+    // The running monitor resolves the target itself and answers from its live map: the
+    // client does no procfs or sysfs work at all.
+    if !o.scan
+        && let Some(resp) = control::ask(
+            o.socket,
+            &Request::Holders {
+                target: o.target.to_string(),
+                pages: o.pages,
+            },
+        )?
+    {
+        if !resp.ok {
+            let code = match resp.code {
+                Some(66) => Code::NoInput,
+                _ => Code::Software,
+            };
+            return Err(Failure::new(code, resp.error.unwrap_or_default()).into());
+        }
+        let target = resp.target.clone().unwrap_or(Target::All);
+        print(&resp.rows, &target, "monitor", Some(resp.elapsed_us), o)?;
+        return found(&resp.rows);
+    }
     let topo = Topology::read(o.root);
     let target = query::resolve(o.target, &topo, o.root)
         .map_err(|e| Failure::new(Code::NoInput, e.to_string()))?;
-    let (rows, source) = match (!o.scan)
-        .then(|| {
-            control::ask(
-                o.socket,
-                &Request::Holders {
-                    target: target.clone(),
-                    pages: o.pages,
-                },
-            )
-        })
-        .transpose()?
-        .flatten()
-    {
-        Some(resp) if resp.ok => (resp.rows, "monitor"),
-        Some(resp) => {
-            return Err(Failure::new(
-                Code::Software,
-                format!("the monitor refused: {}", resp.error.unwrap_or_default()),
-            )
-            .into());
-        }
-        None => (scan(&target, &topo, o)?, "scan"),
-    };
-    print(&rows, &target, source, o)?;
+    let rows = scan(&target, &topo, o)?;
+    print(&rows, &target, "scan", None, o)?;
+    found(&rows)
+}
+
+/// Exit 1 when nobody maps the target (like grep: scripts can test it).
+fn found(rows: &[HolderRow]) -> anyhow::Result<()> {
     if rows.is_empty() {
         return Err(Failure::new(Code::Findings, String::new()).into());
     }
@@ -75,16 +80,23 @@ fn scan(target: &Target, topo: &Topology, o: &Options) -> anyhow::Result<Vec<Hol
     a.reconcile(topo);
     let sel = select(&a.map, target);
     let mut r = rows(&a.map, &sel, o.pages);
-    name_files(&mut r, a.procfs(), topo);
+    a.name_files(&mut r, topo);
     Ok(r)
 }
 
-fn print(rows: &[HolderRow], target: &Target, source: &str, o: &Options) -> anyhow::Result<()> {
+fn print(
+    rows: &[HolderRow],
+    target: &Target,
+    source: &str,
+    agent_us: Option<u64>,
+    o: &Options,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if o.json {
         serde_json::to_writer(
             &mut out,
-            &serde_json::json!({"target": target, "source": source, "holders": rows}),
+            &serde_json::json!({"target": target, "source": source, "agent_us": agent_us,
+                                "holders": rows}),
         )?;
         writeln!(out)?;
         return Ok(());
@@ -93,7 +105,11 @@ fn print(rows: &[HolderRow], target: &Target, source: &str, o: &Options) -> anyh
         writeln!(out, "no process maps {} ({source})", o.target)?;
         return Ok(());
     }
-    writeln!(out, "{:>7} {:<15} {:<32} {:>8} {:>9}  OFFSETS", "PID", "COMM", "FILE", "PAGES", "SIZE")?;
+    writeln!(
+        out,
+        "{:>7} {:<15} {:<32} {:>8} {:>9}  OFFSETS",
+        "PID", "COMM", "FILE", "PAGES", "SIZE"
+    )?;
     for r in rows {
         let file = r
             .file

@@ -56,7 +56,6 @@ pub async fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
     };
     agent.run(opts.duration, &mut sink).await?;
     let summary = agent.summary();
-    drop(sink);
     if json {
         serde_json::to_writer(&mut out, &summary)?;
         writeln!(out)?;

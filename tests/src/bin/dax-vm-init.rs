@@ -145,7 +145,11 @@ fn setup(cmdline: &str) -> Result<Env> {
         env.fs
             .iter()
             .map(|f| format!("{} on {} ({})", f.target, f.dev.block, f.dev.pfn_dev))
-            .chain(env.devdax.iter().map(|d| format!("devdax {}", d.dev_path())))
+            .chain(
+                env.devdax
+                    .iter()
+                    .map(|d| format!("devdax {}", d.dev_path()))
+            )
             .collect::<Vec<_>>()
             .join(", ")
     ));
@@ -157,7 +161,10 @@ fn run_tests(env: &Env, cmdline: &str) {
     if cmdline_param(cmdline, "verbose").as_deref() == Some("1") {
         // Verifier logs of anything that failed to load.
         if let Ok((_, _, err)) = agent::run_once(&["doctor", "-vv"]) {
-            for l in err.lines().filter(|l| !l.contains("DEBUG] relocat") && !l.contains("callee")) {
+            for l in err
+                .lines()
+                .filter(|l| !l.contains("DEBUG] relocat") && !l.contains("callee"))
+            {
                 println!("[doctor] {l}");
             }
         }
@@ -249,6 +256,7 @@ fn demo(env: &Env) -> Result<()> {
 fn bench(env: &Env, which: &str) -> Result<()> {
     match which {
         "fault-overhead" => bench_fault_overhead(env),
+        "holders" => bench_holders(env),
         other => anyhow::bail!("unknown benchmark {other}"),
     }
 }
@@ -303,6 +311,56 @@ fn bench_fault_overhead(env: &Env) -> Result<()> {
     report::send(json!({"event": "bench", "name": "fault-overhead",
         "pages_per_round": 16384, "without_ns": without, "with_ns": with,
         "kernel_only_ns": kernel_only, "agent_events": events, "agent_dropped": dropped}));
+    Ok(())
+}
+
+/// `holders /dev/pmem0` from the running monitor against `fuser -m` and the agent's own
+/// procfs scan, with 500 processes mapping a DAX file.
+fn bench_holders(env: &Env) -> Result<()> {
+    let fs = env.fs(Target::Ext4).context("ext4 not prepared")?;
+    let file = format!("{}/bench-holders", fs.mnt);
+    pmem::write_file(Path::new(&file), 1 << 20)?;
+    let mon = agent::Monitor::start("bench-holders", &[])?;
+    let mut hold = Command::new(dax_probe_tests::puppet::WORKLOAD)
+        .args(["hold", &file, &(1u64 << 20).to_string(), "500"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(hold.stdout.take().unwrap()).read_line(&mut line)?;
+    anyhow::ensure!(line.trim() == "ready", "workload said {line:?}");
+    let dev = fs.dev.dev_path();
+    let time = |args: &[&str], prog: &str| -> Result<(Vec<f64>, String)> {
+        let mut v = Vec::new();
+        let mut last = String::new();
+        for _ in 0..7 {
+            let t = Instant::now();
+            let out = Command::new(prog).args(args).output()?;
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+            last = String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        Ok((v, last))
+    };
+    let (baseline_ms, _) = time(&["--version"], agent::AGENT)?;
+    // What an operator types (text output), then one JSON answer for the counts.
+    let (monitor_ms, _) = time(&["holders", &dev], agent::AGENT)?;
+    let (scan_ms, _) = time(&["holders", &dev, "--scan"], agent::AGENT)?;
+    let mon_out = agent::run_once(&["holders", &dev, "--json"])?.1;
+    // psmisc's fuser (the one operators use), checking every process's files and maps.
+    let (fuser_ms, fuser_out) = time(&["-m", &fs.mnt], "/sbin/fuser")?;
+    let answer = serde_json::from_str::<serde_json::Value>(mon_out.trim()).unwrap_or_default();
+    let holders = answer["holders"].as_array().map(|a| a.len()).unwrap_or(0);
+    let agent_us = answer["agent_us"].clone();
+    let fuser_pids = fuser_out.split_whitespace().count();
+    drop(hold.stdin.take());
+    hold.wait()?;
+    mon.stop()?;
+    report::send(
+        json!({"event": "bench", "name": "holders", "processes": 500,
+        "monitor_ms": monitor_ms, "scan_ms": scan_ms, "fuser_ms": fuser_ms,
+        "agent_start_ms": baseline_ms, "agent_answer_us": agent_us,
+        "holders_reported": holders, "fuser_pids": fuser_pids}),
+    );
     Ok(())
 }
 

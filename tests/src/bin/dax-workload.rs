@@ -11,6 +11,10 @@
 //!   exit
 //! `dax-workload rounds PATH LEN ROUNDS` maps, touches every 4 KiB page and unmaps, ROUNDS
 //! times, and prints the nanoseconds of each round (fault-overhead benchmark).
+//! `dax-workload churn PATH N` forks N short-lived processes one after another, each mapping
+//! and touching PATH and exiting at once (processes vanishing under a scan).
+//! `dax-workload hold PATH LEN N` starts N processes that each map PATH and touch it, prints
+//! `ready` once all did, and keeps them until stdin closes (holders benchmark).
 
 use std::{
     ffi::CString,
@@ -25,6 +29,8 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("puppet") => puppet(),
         Some("rounds") => rounds(&args[2..]),
+        Some("hold") => hold(&args[2..]),
+        Some("churn") => churn(&args[2..]),
         _ => {
             eprintln!("usage: dax-workload puppet | rounds PATH LEN ROUNDS");
             std::process::exit(2);
@@ -275,5 +281,81 @@ fn rounds(args: &[String]) {
         // SAFETY: unmapping what we just mapped.
         unsafe { libc::munmap(addr as *mut _, len as usize) };
         println!("{ns}");
+    }
+}
+
+fn hold(args: &[String]) {
+    let path = &args[0];
+    let len: u64 = args[1].parse().expect("LEN");
+    let n: u32 = args[2].parse().expect("N");
+    let mut kids = Vec::new();
+    for _ in 0..n {
+        let mut ready = [0i32; 2];
+        let mut quit = [0i32; 2];
+        // SAFETY: plain syscalls; the child maps, touches, reports and waits for EOF.
+        unsafe {
+            libc::pipe(ready.as_mut_ptr());
+            libc::pipe(quit.as_mut_ptr());
+            match libc::fork() {
+                0 => {
+                    libc::close(ready[0]);
+                    libc::close(quit[1]);
+                    // Earlier siblings' pipe ends came along with fork: close them, or those
+                    // siblings would never see EOF.
+                    for fd in 3..4096 {
+                        if fd != ready[1] && fd != quit[0] {
+                            libc::close(fd);
+                        }
+                    }
+                    let addr = map_file(path, 0, len, true, false).expect("map");
+                    touch(addr, len, false, 4096);
+                    libc::write(ready[1], b"r".as_ptr().cast(), 1);
+                    let mut b = 0u8;
+                    libc::read(quit[0], (&mut b as *mut u8).cast(), 1);
+                    libc::_exit(0);
+                }
+                pid => {
+                    libc::close(ready[1]);
+                    libc::close(quit[0]);
+                    let mut b = 0u8;
+                    libc::read(ready[0], (&mut b as *mut u8).cast(), 1);
+                    libc::close(ready[0]);
+                    kids.push((pid, quit[1]));
+                }
+            }
+        }
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    for (pid, fd) in kids {
+        // SAFETY: our children and our pipe ends.
+        unsafe {
+            libc::close(fd);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+fn churn(args: &[String]) {
+    let path = &args[0];
+    let n: u32 = args[1].parse().expect("N");
+    for _ in 0..n {
+        // SAFETY: the child maps, touches and exits.
+        unsafe {
+            match libc::fork() {
+                0 => {
+                    if let Ok(addr) = map_file(path, 0, 1 << 20, true, false) {
+                        touch(addr, 1 << 20, false, 4096);
+                    }
+                    libc::_exit(0);
+                }
+                pid if pid > 0 => {
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+                _ => {}
+            }
+        }
     }
 }

@@ -166,8 +166,12 @@ pub fn run(env: &Env, fs: &DaxFs) -> Result<Checked> {
     let drift = s["drift_missing"].as_u64().unwrap_or(0) + s["drift_extra"].as_u64().unwrap_or(0);
     c.check(
         "full ring: the holder map was repaired by a reconcile",
-        out.of_type("reconcile").any(|r| r["reason"] == "events lost"),
-        format!("drift corrected {drift} pages; reconcile lines: {}", out.of_type("reconcile").count()),
+        out.of_type("reconcile")
+            .any(|r| r["reason"] == "events lost"),
+        format!(
+            "drift corrected {drift} pages; reconcile lines: {}",
+            out.of_type("reconcile").count()
+        ),
     );
     c.check(
         "full ring: operator warned with the fix",
@@ -175,6 +179,8 @@ pub fn run(env: &Env, fs: &DaxFs) -> Result<Checked> {
             && out.stderr.contains("--ring-size-kib"),
         out.stderr.trim().to_string(),
     );
+
+    holders_refusals(&mut c, fs)?;
 
     let passed = c.bad.is_empty();
     Ok(Checked {
@@ -185,4 +191,85 @@ pub fn run(env: &Env, fs: &DaxFs) -> Result<Checked> {
                        "touched": touched}}),
         details: c.bad,
     })
+}
+
+/// `dax-probe holders` with bad targets and without privileges: the right exit code, a
+/// message naming the problem, nothing on stdout.
+fn holders_refusals(c: &mut Checks, fs: &DaxFs) -> Result<()> {
+    let cases: [(&str, &[&str], i32, &str); 5] = [
+        (
+            "unknown device",
+            &["holders", "nvme9n1"],
+            66,
+            "unknown target",
+        ),
+        (
+            "file on a non-DAX file system",
+            &["holders", "/etc/mke2fs.conf"],
+            66,
+            "not on a DAX file system",
+        ),
+        (
+            "mount that is not DAX",
+            &["holders", "/tmp"],
+            66,
+            "not on a DAX file system",
+        ),
+        (
+            "bad pfn range",
+            &["holders", "0x2000-0x1000"],
+            66,
+            "bad pfn range",
+        ),
+        (
+            "raw device name that is not DAX",
+            &["holders", "region0"],
+            66,
+            "unknown target",
+        ),
+    ];
+    for (what, args, want, msg) in cases {
+        let (code, out, err) = run_once(args)?;
+        c.check(
+            &format!("holders: {what} -> exit {want}, nothing on stdout"),
+            code == Some(want) && err.contains(msg) && out.is_empty(),
+            format!(
+                "exit {code:?}, stdout {:?}, stderr {}",
+                out.trim(),
+                err.trim()
+            ),
+        );
+    }
+    // Not root: pagemap shows no pfns to others, and the monitor's socket is root-only.
+    let m = Monitor::start("holders-nobody", &[])?;
+    let out = Command::new(AGENT)
+        .args(["holders", &fs.dev.dev_path()])
+        .uid(65534)
+        .gid(65534)
+        .output()?;
+    drop(m);
+    let err = String::from_utf8_lossy(&out.stderr);
+    c.check(
+        "holders as nobody -> exit 77 naming sudo, nothing on stdout",
+        out.status.code() == Some(77) && err.contains("sudo") && out.stdout.is_empty(),
+        format!("exit {:?}: {}", out.status.code(), err.trim()),
+    );
+    // Processes that come and go during a scan must not break it.
+    let file = format!("{}/bad-input-churn", fs.mnt);
+    pmem::write_file(Path::new(&file), 1 << 20)?;
+    let mut churn = Command::new(crate::puppet::WORKLOAD)
+        .args(["churn", &file, "300"])
+        .spawn()?;
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let (code, _, _) = run_once(&["holders", "all", "--scan", "--json"])?;
+        codes.push(code);
+    }
+    let _ = churn.wait();
+    c.check(
+        "holders --scan while processes map, exit and vanish mid-scan -> no crash",
+        codes.iter().all(|c| matches!(c, Some(0) | Some(1))),
+        format!("exit codes {codes:?}"),
+    );
+    Ok(())
 }

@@ -63,13 +63,20 @@ impl Steps {
                     "{} [answered by {}]{}",
                     s.line(),
                     s.source,
-                    s.example.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                    s.example
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 )
             })
             .collect();
         details.extend(self.notes);
         if out.exit_code != Some(0) {
-            details.push(format!("agent exit {:?}: {}", out.exit_code, out.stderr.trim()));
+            details.push(format!(
+                "agent exit {:?}: {}",
+                out.exit_code,
+                out.stderr.trim()
+            ));
         }
         let passed = exact && nonzero && self.ok && out.exit_code == Some(0);
         Ok(Checked {
@@ -147,8 +154,13 @@ pub fn fork_inherit(env: &Env, t: Target) -> Result<Checked> {
         .iter()
         .filter(|(pid, _, _)| *pid == child)
         .count();
-    s.notes.push(format!("the child holds {kernel_child} inherited DAX pages per pagemap"));
-    s.require("the child inherited DAX pages it never faulted", kernel_child > 0);
+    s.notes.push(format!(
+        "the child holds {kernel_child} inherited DAX pages per pagemap"
+    ));
+    s.require(
+        "the child inherited DAX pages it never faulted",
+        kernel_child > 0,
+    );
     p.reap(child)?;
     s.check("child exited")?;
     p.exit()?;
@@ -329,8 +341,12 @@ pub fn reflinked_files(env: &Env, t: Target) -> Result<Checked> {
         *by_pfn.entry(*pfn).or_default() += 1;
     }
     let doubly = by_pfn.values().filter(|&&n| n >= 2).count();
-    s.notes.push(format!("{doubly} pfns are mapped through both files"));
-    s.require("the reflinked files share pfns in the page tables", doubly > 0);
+    s.notes
+        .push(format!("{doubly} pfns are mapped through both files"));
+    s.require(
+        "the reflinked files share pfns in the page tables",
+        doubly > 0,
+    );
     // The agent names both files for one shared pfn.
     if let Some((&pfn, _)) = by_pfn.iter().find(|(_, n)| **n >= 2) {
         let (code, out, _) = crate::agent::run_once(&["holders", &format!("{pfn:#x}"), "--json"])?;

@@ -70,7 +70,8 @@ impl Env {
     pub fn space(&self) -> DaxSpace {
         let mut s = DaxSpace::default();
         for f in &self.fs {
-            s.pfn_ranges.push((f.dev.data_start >> 12, f.dev.data_end >> 12));
+            s.pfn_ranges
+                .push((f.dev.data_start >> 12, f.dev.data_end >> 12));
             s.path_prefixes.push(format!("{}/", f.mnt));
         }
         if let Some(d) = &self.devdax {
