@@ -264,6 +264,7 @@ mod tests {
                 chardev: None,
                 align: Some(2 << 20),
                 enabled: true,
+                range_known: true,
             }],
             mounts: vec![Mount {
                 dev: DevId {

@@ -131,6 +131,8 @@ pub struct Namespace {
     pub align: Option<u64>,
     /// Is a driver bound (the device is live)?
     pub enabled: bool,
+    /// False when the physical range could not be read (sysfs `resource` is root-only).
+    pub range_known: bool,
 }
 
 impl Namespace {
@@ -163,7 +165,7 @@ impl Topology {
     pub fn namespace_of_pfn(&self, pfn: u64) -> Option<&Namespace> {
         self.namespaces
             .iter()
-            .find(|n| n.data_range.contains_pfn(pfn))
+            .find(|n| n.range_known && n.data_range.contains_pfn(pfn))
     }
 
     /// The namespace behind a block device number (`sb->s_dev` of a DAX mount).

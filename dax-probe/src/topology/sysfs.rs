@@ -86,13 +86,15 @@ pub(super) fn read_namespaces(root: &Path) -> Vec<Namespace> {
     let mut out = Vec::new();
     for name in names {
         let dir: PathBuf = bus.join(&name);
-        let Some(namespace_range) = range(&dir) else {
-            continue;
-        };
-        if namespace_range.is_empty() {
-            // An unconfigured seed namespace (size 0): nothing to report.
+        // `resource` is root-only: without it the range is unknown but the namespace is
+        // still worth listing (size and mode are world-readable).
+        let size = read_u64(&dir.join("size")).unwrap_or(0);
+        if size == 0 {
+            // An unconfigured seed namespace: nothing to report.
             continue;
         }
+        let known = range(&dir);
+        let namespace_range = known.unwrap_or(PhysRange { start: 0, end: 0 });
         let region = name
             .strip_prefix("namespace")
             .and_then(|s| s.split('.').next())
@@ -117,6 +119,7 @@ pub(super) fn read_namespaces(root: &Path) -> Vec<Namespace> {
             chardev: None,
             align: None,
             enabled: has_driver(&dir),
+            range_known: known.is_some(),
         };
         match holder.as_deref() {
             Some(h) => {

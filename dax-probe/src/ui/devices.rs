@@ -30,16 +30,24 @@ pub fn run(topo: &Topology, json: bool) -> anyhow::Result<()> {
             .and_then(|(_, dev)| topo.mount_of_dev(*dev))
             .map(|m| format!("{} ({}, dax={:?})", m.mount_point, m.fstype, m.dax).to_lowercase())
             .unwrap_or_else(|| "-".into());
+        let phys = if ns.range_known {
+            format!("{:#x}-{:#x}", ns.data_range.start, ns.data_range.end)
+        } else {
+            "(root only)".to_string()
+        };
         writeln!(
             out,
-            "{:<10} {:<13} {:<8} {:<7} {:>9} {:#x}-{:#x} {}{}",
+            "{:<10} {:<13} {:<8} {:<7} {:>9} {:<27} {}{}",
             ns.device_name(),
             ns.name,
             ns.region,
             ns.mode.to_string(),
-            human(ns.data_range.len()),
-            ns.data_range.start,
-            ns.data_range.end,
+            if ns.range_known {
+                human(ns.data_range.len())
+            } else {
+                "-".into()
+            },
+            phys,
             mount,
             if ns.enabled { "" } else { " [disabled]" }
         )?;

@@ -51,6 +51,16 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         print(&resp.rows, &target, "monitor", Some(resp.elapsed_us), o)?;
         return found(&resp.rows);
     }
+    // No monitor to ask: we read page tables ourselves, which needs root (and so does
+    // reading the devices' physical ranges).
+    if !privilege::can_read_pagemap() {
+        return Err(Failure::new(
+            Code::NoPermission,
+            "reading other processes' page tables (/proc/PID/pagemap) needs root: run with \
+             sudo, or start `sudo dax-probe monitor` and ask it",
+        )
+        .into());
+    }
     let topo = Topology::read(o.root);
     let target = query::resolve(o.target, &topo, o.root)
         .map_err(|e| Failure::new(Code::NoInput, e.to_string()))?;
@@ -68,14 +78,6 @@ fn found(rows: &[HolderRow]) -> anyhow::Result<()> {
 }
 
 fn scan(target: &Target, topo: &Topology, o: &Options) -> anyhow::Result<Vec<HolderRow>> {
-    if !privilege::can_read_pagemap() {
-        return Err(Failure::new(
-            Code::NoPermission,
-            "reading other processes' page tables (/proc/PID/pagemap) needs root: run with \
-             sudo, or start `sudo dax-probe monitor` and ask it",
-        )
-        .into());
-    }
     let mut a = Applier::new(Box::new(LiveProc::new(o.root)));
     a.reconcile(topo);
     let sel = select(&a.map, target);
