@@ -37,8 +37,15 @@ pub struct KernelLayout {
     pub task_tgid: u32,
     pub task_pid: u32,
     pub task_mm: u32,
+    pub task_comm: u32,
     /// `struct mm_struct`: `owner` (CONFIG_MEMCG); 0 when the kernel has no such member.
     pub mm_owner: u32,
+    /// `struct device`: `kobj.name`, `bus`; `struct bus_type`: `name`;
+    /// `struct device_driver`: `name`.
+    pub dev_name: u32,
+    pub dev_bus: u32,
+    pub bus_name: u32,
+    pub drv_name: u32,
     /// `struct pt_regs` (x86-64 syscall arguments 1, 2, 3, 4, 5: di, si, dx, r10, r8).
     pub regs_arg: [u32; 5],
     /// `S_DAX` in `inode->i_flags` (a macro, not in BTF; 1 << 13 on every kernel we support).
@@ -52,7 +59,6 @@ pub struct KernelLayout {
     /// Below it events are submitted without a wakeup and the reader collects them on its
     /// short poll timer: one wakeup per fault would cost more than the fault itself.
     pub wakeup_bytes: u32,
-    pub _reserved: u32,
     /// Mask applied to the insert function's pfn argument: `pfn_t` carries flag bits in its
     /// top 12 bits up to 6.12; from 7.x it is a plain `unsigned long`.
     pub pfn_mask: u64,
@@ -82,15 +88,19 @@ impl KernelLayout {
         task_tgid: 0,
         task_pid: 0,
         task_mm: 0,
+        task_comm: 0,
         mm_owner: 0,
+        dev_name: 0,
+        dev_bus: 0,
+        bus_name: 0,
+        drv_name: 0,
         regs_arg: [0; 5],
         s_dax: 0,
         dax_major: 0,
         devdax_size_is_enum: 0,
         wakeup_bytes: 0,
-        _reserved: 0,
         pfn_mask: 0,
     };
 }
 
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 136);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 152);

@@ -24,6 +24,9 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Name of the hash map of DAX-holding processes (tgid → 1).
 pub const WATCHED_MAP: &str = "WATCHED";
+/// Name of the hash map of fenced devices (kernel dev_t → signal for faulting tasks, 0 for
+/// none): new mappings are denied (BPF LSM) and faults are signalled.
+pub const FENCED_MAP: &str = "FENCED";
 /// Name of the global that carries [`KernelLayout`] into the programs.
 pub const LAYOUT_GLOBAL: &str = "LAYOUT";
 /// Default ring buffer size: 4 MiB holds ~35k fault events, several seconds of a fault storm
@@ -44,6 +47,15 @@ pub enum EventKind {
     /// A process that maps DAX pages moved or resized a mapping (mremap): PTEs moved
     /// without faulting.
     Mremap = 4,
+    /// A pmem/dax device is leaving (driver unbind, removal) or left; DAX access shut off;
+    /// a file system was told its device fails or is about to be removed.
+    Device = 5,
+    /// The kernel handles a memory failure (poisoned pfn) or reports its outcome.
+    MemoryFailure = 6,
+    /// The kernel sends a machine-check SIGBUS to a process.
+    KernelSignal = 7,
+    /// A new mapping of a fenced device was denied.
+    MmapDenied = 8,
 }
 
 impl EventKind {
@@ -53,6 +65,10 @@ impl EventKind {
             2 => Some(Self::Zap),
             3 => Some(Self::Fork),
             4 => Some(Self::Mremap),
+            5 => Some(Self::Device),
+            6 => Some(Self::MemoryFailure),
+            7 => Some(Self::KernelSignal),
+            8 => Some(Self::MmapDenied),
             _ => None,
         }
     }
@@ -72,6 +88,8 @@ pub enum Counter {
     FaultsSeen = 3,
     /// Events of every kind the programs tried to emit (delivered + dropped).
     Attempted = 4,
+    /// Signals sent by a kernel program to a task faulting on a fenced device.
+    FenceSignals = 5,
 }
 
 pub const COUNTER_SLOTS: u32 = 8;
@@ -194,6 +212,77 @@ pub struct ForkEvent {
     pub child_mm: u64,
 }
 
+/// `DeviceEvent::phase` values.
+pub const DEV_DEPARTING: u32 = 1;
+pub const DEV_GONE: u32 = 2;
+/// `kill_dax()`: DAX access to the device is shut off from here on.
+pub const DEV_DAX_KILLED: u32 = 3;
+/// `dax_holder_notify_failure()`: the file system is told about a failure of
+/// `[offset, offset+len)` of its device (with `MF_MEM_PRE_REMOVE` in `mf_flags`: a removal).
+pub const DEV_HOLDER_NOTIFY: u32 = 4;
+
+/// `mf_flags` bit the kernel sets when it notifies a removal, not a failure (6.8+).
+pub const MF_MEM_PRE_REMOVE: u32 = 0x80;
+
+/// A device leaving, or the kernel's DAX teardown steps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceEvent {
+    pub hdr: EventHeader,
+    pub phase: u32,
+    pub mf_flags: u32,
+    pub offset: u64,
+    pub len: u64,
+    /// Device name (`pfn0.0`, `namespace0.0`, `dax0.0`, `region0`), NUL padded.
+    pub dev_name: [u8; 32],
+    /// Driver being unbound (`nd_pmem`, `dax_pmem`, `device_dax`, …).
+    pub drv_name: [u8; 16],
+    /// Bus (`nd`, `dax`).
+    pub bus_name: [u8; 8],
+}
+
+/// `MemoryFailureEvent::phase` values.
+pub const MF_START: u32 = 1;
+pub const MF_RESULT: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryFailureEvent {
+    pub hdr: EventHeader,
+    pub pfn: u64,
+    pub phase: u32,
+    /// `memory_failure()`'s flags at start (MF_ACTION_REQUIRED, MF_COUNT_INCREASED, …).
+    pub flags: u32,
+    /// `ras:memory_failure_event` page type and result at the end.
+    pub mf_type: u32,
+    pub result: u32,
+}
+
+/// `force_sig_mceerr`/`send_sig_mceerr`: the kernel's SIGBUS to a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelSignalEvent {
+    /// The sending context (for `force_sig_mceerr` the victim itself).
+    pub hdr: EventHeader,
+    pub victim_tgid: u32,
+    pub victim_tid: u32,
+    pub addr: u64,
+    /// BUS_MCEERR_AR (4) or BUS_MCEERR_AO (5).
+    pub code: i32,
+    /// log2 of the affected size.
+    pub lsb: i32,
+    pub victim_comm: [u8; TASK_COMM_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmapDeniedEvent {
+    pub hdr: EventHeader,
+    pub dev: u32,
+    pub _pad: u32,
+    pub ino: u64,
+}
+
 /// A DAX-holding process called mremap successfully.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -218,6 +307,10 @@ const _: () = {
     assert!(core::mem::size_of::<ZapEvent>() == 112);
     assert!(core::mem::size_of::<ForkEvent>() == 56);
     assert!(core::mem::size_of::<MremapEvent>() == 80);
+    assert!(core::mem::size_of::<DeviceEvent>() == 120);
+    assert!(core::mem::size_of::<MemoryFailureEvent>() == 64);
+    assert!(core::mem::size_of::<KernelSignalEvent>() == 80);
+    assert!(core::mem::size_of::<MmapDeniedEvent>() == 56);
 };
 
 /// Marker for plain-old-data events that may be viewed as bytes and rebuilt from bytes.
@@ -263,6 +356,20 @@ unsafe impl Event for ForkEvent {
 unsafe impl Event for MremapEvent {
     const KIND: EventKind = EventKind::Mremap;
 }
+// Device 40 + 2*4 + 2*8 + 32 + 16 + 8 = 120; MemoryFailure 40 + 8 + 4*4 = 64;
+// KernelSignal 40 + 2*4 + 8 + 2*4 + 16 = 80; MmapDenied 40 + 2*4 + 8 = 56.
+unsafe impl Event for DeviceEvent {
+    const KIND: EventKind = EventKind::Device;
+}
+unsafe impl Event for MemoryFailureEvent {
+    const KIND: EventKind = EventKind::MemoryFailure;
+}
+unsafe impl Event for KernelSignalEvent {
+    const KIND: EventKind = EventKind::KernelSignal;
+}
+unsafe impl Event for MmapDeniedEvent {
+    const KIND: EventKind = EventKind::MmapDenied;
+}
 
 /// Reads the header of any event, `None` if the bytes are too short for one.
 pub fn header_of(bytes: &[u8]) -> Option<EventHeader> {
@@ -280,6 +387,10 @@ mod user {
     unsafe impl aya::Pod for super::ZapEvent {}
     unsafe impl aya::Pod for super::ForkEvent {}
     unsafe impl aya::Pod for super::MremapEvent {}
+    unsafe impl aya::Pod for super::DeviceEvent {}
+    unsafe impl aya::Pod for super::MemoryFailureEvent {}
+    unsafe impl aya::Pod for super::KernelSignalEvent {}
+    unsafe impl aya::Pod for super::MmapDeniedEvent {}
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::KernelLayout {}
 }

@@ -28,7 +28,10 @@ use dax_probe_common::{
 
 use crate::{
     kernel::{Direct, Mem, Probe},
-    maps::{DEVDAX_STASH, DevdaxStash, INSERT_STASH, InsertStash, count, emit, layout, watch},
+    maps::{
+        DEVDAX_STASH, DevdaxStash, INSERT_STASH, InsertStash, count, emit, fence_signal, layout,
+        watch,
+    },
 };
 
 /// The common header for an event about the current task.
@@ -160,7 +163,21 @@ fn fault_done<M: Mem>(inode: u64, vmf: u64, result: u32, pmd: bool) {
     ev.pfn = pfn;
     ev.entry_flags = entry_flags;
     watch(ev.hdr.tgid);
+    fenced(ev.dev);
     emit(ev);
+}
+
+/// A fault on a fenced device: the task gets the fence's signal from here, before it can
+/// touch the page (delivered on its way back to user mode).
+#[inline(always)]
+fn fenced(dev: u32) {
+    if let Some(sig) = fence_signal(dev)
+        && sig != 0
+    {
+        // SAFETY: plain helper call; the current task is the faulting one.
+        unsafe { aya_ebpf::helpers::bpf_send_signal(sig) };
+        count(Counter::FenceSignals);
+    }
 }
 
 /// A fault event with everything the `vm_fault` tells; file identity left to the caller.
@@ -227,6 +244,7 @@ pub fn devdax_fault_exit(ctx: RetProbeContext) -> u32 {
     let inode: u64 = Probe::read(file, l.file_inode);
     ev.dev = Probe::read(inode, l.inode_rdev);
     watch(ev.hdr.tgid);
+    fenced(ev.dev);
     emit(ev);
     0
 }

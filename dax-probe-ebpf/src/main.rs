@@ -7,6 +7,8 @@
 #![no_std]
 #![no_main]
 
+mod departure;
+mod enforce;
 mod fault;
 mod kernel;
 mod maps;

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use dax_probe_common::{COUNTER_SLOTS, Counter, EVENTS_RING_BYTES, KernelLayout};
 
@@ -95,14 +95,45 @@ pub fn watched(tgid: u32) -> bool {
 /// Reserves, fills and submits one event; counts it as dropped if the ring is full.
 #[inline(always)]
 pub fn emit<T: 'static>(event: T) {
+    emit_with(event, submit_flags(core::mem::size_of::<T>() as u64));
+}
+
+/// Emits and wakes the reader at once: device departures and memory failures must reach
+/// the agent within microseconds, not at its next poll.
+#[inline(always)]
+pub fn emit_urgent<T: 'static>(event: T) {
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    emit_with(event, BPF_RB_FORCE_WAKEUP);
+}
+
+#[inline(always)]
+fn emit_with<T: 'static>(event: T, flags: u64) {
     count(Counter::Attempted);
     match EVENTS.reserve::<T>(0) {
         Some(mut slot) => {
             slot.write(event);
-            slot.submit(submit_flags(core::mem::size_of::<T>() as u64));
+            slot.submit(flags);
         }
         None => count(Counter::RingFull),
     }
+}
+
+/// Fenced devices: kernel `dev_t` → signal for a task that faults on it (0: none).
+#[map(name = "FENCED")]
+pub static FENCED: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+/// Slot 0 non-zero while any device is fenced, so the fault path pays for a hash lookup
+/// only then.
+#[map(name = "FENCE_ACTIVE")]
+pub static FENCE_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn fence_signal(dev: u32) -> Option<u32> {
+    if FENCE_ACTIVE.get(0).copied().unwrap_or(0) == 0 {
+        return None;
+    }
+    // SAFETY: plain value.
+    unsafe { FENCED.get(&dev) }.copied()
 }
 
 #[inline(always)]

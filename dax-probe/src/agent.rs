@@ -26,7 +26,13 @@ use crate::{
     holders::{
         Applier,
         query::{resolve, rows, select},
-        scan::LiveProc,
+        scan::{Classifier, LiveProc},
+    },
+    incident::{Departure, Incidents, Report},
+    policy::{
+        Action, Policy,
+        audit::AuditLog,
+        enforce::{ActionReport, Enforcer},
     },
     privilege,
     probe::{
@@ -45,6 +51,12 @@ pub struct Options {
     pub socket: Option<PathBuf>,
     /// Reconcile with procfs this often.
     pub reconcile: Duration,
+    /// Act on departing devices per `policy` (otherwise report only).
+    pub enforce: bool,
+    pub policy: Policy,
+    pub audit_log: PathBuf,
+    /// Where departed devices are remembered for `audit`.
+    pub departed: Option<PathBuf>,
 }
 
 /// A reconcile's outcome, reported like an event.
@@ -64,6 +76,16 @@ pub struct Reconcile {
 pub enum Output {
     Event(Event),
     Reconcile(ReconcileLine),
+    Report(Report),
+    Action(ActionLine),
+}
+
+/// An enforcement action, typed `enforcement` in JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct ActionLine {
+    pub r#type: &'static str,
+    #[serde(flatten)]
+    pub action: ActionReport,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -108,6 +130,11 @@ pub struct Agent {
     last_dropped: u64,
     listener: Option<(UnixListener, PathBuf)>,
     reconcile_every: Duration,
+    pub incidents: Incidents,
+    enforcer: Option<Enforcer>,
+    policy: Policy,
+    /// Outputs produced while handling a record, in order.
+    pending_out: Vec<Output>,
 }
 
 impl Agent {
@@ -138,7 +165,29 @@ impl Agent {
             Some(p) => Some((bind(p)?, p.clone())),
             None => None,
         };
-        let session = Session::start(src, opts.ring_bytes)?;
+        let enforcer = if opts.enforce {
+            let log = AuditLog::open(&opts.audit_log).map_err(|e| {
+                Failure::new(
+                    Code::Config,
+                    format!(
+                        "cannot open the audit log {}: {e}; enforcement needs it (pass \
+                         --audit-log PATH)",
+                        opts.audit_log.display()
+                    ),
+                )
+            })?;
+            Some(Enforcer::new(log, &src.root))
+        } else {
+            None
+        };
+        let session = Session::start(src, opts.ring_bytes, opts.enforce)?;
+        if opts.enforce && !session.fence_attached() {
+            eprintln!(
+                "dax-probe: warning: new mappings of a departing device cannot be refused on \
+                 this kernel (the BPF LSM is not active; boot with lsm=...,bpf): holders are \
+                 still signalled, and faults on it are signalled by the fault program"
+            );
+        }
         let mut agent = Self {
             session,
             topology,
@@ -153,6 +202,10 @@ impl Agent {
             last_dropped: 0,
             listener,
             reconcile_every: opts.reconcile,
+            incidents: Incidents::new(opts.departed.clone()),
+            enforcer,
+            policy: opts.policy.clone(),
+            pending_out: Vec::new(),
         };
         // Mappings made before we attached: programs are live first, so nothing that
         // happens during the scan is lost (its events are applied on top).
@@ -187,14 +240,14 @@ impl Agent {
         .decode(rec)
     }
 
-    /// Decodes and applies one record; returns the event for the outputs.
-    pub fn handle(&mut self, rec: &[u8]) -> Option<Event> {
+    /// Decodes and applies one record; its outputs go to `pending_out`.
+    pub fn handle(&mut self, rec: &[u8]) {
         let mut ev = match self.decode(rec) {
             Ok(e) => e,
             Err(e) => {
                 self.summary.undecodable += 1;
                 log::warn!("{e}");
-                return None;
+                return;
             }
         };
         // A pfn outside every known device: the topology may have changed (namespace
@@ -212,17 +265,121 @@ impl Agent {
         if matches!(ev, Event::Fault(_)) {
             self.summary.faults += 1;
         }
+        // Departures and failures first: their reports describe the map as it was when the
+        // kernel spoke.
+        let (reports, departure) = self
+            .incidents
+            .handle(&ev, &mut self.applier, &self.topology);
+        if let Some(dep) = departure {
+            self.enforce_departure(&dep);
+        }
+        for r in reports {
+            if let Report::DeviceGone { device, .. } = &r {
+                self.unfence(device);
+            }
+            if matches!(r, Report::DeviceDeparting { .. }) {
+                // The departing report goes out before the actions it triggered.
+                let pos = self
+                    .pending_out
+                    .iter()
+                    .position(|o| matches!(o, Output::Action(_)))
+                    .unwrap_or(self.pending_out.len());
+                self.pending_out.insert(pos, Output::Report(r));
+            } else {
+                self.pending_out.push(Output::Report(r));
+            }
+        }
         self.applier.apply(&ev, &self.topology);
         self.push_watch();
-        Some(ev)
+        if matches!(
+            ev,
+            Event::Fault(_) | Event::Zap(_) | Event::Fork(_) | Event::Mremap(_)
+        ) {
+            self.pending_out.push(Output::Event(ev));
+        }
+    }
+
+    /// Fences a departing device and applies the policy to its holders.
+    fn enforce_departure(&mut self, dep: &Departure) {
+        let Some(enf) = self.enforcer.as_mut() else {
+            return;
+        };
+        let names: Vec<&str> = dep.names.iter().map(String::as_str).collect();
+        let rule = self.policy.rule_for(&names).clone();
+        if rule.action == Action::Signal {
+            for d in &dep.devs {
+                let kdev = (d.major << 20) | d.minor;
+                if let Err(e) = self.session.fenced.add(kdev, libc::SIGBUS) {
+                    log::warn!("cannot fence {d}: {e}");
+                }
+            }
+        }
+        let class = Classifier {
+            topology: &self.topology,
+        };
+        let actions = enf.act(
+            &dep.device,
+            &dep.pfn_ranges,
+            &dep.holders,
+            &rule,
+            dep.started_ns,
+            self.applier.procfs(),
+            &class,
+            "device departing",
+        );
+        self.pending_out.extend(actions.into_iter().map(|a| {
+            Output::Action(ActionLine {
+                r#type: "enforcement",
+                action: a,
+            })
+        }));
+    }
+
+    fn unfence(&mut self, device: &str) {
+        let devs: Vec<_> = self
+            .topology
+            .namespaces
+            .iter()
+            .filter(|n| n.device_name() == device)
+            .flat_map(|n| n.block.iter().chain(n.chardev.iter()).map(|(_, d)| *d))
+            .collect();
+        for d in devs {
+            self.session.fenced.remove((d.major << 20) | d.minor);
+        }
+    }
+
+    fn flush(&mut self, out: &mut dyn FnMut(Output) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        for o in std::mem::take(&mut self.pending_out) {
+            out(o)?;
+        }
+        Ok(())
     }
 
     /// Drains everything already queued.
     fn drain(&mut self, out: &mut dyn FnMut(Output) -> anyhow::Result<()>) -> anyhow::Result<()> {
         while let Ok(rec) = self.session.records.try_recv() {
-            if let Some(ev) = self.handle(&rec) {
-                out(Output::Event(ev))?;
-            }
+            self.handle(&rec);
+            self.flush(out)?;
+        }
+        Ok(())
+    }
+
+    /// Runs escalations that are due.
+    fn escalate(
+        &mut self,
+        out: &mut dyn FnMut(Output) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let Some(enf) = self.enforcer.as_mut() else {
+            return Ok(());
+        };
+        let class = Classifier {
+            topology: &self.topology,
+        };
+        for a in enf.tick(self.applier.procfs(), &class) {
+            out(Output::Action(ActionLine {
+                r#type: "enforcement",
+                action: a,
+            }))?;
         }
         Ok(())
     }
@@ -272,10 +429,12 @@ impl Agent {
             tokio::select! {
                 rec = self.session.records.recv() => {
                     let Some(rec) = rec else { break };
-                    if let Some(ev) = self.handle(&rec) {
-                        out(Output::Event(ev))?;
-                    }
+                    self.handle(&rec);
+                    self.flush(out)?;
                     self.drain(out)?;
+                }
+                _ = sleep_opt(self.enforcer.as_ref().and_then(Enforcer::next_due)) => {
+                    self.escalate(out)?;
                 }
                 conn = accept(&self.listener) => {
                     if let Ok(stream) = conn {
@@ -422,6 +581,13 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
+}
+
+async fn sleep_opt(due: Option<Instant>) {
+    match due {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn accept(l: &Option<(UnixListener, PathBuf)>) -> std::io::Result<tokio::net::UnixStream> {

@@ -111,6 +111,81 @@ pub struct Mremap {
     pub new_addr: u64,
 }
 
+/// What the kernel is doing to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DevicePhase {
+    /// A driver is being unbound from an nd/dax device (before its remove runs).
+    Departing,
+    /// The unbind finished.
+    Gone,
+    /// `kill_dax()`: DAX access to a device shut off.
+    DaxKilled,
+    /// `dax_holder_notify_failure()`: a file system is told part of its device fails, or is
+    /// about to be removed.
+    HolderNotify,
+}
+
+/// A raw device event from the kernel (the agent turns these into departure reports).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeviceChange {
+    pub ts_ns: u64,
+    pub phase: DevicePhase,
+    /// The task doing it (the one writing to sysfs `unbind`, for instance).
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// `pfn0.0`, `namespace0.0`, `dax0.0`, `region0`.
+    pub device: String,
+    pub driver: String,
+    pub bus: String,
+    pub offset: u64,
+    pub len: u64,
+    pub mf_flags: u32,
+    /// `MF_MEM_PRE_REMOVE`: the notification is a removal, not a failure.
+    pub pre_remove: bool,
+}
+
+/// A memory failure (poisoned pfn) starting, or its verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MemoryFailure {
+    pub ts_ns: u64,
+    pub pfn: u64,
+    /// `start` (memory_failure() entered) or `result` (the kernel's verdict).
+    pub phase: &'static str,
+    pub tgid: u32,
+    pub comm: String,
+    pub flags: u32,
+    pub page_type: Option<String>,
+    pub result: Option<String>,
+}
+
+/// The kernel's machine-check SIGBUS to a process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KernelSigbus {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub addr: u64,
+    /// `BUS_MCEERR_AR` (action required: the task touched it) or `BUS_MCEERR_AO` (action
+    /// optional: a warning).
+    pub code: String,
+    pub lsb: i32,
+    /// Who sent it (for `force_sig_mceerr`, the victim itself).
+    pub sender_pid: u32,
+}
+
+/// A new mapping of a fenced device was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MmapDenied {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub comm: String,
+    pub dev: DevId,
+    pub ino: u64,
+}
+
 /// Everything the agent reports, tagged by `type` in JSON.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -119,6 +194,27 @@ pub enum Event {
     Zap(Zap),
     Fork(Fork),
     Mremap(Mremap),
+    Device(DeviceChange),
+    MemoryFailure(MemoryFailure),
+    KernelSigbus(KernelSigbus),
+    MmapDenied(MmapDenied),
+}
+
+/// `enum mf_result` (include/ras/ras_event.h; stable since 4.x).
+pub fn mf_result_name(r: u32) -> String {
+    match r {
+        0 => "Ignored".into(),
+        1 => "Failed".into(),
+        2 => "Delayed".into(),
+        3 => "Recovered".into(),
+        other => format!("result {other}"),
+    }
+}
+
+/// `enum mf_action_page_type`: the kernel's name for what kind of page failed. The numbering
+/// moved between kernels; the DAX entry is the one that matters here.
+pub fn mf_page_type_name(t: u32) -> String {
+    format!("page type {t}")
 }
 
 const VM_FAULT_NAMES: &[(u32, &str)] = &[

@@ -9,6 +9,8 @@ pub mod control;
 pub mod event;
 pub mod exit;
 pub mod holders;
+pub mod incident;
+pub mod policy;
 pub mod privilege;
 pub mod probe;
 pub mod proc;

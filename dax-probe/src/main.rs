@@ -3,7 +3,9 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use dax_probe::{control, exit, probe, topology::Topology, ui};
+use dax_probe::{
+    control, exit, incident, policy, policy::signal::Signal, probe, topology::Topology, ui,
+};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +56,47 @@ enum Command {
         /// Compare the holder map with every process's page tables this often.
         #[arg(long, value_name = "SECONDS", default_value_t = 30)]
         reconcile_secs: u64,
+        /// Act on departing devices as the policy says (signal their holders).
+        #[arg(long)]
+        enforce: bool,
+        /// Policy file (TOML; see contrib/policy.toml).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Audit log of every enforcement decision and signal (JSON lines).
+        #[arg(long, value_name = "PATH", default_value = policy::audit::DEFAULT_AUDIT_LOG)]
+        audit_log: PathBuf,
+    },
+    /// Fence a device, signal its holders, wait, escalate, verify nobody maps it, and with
+    /// --unbind unmount and unbind it.
+    Drain {
+        /// pmem0, /dev/pmem0, namespace0.0, pfn0.0, /dev/dax0.0.
+        device: String,
+        /// First signal (default from the policy, else TERM).
+        #[arg(long, value_parser = parse_signal)]
+        signal: Option<Signal>,
+        /// Time to leave before escalating, e.g. 10s, 500ms (default from policy, else 10s).
+        #[arg(long, value_parser = parse_grace)]
+        grace: Option<Duration>,
+        /// Escalation signal, or `none` (default from policy, else KILL).
+        #[arg(long, value_parser = parse_then)]
+        then: Option<Then>,
+        /// Also unmount the device's file system and unbind the device.
+        #[arg(long)]
+        unbind: bool,
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        #[arg(long, value_name = "PATH", default_value = policy::audit::DEFAULT_AUDIT_LOG)]
+        audit_log: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find page-table entries that still point into a departed device (exit 1 if any).
+    Audit {
+        #[arg(long)]
+        json: bool,
+        /// Departures recorded by the monitor.
+        #[arg(long, value_name = "PATH", default_value = incident::DEFAULT_DEPARTED)]
+        departed: PathBuf,
     },
     /// Who maps a DAX device, file, mount point or pfn right now (asks the running monitor,
     /// else scans every process; needs root).
@@ -108,6 +151,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--then none` or a signal.
+#[derive(Clone, Copy, Debug)]
+struct Then(Option<Signal>);
+
+fn parse_signal(s: &str) -> Result<Signal, String> {
+    s.parse()
+        .map_err(|e: policy::signal::BadSignal| e.to_string())
+}
+
+fn parse_then(s: &str) -> Result<Then, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Then(None));
+    }
+    parse_signal(s).map(|x| Then(Some(x)))
+}
+
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    policy::signal::parse_duration(s)
+        .ok_or_else(|| format!("bad duration {s:?}: use e.g. 10s, 500ms, 2m"))
+}
+
+fn load_policy(path: Option<&std::path::Path>) -> anyhow::Result<Option<policy::Policy>> {
+    path.map(|p| {
+        policy::config::load(p)
+            .map_err(|e| exit::Failure::new(exit::Code::Config, e.to_string()).into())
+    })
+    .transpose()
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let src = probe::live(&cli.root, cli.btf.as_deref(), &cli.skip_hooks);
     match cli.command {
@@ -119,8 +191,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             socket,
             no_socket,
             reconcile_secs,
+            enforce,
+            policy,
+            audit_log,
         } => {
             let ring_bytes = probe::ring_bytes(ring_size_kib)?;
+            let policy = load_policy(policy.as_deref())?.unwrap_or_default();
             let duration = match duration {
                 Some(s) if !(s > 0.0 && s.is_finite()) => {
                     return Err(exit::Failure::new(
@@ -144,6 +220,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         wait,
                         socket: (!no_socket).then_some(socket),
                         reconcile: Duration::from_secs(reconcile_secs.max(1)),
+                        enforce,
+                        policy,
+                        audit_log,
+                        departed: Some(PathBuf::from(incident::DEFAULT_DEPARTED)),
                     },
                 },
             ))
@@ -164,5 +244,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             root: &cli.root,
         }),
         Command::Devices { json } => ui::devices::run(&Topology::read(&cli.root), json),
+        Command::Drain {
+            device,
+            signal,
+            grace,
+            then,
+            unbind,
+            policy,
+            audit_log,
+            json,
+        } => ui::drain::run(
+            &src,
+            &ui::drain::Options {
+                device: &device,
+                signal,
+                grace,
+                then: then.map(|t| t.0),
+                unbind,
+                policy: load_policy(policy.as_deref())?,
+                audit_log,
+                json,
+                ring_bytes: dax_probe_common::EVENTS_RING_BYTES,
+            },
+        ),
+        Command::Audit { json, departed } => ui::audit::run(&cli.root, json, &departed),
     }
 }

@@ -109,6 +109,9 @@ impl Applier {
             Event::Zap(z) => self.zap(z, topo),
             Event::Fork(f) => self.fork(f, topo),
             Event::Mremap(m) => self.mremap(m, topo),
+            // Device and failure events change nothing by themselves: the teardown they
+            // cause arrives as zaps (or, for stale mappings, does not).
+            _ => {}
         }
     }
 

@@ -1,13 +1,18 @@
 //! Ring-buffer bytes → [`Event`]s.
 
 use dax_probe_common::{
-    DAX_ENTRY_ZERO_PAGE, Event as RawEvent, EventKind, FAULT_DEVDAX, FAULT_FLAG_WRITE,
-    FAULT_PFN_VALID, FaultEvent, ForkEvent, MremapEvent, ZAP_COW, ZAP_DEVDAX, ZAP_EXITING,
-    ZAP_OWN_MM, ZapEvent, header_of,
+    DAX_ENTRY_ZERO_PAGE, DEV_DAX_KILLED, DEV_DEPARTING, DEV_GONE, DeviceEvent, Event as RawEvent,
+    EventKind, FAULT_DEVDAX, FAULT_FLAG_WRITE, FAULT_PFN_VALID, FaultEvent, ForkEvent,
+    KernelSignalEvent, MF_MEM_PRE_REMOVE, MF_RESULT, MemoryFailureEvent, MmapDeniedEvent,
+    MremapEvent, ZAP_COW, ZAP_DEVDAX, ZAP_EXITING, ZAP_OWN_MM, ZapEvent, header_of,
 };
 
 use crate::{
-    event::{Event, Fault, Fork, Mremap, PfnSource, VM_FAULT_ERROR_BITS, Zap, vm_fault_name},
+    event::{
+        DeviceChange, DevicePhase, Event, Fault, Fork, KernelSigbus, MemoryFailure, MmapDenied,
+        Mremap, PfnSource, VM_FAULT_ERROR_BITS, Zap, mf_page_type_name, mf_result_name,
+        vm_fault_name,
+    },
     topology::{DevId, Topology},
 };
 
@@ -77,6 +82,69 @@ impl<L: PfnLookup> Decoder<'_, L> {
                     new_len: m.new_len,
                     flags: m.flags,
                     new_addr: m.new_addr,
+                }))
+            }
+            Some(EventKind::Device) => {
+                let d = raw::<DeviceEvent>(bytes)?;
+                Ok(Event::Device(DeviceChange {
+                    ts_ns: d.hdr.ts_ns,
+                    phase: match d.phase {
+                        DEV_DEPARTING => DevicePhase::Departing,
+                        DEV_GONE => DevicePhase::Gone,
+                        DEV_DAX_KILLED => DevicePhase::DaxKilled,
+                        _ => DevicePhase::HolderNotify,
+                    },
+                    tgid: d.hdr.tgid,
+                    tid: d.hdr.tid,
+                    comm: comm_string(&d.hdr.comm),
+                    device: comm_string(&d.dev_name),
+                    driver: comm_string(&d.drv_name),
+                    bus: comm_string(&d.bus_name),
+                    offset: d.offset,
+                    len: d.len,
+                    mf_flags: d.mf_flags,
+                    pre_remove: d.mf_flags & MF_MEM_PRE_REMOVE != 0,
+                }))
+            }
+            Some(EventKind::MemoryFailure) => {
+                let m = raw::<MemoryFailureEvent>(bytes)?;
+                let result = m.phase == MF_RESULT;
+                Ok(Event::MemoryFailure(MemoryFailure {
+                    ts_ns: m.hdr.ts_ns,
+                    pfn: m.pfn,
+                    phase: if result { "result" } else { "start" },
+                    tgid: m.hdr.tgid,
+                    comm: comm_string(&m.hdr.comm),
+                    flags: m.flags,
+                    page_type: result.then(|| mf_page_type_name(m.mf_type)),
+                    result: result.then(|| mf_result_name(m.result)),
+                }))
+            }
+            Some(EventKind::KernelSignal) => {
+                let k = raw::<KernelSignalEvent>(bytes)?;
+                Ok(Event::KernelSigbus(KernelSigbus {
+                    ts_ns: k.hdr.ts_ns,
+                    pid: k.victim_tgid,
+                    tid: k.victim_tid,
+                    comm: comm_string(&k.victim_comm),
+                    addr: k.addr,
+                    code: match k.code {
+                        4 => "BUS_MCEERR_AR".into(),
+                        5 => "BUS_MCEERR_AO".into(),
+                        c => format!("code {c}"),
+                    },
+                    lsb: k.lsb,
+                    sender_pid: k.hdr.tgid,
+                }))
+            }
+            Some(EventKind::MmapDenied) => {
+                let m = raw::<MmapDeniedEvent>(bytes)?;
+                Ok(Event::MmapDenied(MmapDenied {
+                    ts_ns: m.hdr.ts_ns,
+                    pid: m.hdr.tgid,
+                    comm: comm_string(&m.hdr.comm),
+                    dev: DevId::from_kernel(m.dev),
+                    ino: m.ino,
                 }))
             }
             None => Err(DecodeError::UnknownKind(hdr.kind)),

@@ -22,6 +22,8 @@ pub trait KernelFacts {
     fn kallsyms_func(&self, name: &str) -> bool;
     /// Parameters of a vmlinux function per BTF.
     fn func_params(&self, name: &str) -> Option<Vec<Param>>;
+    /// Is `bpf` in the active LSM list? None when it cannot be read (no securityfs).
+    fn bpf_lsm_active(&self) -> Option<bool>;
 }
 
 /// Facts read from a live kernel (or from a root directory that mimics one, for tests).
@@ -79,12 +81,6 @@ impl LiveFacts {
             release,
         })
     }
-
-    pub fn bpf_lsm_active(&self) -> Option<bool> {
-        self.lsm
-            .as_deref()
-            .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
-    }
 }
 
 /// Function and data symbol names from kallsyms. With kptr_restrict the addresses read as
@@ -125,5 +121,10 @@ impl KernelFacts for LiveFacts {
     }
     fn func_params(&self, name: &str) -> Option<Vec<Param>> {
         self.btf.func_params(name)
+    }
+    fn bpf_lsm_active(&self) -> Option<bool> {
+        self.lsm
+            .as_deref()
+            .map(|l| l.split(',').any(|m| m.trim() == "bpf"))
     }
 }

@@ -57,8 +57,17 @@ pub fn compute(
         task_tgid: off("task_struct", "tgid")?,
         task_pid: off("task_struct", "pid")?,
         task_mm: off("task_struct", "mm")?,
+        task_comm: off("task_struct", "comm")?,
         // Only with CONFIG_MEMCG; without it foreign zaps are attributed by other means.
         mm_owner: btf.member_offset("mm_struct", &["owner"]).unwrap_or(0),
+        dev_name: btf
+            .member_offset("device", &["kobj", "name"])
+            .ok_or_else(|| LayoutError {
+                what: "member kobj.name in struct device".into(),
+            })?,
+        dev_bus: off("device", "bus")?,
+        bus_name: off("bus_type", "name")?,
+        drv_name: off("device_driver", "name")?,
         regs_arg: [
             off("pt_regs", "di")?,
             off("pt_regs", "si")?,
@@ -71,7 +80,6 @@ pub fn compute(
         // 5.10/6.1 pass `enum page_entry_size`, 6.12+ a page order.
         devdax_size_is_enum: u32::from(btf.enum_value("page_entry_size", "PE_SIZE_PMD").is_some()),
         wakeup_bytes: 0,
-        _reserved: 0,
         pfn_mask: u64::MAX,
     };
     // Absent insert function: the pfn concern falls back to userspace, layout stays valid.

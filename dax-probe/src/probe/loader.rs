@@ -9,11 +9,11 @@ use std::path::Path;
 
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, Program, RawTracePoint},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, Lsm, Program, RawTracePoint},
 };
 use dax_probe_common::{
-    COUNTERS_MAP, Counter, EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, WATCHED_MAP,
+    COUNTERS_MAP, Counter, EVENTS_MAP, FENCED_MAP, KernelLayout, LAYOUT_GLOBAL, WATCHED_MAP,
 };
 use serde::Serialize;
 
@@ -81,6 +81,23 @@ impl Probe {
         Ok(Watched(BpfHashMap::try_from(map)?))
     }
 
+    /// Takes the fence maps (once).
+    pub fn take_fenced(&mut self) -> Result<Fenced, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(FENCED_MAP)
+            .ok_or(LoadError::MissingMap("FENCED"))?;
+        let active = self
+            .ebpf
+            .take_map("FENCE_ACTIVE")
+            .ok_or(LoadError::MissingMap("FENCE_ACTIVE"))?;
+        Ok(Fenced {
+            map: BpfHashMap::try_from(map)?,
+            active: Array::try_from(active)?,
+            count: 0,
+        })
+    }
+
     /// Takes the per-CPU counters (once).
     pub fn take_counters(&mut self) -> Result<Counters, LoadError> {
         let map = self
@@ -102,6 +119,32 @@ impl Watched {
     }
     pub fn remove(&mut self, tgid: u32) {
         let _ = self.0.remove(&tgid);
+    }
+}
+
+/// Fenced devices, kernel side: the fault program signals tasks faulting on them and the
+/// LSM program (when loaded) refuses new mappings.
+pub struct Fenced {
+    map: BpfHashMap<MapData, u32, u32>,
+    active: Array<MapData, u32>,
+    count: usize,
+}
+
+impl Fenced {
+    /// Fences `dev` (kernel encoding); `fault_signal` 0 means no signal on faults.
+    pub fn add(&mut self, dev: u32, fault_signal: i32) -> Result<(), aya::maps::MapError> {
+        self.map.insert(dev, fault_signal as u32, 0)?;
+        self.count += 1;
+        self.active.set(0, 1, 0)
+    }
+
+    pub fn remove(&mut self, dev: u32) {
+        if self.map.remove(&dev).is_ok() {
+            self.count = self.count.saturating_sub(1);
+        }
+        if self.count == 0 {
+            let _ = self.active.set(0, 0, 0);
+        }
     }
 }
 
@@ -133,12 +176,14 @@ fn raise_memlock() {
     }
 }
 
-/// `ring_bytes`: size of the event ring buffer (a power of two, at least a page).
+/// `ring_bytes`: size of the event ring buffer (a power of two, at least a page). On-demand
+/// concerns (the mmap fence) are loaded only with `on_demand`.
 pub fn load(
     plan: &Plan,
     layout: &KernelLayout,
     btf_path: &Path,
     ring_bytes: u32,
+    on_demand: bool,
 ) -> Result<Probe, LoadError> {
     raise_memlock();
     let btf = Btf::parse_file(btf_path, Endianness::default())?;
@@ -156,6 +201,9 @@ pub fn load(
 
     let mut choices = Vec::new();
     for (concern, _) in &plan.concerns {
+        if concern.on_demand() && !on_demand {
+            continue;
+        }
         let mut choice = Choice {
             concern: *concern,
             chosen: None,
@@ -248,6 +296,12 @@ fn load_and_attach(ebpf: &mut Ebpf, a: &Attach, btf: &Btf) -> Result<(), String>
                 .map_err(|e| err("load", &verifier(e)))?;
             p.attach().map_err(attach_err)?;
         }
+        AttachKind::Lsm => {
+            let p: &mut Lsm = prog.try_into().map_err(|e| err("type", &e))?;
+            p.load(a.target, btf)
+                .map_err(|e| err("load", &verifier(e)))?;
+            p.attach().map_err(attach_err)?;
+        }
         AttachKind::KProbe | AttachKind::KRetProbe => {
             // The section name (kprobe/kretprobe) decides the direction.
             let p: &mut KProbe = prog.try_into().map_err(|e| err("type", &e))?;
@@ -291,6 +345,7 @@ fn unload(ebpf: &mut Ebpf, name: &str) {
         Program::RawTracePoint(p) => p.unload(),
         Program::FEntry(p) => p.unload(),
         Program::FExit(p) => p.unload(),
+        Program::Lsm(p) => p.unload(),
         Program::KProbe(p) => p.unload(),
         _ => Ok(()),
     };

@@ -37,13 +37,15 @@ pub struct Session {
     pub records: UnboundedReceiver<Vec<u8>>,
     /// The kernel's set of DAX-holding processes (forks and mremaps of these are reported).
     pub watched: loader::Watched,
+    pub fenced: loader::Fenced,
     reader: Option<reader::Reader>,
 }
 
 impl Session {
     /// Collects facts, plans, loads and attaches, and starts the reader. Fails with an exit
     /// code the operator can act on; on failure nothing stays attached.
-    pub fn start(src: &KernelSource, ring_bytes: u32) -> anyhow::Result<Self> {
+    /// `fence`: also load the on-demand mmap fence (drain, `monitor --enforce`).
+    pub fn start(src: &KernelSource, ring_bytes: u32, fence: bool) -> anyhow::Result<Self> {
         let facts = collect_facts(src)?;
         let plan = plan::plan(&facts, &src.skip);
         let extra = layout::Extra {
@@ -51,16 +53,18 @@ impl Session {
         };
         let layout = layout::compute(&facts.btf, &facts, extra)
             .map_err(|e| Failure::new(Code::Unavailable, e.to_string()))?;
-        let mut probe = loader::load(&plan, &layout, &facts.btf_path, ring_bytes).map_err(|e| {
-            let code = match e {
-                loader::LoadError::MissingHook { .. } => Code::Unavailable,
-                _ => Code::Software,
-            };
-            Failure::new(code, e.to_string())
-        })?;
+        let mut probe =
+            loader::load(&plan, &layout, &facts.btf_path, ring_bytes, fence).map_err(|e| {
+                let code = match e {
+                    loader::LoadError::MissingHook { .. } => Code::Unavailable,
+                    _ => Code::Software,
+                };
+                Failure::new(code, e.to_string())
+            })?;
         let ring = probe.take_events()?;
         let counters = probe.take_counters()?;
         let watched = probe.take_watched()?;
+        let fenced = probe.take_fenced()?;
         let (tx, records) = unbounded_channel();
         let reader = reader::Reader::spawn(ring, tx);
         Ok(Self {
@@ -70,6 +74,7 @@ impl Session {
             counters,
             records,
             watched,
+            fenced,
             reader: Some(reader),
         })
     }
@@ -86,6 +91,13 @@ impl Session {
         if let Some(r) = self.reader.take() {
             r.stop();
         }
+    }
+
+    /// Is the mmap fence attached (BPF LSM)?
+    pub fn fence_attached(&self) -> bool {
+        self.probe
+            .choice(plan::Concern::Fence)
+            .is_some_and(|c| c.chosen.is_some())
     }
 
     /// True when pfns must be looked up in userspace (no insert hook attached).

@@ -27,10 +27,23 @@ pub enum Concern {
     Mremap,
     /// A write to a private DAX mapping replaced a page by an anonymous copy.
     Cow,
+    /// A pmem/dax device is being unbound or removed (and when it is gone).
+    Departure,
+    /// `kill_dax`: DAX access to a device shut off.
+    DaxKilled,
+    /// A file system told of a failure or pending removal of its device (6.1+).
+    HolderNotify,
+    /// A memory failure starts (a poisoned pfn) and ends (the kernel's verdict).
+    MemoryFailure,
+    MemoryFailureResult,
+    /// The kernel's machine-check SIGBUS to a process.
+    KernelSigbus,
+    /// Refusing new mappings of a fenced device (drain, enforcement).
+    Fence,
 }
 
 impl Concern {
-    pub const ALL: [Concern; 7] = [
+    pub const ALL: [Concern; 14] = [
         Concern::FaultDone,
         Concern::FaultPfn,
         Concern::DevdaxFault,
@@ -38,6 +51,13 @@ impl Concern {
         Concern::Fork,
         Concern::Mremap,
         Concern::Cow,
+        Concern::Departure,
+        Concern::DaxKilled,
+        Concern::HolderNotify,
+        Concern::MemoryFailure,
+        Concern::MemoryFailureResult,
+        Concern::KernelSigbus,
+        Concern::Fence,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,12 +69,24 @@ impl Concern {
             Concern::Fork => "fork",
             Concern::Mremap => "mremap",
             Concern::Cow => "copy-on-write",
+            Concern::Departure => "device departure",
+            Concern::DaxKilled => "DAX shut-off",
+            Concern::HolderNotify => "fs notified",
+            Concern::MemoryFailure => "memory failure",
+            Concern::MemoryFailureResult => "failure verdict",
+            Concern::KernelSigbus => "kernel SIGBUS",
+            Concern::Fence => "mmap fence",
         }
     }
 
     /// Is the agent still useful without this concern?
     pub fn required(self) -> bool {
         matches!(self, Concern::FaultDone)
+    }
+
+    /// Loaded only when asked for (enforcement).
+    pub fn on_demand(self) -> bool {
+        matches!(self, Concern::Fence)
     }
 }
 
@@ -74,6 +106,8 @@ pub enum AttachKind {
     KProbe,
     #[value(name = "kretprobe")]
     KRetProbe,
+    #[value(name = "lsm")]
+    Lsm,
 }
 
 impl AttachKind {
@@ -85,6 +119,7 @@ impl AttachKind {
             AttachKind::FExit => "fexit",
             AttachKind::KProbe => "kprobe",
             AttachKind::KRetProbe => "kretprobe",
+            AttachKind::Lsm => "lsm",
         }
     }
 }
@@ -309,6 +344,74 @@ pub const CANDIDATES: &[Candidate] = &[
         "userspace periodic pagemap reconcile",
         "notices private pages copied to RAM at the next reconcile",
     ),
+    probes(
+        Departure,
+        "fentry+fexit device_release_driver_internal",
+        &[
+            attach("release_entry", FEntry, "device_release_driver_internal"),
+            attach("release_exit", FExit, "device_release_driver_internal"),
+        ],
+    ),
+    probes(
+        Departure,
+        "kprobe device_release_driver_internal",
+        &[attach(
+            "release_entry_kprobe",
+            KProbe,
+            "device_release_driver_internal",
+        )],
+    ),
+    fallback(
+        Departure,
+        "userspace sysfs polling",
+        "notices a vanished device at the next topology refresh, after the fact",
+    ),
+    probes(
+        DaxKilled,
+        "fentry kill_dax",
+        &[attach("kill_dax", FEntry, "kill_dax")],
+    ),
+    probes(
+        HolderNotify,
+        "fentry dax_holder_notify_failure",
+        &[attach("holder_notify", FEntry, "dax_holder_notify_failure")],
+    ),
+    probes(
+        MemoryFailure,
+        "fentry memory_failure",
+        &[attach("memory_failure", FEntry, "memory_failure")],
+    ),
+    probes(
+        MemoryFailureResult,
+        "tp_btf ras:memory_failure_event",
+        &[attach(
+            "memory_failure_result_btf",
+            TpBtf,
+            "memory_failure_event",
+        )],
+    ),
+    probes(
+        MemoryFailureResult,
+        "raw_tp ras:memory_failure_event",
+        &[attach(
+            "memory_failure_result_raw",
+            RawTp,
+            "memory_failure_event",
+        )],
+    ),
+    probes(
+        KernelSigbus,
+        "fentry force_sig_mceerr + send_sig_mceerr",
+        &[
+            attach("force_sig_mceerr", FEntry, "force_sig_mceerr"),
+            attach("send_sig_mceerr", FEntry, "send_sig_mceerr"),
+        ],
+    ),
+    probes(
+        Fence,
+        "lsm mmap_file",
+        &[attach("fence_mmap", Lsm, "mmap_file")],
+    ),
 ];
 
 /// Why a candidate is or is not usable on this kernel.
@@ -359,6 +462,15 @@ fn missing_for(a: &Attach, facts: &dyn KernelFacts) -> Option<String> {
             .then(|| format!("no BTF function {} in vmlinux", a.target)),
         AttachKind::KProbe | AttachKind::KRetProbe => (!facts.kallsyms_func(a.target))
             .then(|| format!("no symbol {} in kallsyms (module not loaded?)", a.target)),
+        AttachKind::Lsm => {
+            if !facts.vmlinux_btf_func(&format!("bpf_lsm_{}", a.target)) {
+                Some(format!("no BPF LSM hook {} in this kernel", a.target))
+            } else if facts.bpf_lsm_active() == Some(false) {
+                Some("the BPF LSM is not active (boot with lsm=...,bpf)".into())
+            } else {
+                None
+            }
+        }
     }
 }
 
@@ -452,6 +564,9 @@ mod tests {
         }
         fn kallsyms_func(&self, n: &str) -> bool {
             self.syms.contains(n)
+        }
+        fn bpf_lsm_active(&self) -> Option<bool> {
+            Some(true)
         }
         fn func_params(&self, n: &str) -> Option<Vec<Param>> {
             (n == "dax_insert_entry").then_some(())?;

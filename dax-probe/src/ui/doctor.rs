@@ -13,7 +13,7 @@ use crate::{
     privilege,
     probe::{
         self, KernelSource,
-        facts::LiveFacts,
+        facts::{KernelFacts, LiveFacts},
         plan::{self, Concern, Plan},
     },
     topology::Topology,
@@ -72,6 +72,7 @@ pub fn run(src: &KernelSource, json: bool) -> anyhow::Result<()> {
                     &l,
                     &facts.btf_path,
                     dax_probe_common::EVENTS_RING_BYTES,
+                    true,
                 )
                 .map_err(|e| e.to_string())
             }),

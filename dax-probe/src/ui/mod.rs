@@ -1,6 +1,8 @@
 //! Outputs. Nothing here touches the kernel directly; it renders what probe/topology produce.
 
+pub mod audit;
 pub mod devices;
 pub mod doctor;
+pub mod drain;
 pub mod holders;
 pub mod monitor;

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::{
     agent::{self, Agent, Output},
     event::{Event, Fault},
+    incident::Report,
     probe::{KernelSource, plan::Concern},
 };
 
@@ -197,9 +198,138 @@ pub fn format_output(o: &Output) -> String {
             m.new_addr,
             m.new_len
         ),
+        Output::Report(r) => format_report(r),
+        Output::Action(a) => {
+            let a = &a.action;
+            format!(
+                "enforce {} {} {} ({}) on {}: {}{}",
+                a.action,
+                a.signal.as_deref().unwrap_or("-"),
+                a.pid,
+                a.comm,
+                a.device,
+                a.reason,
+                a.since_departure_us
+                    .map(|us| format!(" [{:.1} ms after the departure]", us as f64 / 1000.0))
+                    .unwrap_or_default()
+            )
+        }
+        Output::Event(e) => format!("{e:?}"),
         Output::Reconcile(r) => format!(
             "reconcile ({}): {} holders; corrected {} missing and {} extra pages",
             r.reconcile.reason, r.reconcile.holders, r.reconcile.missing, r.reconcile.extra
+        ),
+    }
+}
+
+fn holders_line(rows: &[crate::holders::query::HolderRow]) -> String {
+    if rows.is_empty() {
+        return "no holders".into();
+    }
+    rows.iter()
+        .map(|r| {
+            format!(
+                "{} {} ({} pages of {})",
+                r.pid,
+                r.comm,
+                r.pages,
+                r.file.as_deref().unwrap_or("?")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn format_report(r: &Report) -> String {
+    match r {
+        Report::DeviceDeparting {
+            ts_ns,
+            device,
+            namespaces,
+            by_pid,
+            by_comm,
+            driver,
+            holders,
+            holder_pages,
+            ..
+        } => format!(
+            "{} DEVICE DEPARTING {device} ({}) unbound from {driver} by {by_pid} {by_comm}: \
+             {} holder(s), {holder_pages} pages: {}",
+            stamp(*ts_ns),
+            namespaces.join(","),
+            holders.len(),
+            holders_line(holders)
+        ),
+        Report::DeviceGone {
+            ts_ns,
+            device,
+            still_mapped,
+            took_ms,
+        } => format!(
+            "{} DEVICE GONE {device} after {took_ms:.1} ms{}",
+            stamp(*ts_ns),
+            if still_mapped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; STALE MAPPINGS left by the kernel: {}",
+                    holders_line(still_mapped)
+                )
+            }
+        ),
+        Report::DaxShutOff { ts_ns, device } => format!(
+            "{} DAX access shut off for {}",
+            stamp(*ts_ns),
+            device.as_deref().unwrap_or("a device")
+        ),
+        Report::FsNotified { ts_ns, meaning, .. } => format!("{} {meaning}", stamp(*ts_ns)),
+        Report::MemoryFailure {
+            ts_ns,
+            pfn,
+            device,
+            files,
+            holders,
+            ..
+        } => format!(
+            "{} MEMORY FAILURE pfn {pfn:#x} on {}: backs {}; held by {}",
+            stamp(*ts_ns),
+            device.as_deref().unwrap_or("no known device"),
+            files
+                .iter()
+                .map(|f| format!("{}@{:#x}", f.path.as_deref().unwrap_or("?"), f.offset))
+                .collect::<Vec<_>>()
+                .join(", "),
+            holders_line(holders)
+        ),
+        Report::MemoryFailureResult {
+            ts_ns,
+            pfn,
+            result,
+            signalled,
+            not_signalled,
+            ..
+        } => format!(
+            "{} memory failure pfn {pfn:#x}: kernel result {}; SIGBUS to {:?}; NOT signalled \
+             (still map it): {:?}",
+            stamp(*ts_ns),
+            result.as_deref().unwrap_or("?"),
+            signalled,
+            not_signalled
+        ),
+        Report::KernelSigbus { sigbus, cause } => format!(
+            "{} kernel SIGBUS {} to {} {} at {:#x}: {cause}",
+            stamp(sigbus.ts_ns),
+            sigbus.code,
+            sigbus.pid,
+            sigbus.comm,
+            sigbus.addr
+        ),
+        Report::MmapDenied { denied, device } => format!(
+            "{} mmap DENIED {} {} on fenced {}",
+            stamp(denied.ts_ns),
+            denied.pid,
+            denied.comm,
+            device.as_deref().unwrap_or("device")
         ),
     }
 }
