@@ -253,3 +253,43 @@ pub fn write_file(path: &Path, len: usize) -> Result<()> {
     f.sync_all()?;
     Ok(())
 }
+
+/// Unbinds an fsdax device from nd_pmem (what an operator's `echo pfn0.0 > unbind` does).
+/// Returns when the kernel finished the unbind.
+pub fn unbind_fsdax(dev: &Fsdax) -> Result<()> {
+    sys::write("/sys/bus/nd/drivers/nd_pmem/unbind", &dev.pfn_dev)
+        .with_context(|| format!("unbind {}", dev.pfn_dev))
+}
+
+/// Is the device's driver bound?
+pub fn is_bound(dev: &Fsdax) -> bool {
+    Path::new(&format!("{ND}/{}/driver", dev.pfn_dev)).exists()
+}
+
+/// Binds an unbound fsdax device again and refreshes its block device name and range.
+pub fn rebind_fsdax(dev: &mut Fsdax) -> Result<()> {
+    if !is_bound(dev) {
+        sys::write("/sys/bus/nd/drivers/nd_pmem/bind", &dev.pfn_dev)
+            .with_context(|| format!("bind {}", dev.pfn_dev))?;
+    }
+    let dir = format!("{ND}/{}", dev.pfn_dev);
+    let mut block = None;
+    sys::wait_for(Duration::from_secs(10), || {
+        block = block_under(&dir);
+        block
+            .as_ref()
+            .is_some_and(|b| Path::new(&format!("/dev/{b}")).exists())
+    });
+    dev.block = block.with_context(|| format!("{} rebound but no block device", dev.pfn_dev))?;
+    dev.data_start = sys::read_u64(format!("{dir}/resource"))?;
+    dev.data_end = dev.data_start + sys::read_u64(format!("{dir}/size"))?;
+    Ok(())
+}
+
+/// Detaches whatever is mounted at `mnt` (lazily: a file system whose device vanished may
+/// not unmount cleanly).
+pub fn detach(mnt: &str) {
+    let c = std::ffi::CString::new(mnt).unwrap();
+    // SAFETY: valid path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}

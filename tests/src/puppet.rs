@@ -114,6 +114,27 @@ impl Puppet {
             .context("fork reply without child")
     }
 
+    /// Opens a file and keeps it open without mapping it.
+    pub fn open(&mut self, path: &str) -> Result<()> {
+        self.cmd(&format!("open {path}")).map(|_| ())
+    }
+
+    /// Ignores a signal from now on.
+    pub fn ignore(&mut self, sig: i32) -> Result<()> {
+        self.cmd(&format!("ignore {sig}")).map(|_| ())
+    }
+
+    /// madvise(MADV_HWPOISON) on a page; the kernel may kill the puppet for it (then this
+    /// returns an error: the reply never comes).
+    pub fn poison(&mut self, addr: u64) -> Result<Value> {
+        self.cmd(&format!("poison {addr}"))
+    }
+
+    /// Whether the puppet process has exited (and how).
+    pub fn status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Ends a forked child and reaps it.
     pub fn reap(&mut self, child: u32) -> Result<()> {
         self.cmd(&format!("reap {child}")).map(|_| ())

@@ -41,7 +41,7 @@ fn vm_bench(name: &str, kernel: &str, verbose: bool) -> Result<Value> {
         kernel: &k,
         initrd,
         append: format!("daxprobe.mode=bench daxprobe.bench={name}"),
-        nvdimms: 3,
+        nvdimms: 13,
         timeout: Duration::from_secs(30 * 60),
         echo: verbose,
         interactive: false,

@@ -67,7 +67,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 opts.scenario.as_deref().unwrap_or("all"),
                 u8::from(opts.verbose)
             ),
-            nvdimms: 3,
+            nvdimms: 13,
             timeout: Duration::from_secs(25 * 60),
             echo: opts.verbose,
             interactive: false,

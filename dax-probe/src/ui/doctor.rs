@@ -32,6 +32,25 @@ struct Report {
     concerns: Vec<ConcernReport>,
     dax_namespaces: usize,
     dax_mounts: usize,
+    /// What this kernel does, read off its BTF (scenario expectations and the README's
+    /// support matrix use these).
+    kernel_facts: KernelFactsReport,
+}
+
+#[derive(Serialize)]
+struct KernelFactsReport {
+    /// `MF_MEM_PRE_REMOVE` exists: file systems with notify_failure (xfs with rmapbt) kill
+    /// the holders of a device being removed.
+    mf_mem_pre_remove: bool,
+    /// `dax_holder_notify_failure` exists: file systems can be told their device fails.
+    holder_notify_failure: bool,
+    /// Modules carry BTF (/sys/kernel/btf/<module>).
+    module_btf: bool,
+    /// DAX pages are `pfn_t`/devmap special entries (up to 6.12): tearing down a stale
+    /// mapping after the device left does not touch its (freed) struct pages. From 7.x DAX
+    /// pages are ordinary folios and it does.
+    dax_devmap: bool,
+    bpf_lsm_active: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -184,6 +203,20 @@ fn build(
             })
             .count(),
         dax_mounts: topo.mounts.iter().filter(|m| m.dax.is_dax()).count(),
+        kernel_facts: KernelFactsReport {
+            mf_mem_pre_remove: facts
+                .btf
+                .enum_value("mf_flags", "MF_MEM_PRE_REMOVE")
+                .is_some(),
+            holder_notify_failure: facts.btf.has_func("dax_holder_notify_failure"),
+            module_btf: facts
+                .btf_path
+                .parent()
+                .and_then(|d| std::fs::read_dir(d).ok())
+                .is_some_and(|d| d.flatten().any(|e| e.file_name() != "vmlinux")),
+            bpf_lsm_active: facts.bpf_lsm_active(),
+            dax_devmap: facts.btf.has_typedef("pfn_t"),
+        },
     }
 }
 

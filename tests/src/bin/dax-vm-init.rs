@@ -139,6 +139,9 @@ fn setup(cmdline: &str) -> Result<Env> {
     if let Some(r) = regions.get(2) {
         env.devdax = Some(pmem::make_devdax(r).context("devdax")?);
     }
+    // The rest are spares for scenarios that need a device of their own (taken from the
+    // end, so the first spare is regions[3]).
+    *env.pool.borrow_mut() = regions.iter().skip(3).rev().cloned().collect();
     report::note(&format!(
         "setup done in {:.1} s: {}",
         t.elapsed().as_secs_f64(),

@@ -8,11 +8,17 @@
 //!   mremap ADDR OLDLEN NEWLEN move|inplace       -> {"ok":true,"addr":N}
 //!   fork                                         -> {"ok":true,"child":PID}
 //!   reap PID                                     -> {"ok":true}  (ends a forked child)
+//!   open PATH                                    -> {"ok":true}  (keeps it open, unmapped)
+//!   ignore SIGNUM                                -> {"ok":true}  (SIG_IGN)
+//!   poison ADDR                                  -> {"ok":true,"rc":N} (madvise MADV_HWPOISON)
 //!   exit
 //! `dax-workload rounds PATH LEN ROUNDS` maps, touches every 4 KiB page and unmaps, ROUNDS
 //! times, and prints the nanoseconds of each round (fault-overhead benchmark).
 //! `dax-workload churn PATH N` forks N short-lived processes one after another, each mapping
 //! and touching PATH and exiting at once (processes vanishing under a scan).
+//! `dax-workload reader PATH LEN STATUS` maps PATH and reads it in a loop, recording in
+//! STATUS (a small file it maps) the boot-time ns of its last read and of any SIGTERM/SIGBUS,
+//! after which it stops reading (unbind-enforce: did it read after the unbind completed?).
 //! `dax-workload hold PATH LEN N` starts N processes that each map PATH and touch it, prints
 //! `ready` once all did, and keeps them until stdin closes (holders benchmark).
 
@@ -25,12 +31,21 @@ use std::{
 use serde_json::json;
 
 fn main() {
+    // The Rust runtime catches SIGBUS/SIGSEGV to report stack overflows and, for a signal
+    // it did not cause, returns: a kernel SIGBUS (memory failure, pre-remove kill) would be
+    // swallowed. A workload must react to those like any program: default dispositions.
+    // SAFETY: setting signal dispositions before anything else runs.
+    unsafe {
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("puppet") => puppet(),
         Some("rounds") => rounds(&args[2..]),
         Some("hold") => hold(&args[2..]),
         Some("churn") => churn(&args[2..]),
+        Some("reader") => reader(&args[2..]),
         _ => {
             eprintln!("usage: dax-workload puppet | rounds PATH LEN ROUNDS");
             std::process::exit(2);
@@ -99,6 +114,26 @@ fn run(w: &[&str]) -> Result<serde_json::Value, String> {
             Ok(json!({"ok": true, "addr": remap(addr, old, new, mv)?}))
         }
         Some("fork") => Ok(json!({"ok": true, "child": fork_child()?})),
+        Some("open") => {
+            let path = w.get(1).ok_or("missing path")?;
+            let f = std::fs::File::open(path).map_err(|e| format!("open {path}: {e}"))?;
+            // Kept open (not mapped) for the rest of the puppet's life.
+            std::mem::forget(f);
+            Ok(json!({"ok": true}))
+        }
+        Some("ignore") => {
+            let sig = num(w.get(1))? as i32;
+            // SAFETY: setting a signal disposition.
+            unsafe { libc::signal(sig, libc::SIG_IGN) };
+            Ok(json!({"ok": true}))
+        }
+        Some("poison") => {
+            let addr = num(w.get(1))?;
+            // SAFETY: the scenario names a page it mapped through us; the kernel may kill us.
+            let rc = unsafe { libc::madvise(addr as *mut _, 4096, libc::MADV_HWPOISON) };
+            let err = std::io::Error::last_os_error();
+            Ok(json!({"ok": true, "rc": rc, "errno": err.raw_os_error()}))
+        }
         Some("reap") => {
             let pid = num(w.get(1))? as i32;
             let mut kids = CHILDREN.lock().unwrap();
@@ -358,4 +393,59 @@ fn churn(args: &[String]) {
             }
         }
     }
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static STATUS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+extern "C" fn on_signal(_: i32) {
+    let st = STATUS.load(std::sync::atomic::Ordering::Relaxed) as *mut u64;
+    if !st.is_null() {
+        // SAFETY: slot 1 of the status mapping; async-signal-safe store.
+        unsafe { std::ptr::write_volatile(st.add(1), boottime_ns()) };
+    }
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn reader(args: &[String]) {
+    let path = &args[0];
+    let len: u64 = args[1].parse().expect("LEN");
+    let status = &args[2];
+    std::fs::write(status, [0u8; 4096]).expect("status file");
+    let st = map_file(status, 0, 4096, true, false).expect("map status") as *mut u64;
+    STATUS.store(st as usize, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: installing handlers that only store.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as usize);
+        libc::signal(libc::SIGBUS, on_signal as *const () as usize);
+    }
+    let addr = map_file(path, 0, len, true, false).expect("map");
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut sum = 0u64;
+    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut off = 0;
+        while off < len && !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: our mapping.
+            sum = sum
+                .wrapping_add(unsafe { std::ptr::read_volatile((addr + off) as *const u8) } as u64);
+            // SAFETY: slot 0 of the status mapping.
+            unsafe { std::ptr::write_volatile(st, boottime_ns()) };
+            off += 4096;
+        }
+    }
+    std::hint::black_box(sum);
+    // Stay alive (not reading) until killed or stdin closes.
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
 }

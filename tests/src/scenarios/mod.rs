@@ -3,6 +3,7 @@
 
 pub mod bad_input;
 pub mod compare;
+pub mod departure;
 pub mod fault_trace;
 pub mod holders;
 
@@ -49,6 +50,8 @@ pub struct DaxFs {
 #[derive(Clone, Debug, Default)]
 pub struct Env {
     pub fs: Vec<DaxFs>,
+    /// Unused nvdimm regions for scenarios that need a device of their own.
+    pub pool: std::cell::RefCell<Vec<String>>,
     pub devdax: Option<Devdax>,
     /// `dax-probe monitor` run before any namespace was made DAX: (exit code, stderr).
     pub before_setup_monitor: Option<(Option<i32>, String)>,
@@ -64,6 +67,33 @@ impl Env {
             Target::Devdax => self.devdax.is_some(),
             t => self.fs(t).is_some(),
         }
+    }
+
+    /// A fresh DAX file system on a device of its own, for a scenario that unbinds,
+    /// drains or poisons it. Devices are never reused: a file system whose device was pulled
+    /// from under it cannot be torn down safely on every kernel (6.12 faults in
+    /// dax_disassociate_entry when its inodes go), so it is left as it is.
+    pub fn fresh(&self, t: Target, name: &str) -> Result<DaxFs> {
+        let region = self
+            .pool
+            .borrow_mut()
+            .pop()
+            .context("no spare nvdimm left for this scenario (raise the VM's nvdimm count)")?;
+        let dev = crate::pmem::make_fsdax(&region)?;
+        let mnt = format!("/mnt/{name}-{t}");
+        let reflink = match t {
+            Target::Xfs => crate::pmem::mount_xfs(&dev, &mnt, true)?,
+            _ => {
+                crate::pmem::mount_ext4(&dev, &mnt)?;
+                false
+            }
+        };
+        Ok(DaxFs {
+            target: t,
+            dev,
+            mnt,
+            reflink,
+        })
     }
 
     /// Where DAX memory is, for ground-truth scans.
@@ -175,6 +205,42 @@ pub fn all() -> Vec<Scenario> {
             name: "devdax",
             targets: &[Target::Devdax],
             run: holders::devdax,
+        },
+        Scenario {
+            name: "audit-stale",
+            targets: &[Target::Ext4],
+            run: departure::audit_stale,
+        },
+        Scenario {
+            name: "unbind-report",
+            targets: FS,
+            run: departure::unbind_report,
+        },
+        Scenario {
+            name: "unbind-enforce",
+            targets: &[Target::Ext4],
+            run: departure::unbind_enforce,
+        },
+        Scenario {
+            name: "unbind-xfs-explain",
+            targets: &[Target::Xfs],
+            run: departure::unbind_xfs_explain,
+        },
+        Scenario {
+            name: "drain",
+            targets: FS,
+            run: departure::drain,
+        },
+        Scenario {
+            name: "never-wrong-target",
+            targets: &[Target::Ext4],
+            run: departure::never_wrong_target,
+        },
+        // Last: a poisoned page stays poisoned, so its file system is not reused.
+        Scenario {
+            name: "hwpoison",
+            targets: FS,
+            run: departure::hwpoison,
         },
     ]
 }
