@@ -267,6 +267,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ring_bytes: dax_probe_common::EVENTS_RING_BYTES,
             },
         ),
-        Command::Audit { json, departed } => ui::audit::run(&cli.root, json, &departed),
+        Command::Audit { json, departed } => ui::audit::run(&src, json, &departed),
     }
 }

@@ -139,6 +139,16 @@ impl Classifier<'_> {
             return Some(FileKey { dev: *dev, ino: 0 });
         }
         let m = self.topology.mount_of_dev(v.dev)?;
+        // Only files on a live DAX device: a file system whose device was pulled stays
+        // mounted, but its pages belong to no device any more (`audit` finds those), and on
+        // kernels without devmap entries even reading their page tables oopses.
+        if !self
+            .topology
+            .namespace_of_block(v.dev)
+            .is_some_and(|n| n.enabled && matches!(n.mode, Mode::Fsdax))
+        {
+            return None;
+        }
         match m.dax {
             DaxOption::Always => Some(FileKey {
                 dev: v.dev,

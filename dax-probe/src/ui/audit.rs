@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::{
     exit::{Code, Failure},
+    probe::{self, KernelSource},
     holders::scan::{LiveProc, Procfs},
     incident::Departed,
     privilege,
@@ -25,9 +26,14 @@ pub struct Stale {
     pub vaddr_start: u64,
     pub vaddr_end: u64,
     pub pages: u64,
+    /// 0 when the page tables were not read (see `verified`).
     pub first_pfn: u64,
     pub former_device: String,
     pub file: String,
+    /// False when the finding comes from /proc/PID/maps alone: on kernels whose DAX pages are
+    /// plain folios (7.x) reading the page tables of a mapping into a pulled device oopses the
+    /// kernel, so the whole mapping is reported instead of its present pages.
+    pub verified: bool,
 }
 
 /// Physical ranges (pfns) that belong to no live device, with a name for each.
@@ -100,7 +106,35 @@ pub fn departed_ranges(
     out
 }
 
-pub fn scan(proc: &dyn Procfs, ranges: &[(u64, u64, String)]) -> Vec<Stale> {
+/// Devices of files that live on a departed device: a block device no live namespace owns
+/// under a DAX mount, or a device-dax node that is gone.
+fn departed_file(topo: &Topology, v: &crate::holders::scan::Vma) -> Option<String> {
+    if let Some(name) = v.path.strip_prefix("/dev/dax") {
+        let live = topo.namespaces.iter().any(|n| {
+            n.enabled
+                && n.chardev
+                    .as_ref()
+                    .is_some_and(|(c, _)| c.strip_prefix("dax") == Some(name))
+        });
+        return (!live).then(|| format!("dax{name}"));
+    }
+    let m = topo.mount_of_dev(v.dev)?;
+    if !m.dax.is_dax() {
+        return None;
+    }
+    let live = topo.namespace_of_block(v.dev).is_some_and(|n| n.enabled);
+    (!live).then(|| m.source.trim_start_matches("/dev/").to_string())
+}
+
+/// `read_page_tables`: false on kernels where reading a stale DAX mapping's page tables
+/// oopses (no devmap entries): mappings of files on departed devices are then reported
+/// whole from /proc/PID/maps and their page tables are never read.
+pub fn scan(
+    proc: &dyn Procfs,
+    topo: &Topology,
+    ranges: &[(u64, u64, String)],
+    read_page_tables: bool,
+) -> Vec<Stale> {
     let mut found = Vec::new();
     for pid in proc.pids() {
         let Ok(maps) = proc.maps(pid) else { continue };
@@ -110,6 +144,20 @@ pub fn scan(proc: &dyn Procfs, ranges: &[(u64, u64, String)]) -> Vec<Stale> {
             .filter(|v| v.ino != 0 || v.path.starts_with("/dev/dax"))
         {
             let (s, e) = (v.start >> 12, v.end >> 12);
+            if !read_page_tables && let Some(dev) = departed_file(topo, v) {
+                found.push(Stale {
+                    pid,
+                    comm: comm.clone(),
+                    vaddr_start: v.start,
+                    vaddr_end: v.end,
+                    pages: e - s,
+                    first_pfn: 0,
+                    former_device: format!("{dev} (departed)"),
+                    file: v.path.clone(),
+                    verified: false,
+                });
+                continue;
+            }
             let Ok(pm) = proc.pagemap(pid, s, e - s) else {
                 continue;
             };
@@ -144,6 +192,7 @@ pub fn scan(proc: &dyn Procfs, ranges: &[(u64, u64, String)]) -> Vec<Stale> {
                     first_pfn: pfn,
                     former_device: name,
                     file: v.path.clone(),
+                    verified: true,
                 });
             }
         }
@@ -151,7 +200,8 @@ pub fn scan(proc: &dyn Procfs, ranges: &[(u64, u64, String)]) -> Vec<Stale> {
     found
 }
 
-pub fn run(root: &Path, json: bool, departed_file: &Path) -> anyhow::Result<()> {
+pub fn run(src: &KernelSource, json: bool, departed_file: &Path) -> anyhow::Result<()> {
+    let root = src.root.as_path();
     if !privilege::can_read_pagemap() {
         return Err(Failure::new(
             Code::NoPermission,
@@ -165,7 +215,12 @@ pub fn run(root: &Path, json: bool, departed_file: &Path) -> anyhow::Result<()> 
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let ranges = departed_ranges(root, &topo, &recorded);
-    let stale = scan(&LiveProc::new(root), &ranges);
+    // Only kernels with devmap DAX entries (pfn_t in BTF, up to 6.12) survive reading the
+    // page tables of a mapping into a pulled device.
+    let devmap = probe::collect_facts(src)
+        .map(|f| f.btf.has_typedef("pfn_t"))
+        .unwrap_or(false);
+    let stale = scan(&LiveProc::new(root), &topo, &ranges, devmap);
     let mut out = std::io::stdout().lock();
     if json {
         serde_json::to_writer(

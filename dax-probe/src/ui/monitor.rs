@@ -214,6 +214,16 @@ pub fn format_output(o: &Output) -> String {
                     .unwrap_or_default()
             )
         }
+        Output::Event(Event::Device(d)) => format!(
+            "{} device {:?} {} driver {} bus {} by {} {}",
+            stamp(d.ts_ns),
+            d.phase,
+            if d.device.is_empty() { "-" } else { &d.device },
+            if d.driver.is_empty() { "-" } else { &d.driver },
+            if d.bus.is_empty() { "-" } else { &d.bus },
+            d.tgid,
+            d.comm
+        ),
         Output::Event(e) => format!("{e:?}"),
         Output::Reconcile(r) => format!(
             "reconcile ({}): {} holders; corrected {} missing and {} extra pages",

