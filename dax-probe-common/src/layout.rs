@@ -46,6 +46,9 @@ pub struct KernelLayout {
     pub dev_bus: u32,
     pub bus_name: u32,
     pub drv_name: u32,
+    /// `struct device`: `driver` (still set while the bus's remove callback runs).
+    pub dev_driver: u32,
+    pub _pad0: u32,
     /// `struct pt_regs` (x86-64 syscall arguments 1, 2, 3, 4, 5: di, si, dx, r10, r8).
     pub regs_arg: [u32; 5],
     /// `S_DAX` in `inode->i_flags` (a macro, not in BTF; 1 << 13 on every kernel we support).
@@ -94,6 +97,8 @@ impl KernelLayout {
         dev_bus: 0,
         bus_name: 0,
         drv_name: 0,
+        dev_driver: 0,
+        _pad0: 0,
         regs_arg: [0; 5],
         s_dax: 0,
         dax_major: 0,
@@ -103,4 +108,4 @@ impl KernelLayout {
     };
 }
 
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 152);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 160);

@@ -14,9 +14,10 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
-    macros::{btf_tracepoint, fentry, fexit, kprobe, raw_tracepoint},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, raw_tracepoint},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
+        RetProbeContext,
     },
 };
 use dax_probe_common::{
@@ -27,7 +28,7 @@ use dax_probe_common::{
 use crate::{
     fault::header,
     kernel::{Direct, Mem, Probe},
-    maps::{emit_urgent, layout},
+    maps::{REMOVE_STASH, emit_urgent, layout},
 };
 
 /// Copies a kernel C string into `out` (NUL padded); an unreadable one leaves zeros.
@@ -59,6 +60,35 @@ pub fn release_entry_kprobe(ctx: ProbeContext) -> u32 {
         ctx.arg(1).unwrap_or(0),
         DEV_DEPARTING,
     );
+    0
+}
+
+/// `nvdimm_bus_remove(struct device *dev)`: the nvdimm bus's remove callback, called through a
+/// function pointer and so never inlined. `device_release_driver_internal` is inlined into
+/// the sysfs unbind path on some kernels (5.8–5.15: 5.10 never calls it out of line), so
+/// this one is attached beside it; the agent keeps the first report of each departure.
+#[kprobe]
+pub fn nd_remove_entry(ctx: ProbeContext) -> u32 {
+    let dev: u64 = ctx.arg(0).unwrap_or(0);
+    if dev != 0 && layout().ready != 0 {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        let _ = REMOVE_STASH.insert(tid, dev, 0);
+        let drv: u64 = Probe::read(dev, layout().dev_driver);
+        release::<Probe>(dev, drv, DEV_DEPARTING);
+    }
+    0
+}
+
+#[kretprobe]
+pub fn nd_remove_exit(_ctx: RetProbeContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: read-only copy of a plain value.
+    let Some(dev) = (unsafe { REMOVE_STASH.get(tid) }).copied() else {
+        return 0;
+    };
+    let _ = REMOVE_STASH.remove(tid);
+    let drv: u64 = Probe::read(dev, layout().dev_driver);
+    release::<Probe>(dev, drv, DEV_GONE);
     0
 }
 

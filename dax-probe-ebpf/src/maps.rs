@@ -73,6 +73,11 @@ pub struct DevdaxStash {
 #[map(name = "DEVDAX_STASH")]
 pub static DEVDAX_STASH: HashMap<u32, DevdaxStash> = HashMap::with_max_entries(4096, 0);
 
+/// The `struct device` whose nvdimm-bus remove is running, by thread id (kretprobe has no
+/// arguments).
+#[map(name = "REMOVE_STASH")]
+pub static REMOVE_STASH: HashMap<u32, u64> = HashMap::with_max_entries(256, 0);
+
 /// User registers of an mremap in flight, by thread id (kprobe fallback).
 #[map(name = "MREMAP_STASH")]
 pub static MREMAP_STASH: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);

@@ -293,7 +293,7 @@ impl Agent {
         self.push_watch();
         if matches!(
             ev,
-            Event::Fault(_) | Event::Zap(_) | Event::Fork(_) | Event::Mremap(_)
+            Event::Fault(_) | Event::Zap(_) | Event::Fork(_) | Event::Mremap(_) | Event::Device(_)
         ) {
             self.pending_out.push(Output::Event(ev));
         }

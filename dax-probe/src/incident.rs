@@ -245,7 +245,13 @@ impl Incidents {
                     .into_iter()
                     .filter(|n| matches!(n.mode, Mode::Fsdax | Mode::Devdax | Mode::Raw))
                     .collect();
-                if nss.is_empty() || self.departing.iter().any(|x| x.device == d.device) {
+                // Several hooks may report one unbind (see the departure plan): the first wins.
+                if nss.is_empty()
+                    || self
+                        .departing
+                        .iter()
+                        .any(|x| x.names.iter().any(|n| *n == d.device))
+                {
                     return (Vec::new(), None);
                 }
                 let pfn_ranges: Vec<(u64, u64)> = nss

@@ -68,6 +68,8 @@ pub fn compute(
         dev_bus: off("device", "bus")?,
         bus_name: off("bus_type", "name")?,
         drv_name: off("device_driver", "name")?,
+        dev_driver: off("device", "driver")?,
+        _pad0: 0,
         regs_arg: [
             off("pt_regs", "di")?,
             off("pt_regs", "si")?,

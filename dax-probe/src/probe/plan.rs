@@ -344,6 +344,20 @@ pub const CANDIDATES: &[Candidate] = &[
         "userspace periodic pagemap reconcile",
         "notices private pages copied to RAM at the next reconcile",
     ),
+    // The nvdimm bus's remove callback is reached through a pointer, so it is never inlined;
+    // device_release_driver_internal is inlined into the sysfs unbind path on 5.8-5.15
+    // kernels (5.10 among them) and would miss those unbinds. Both together: the agent keeps
+    // the first report of each departure.
+    probes(
+        Departure,
+        "fentry+fexit device_release_driver_internal + kprobe+kretprobe nvdimm_bus_remove",
+        &[
+            attach("release_entry", FEntry, "device_release_driver_internal"),
+            attach("release_exit", FExit, "device_release_driver_internal"),
+            attach("nd_remove_entry", KProbe, "nvdimm_bus_remove"),
+            attach("nd_remove_exit", KRetProbe, "nvdimm_bus_remove"),
+        ],
+    ),
     probes(
         Departure,
         "fentry+fexit device_release_driver_internal",

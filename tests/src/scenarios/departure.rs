@@ -131,8 +131,9 @@ pub fn unbind_report(env: &Env, t: Target) -> Result<Checked> {
         "device_departing names the device",
         dep.is_some(),
         format!(
-            "reports: {:?}",
-            out.of_type("device_departing").collect::<Vec<_>>()
+            "reports: {:?}; raw device events: {:?}",
+            out.of_type("device_departing").collect::<Vec<_>>(),
+            out.of_type("device").collect::<Vec<_>>()
         ),
     );
     let dep = dep.unwrap_or_default();
