@@ -64,7 +64,8 @@ pub fn release_entry_kprobe(ctx: ProbeContext) -> u32 {
 }
 
 /// `nvdimm_bus_remove(struct device *dev)`: the nvdimm bus's remove callback, called through a
-/// function pointer and so never inlined. `device_release_driver_internal` is inlined into
+/// function pointer and so never inlined. The device is remembered for this thread until
+/// `devres_release_all` returns (see `nd_remove_exit`). `device_release_driver_internal` is inlined into
 /// the sysfs unbind path on some kernels (5.8–5.15: 5.10 never calls it out of line), so
 /// this one is attached beside it; the agent keeps the first report of each departure.
 #[kprobe]
@@ -79,6 +80,9 @@ pub fn nd_remove_entry(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `devres_release_all(dev)` returning in the thread that ran the nvdimm bus's remove: the
+/// driver's managed resources (disk, dax device, page map) are gone, which happens after
+/// the bus callback returned (its return is too early to call the device gone).
 #[kretprobe]
 pub fn nd_remove_exit(_ctx: RetProbeContext) -> u32 {
     let tid = bpf_get_current_pid_tgid() as u32;

@@ -73,8 +73,8 @@ pub struct DevdaxStash {
 #[map(name = "DEVDAX_STASH")]
 pub static DEVDAX_STASH: HashMap<u32, DevdaxStash> = HashMap::with_max_entries(4096, 0);
 
-/// The `struct device` whose nvdimm-bus remove is running, by thread id (kretprobe has no
-/// arguments).
+/// The `struct device` whose nvdimm-bus remove is running, by thread id, until its managed
+/// resources are released (a kretprobe has no arguments).
 #[map(name = "REMOVE_STASH")]
 pub static REMOVE_STASH: HashMap<u32, u64> = HashMap::with_max_entries(256, 0);
 

@@ -111,6 +111,18 @@ impl Monitor {
                 bail!("agent ignored SIGINT for 30 s");
             }
         };
+        self.read(status.code())
+    }
+
+    /// Every JSON line the agent printed so far, leaving it be: for an agent the kernel
+    /// holds in an uninterruptible wait (a wedged unbind), which neither SIGINT nor SIGKILL
+    /// can end. Its summary line is missing then.
+    pub fn peek(mut self) -> Result<Output> {
+        std::mem::forget(self.child.take());
+        self.read(None)
+    }
+
+    fn read(&self, exit_code: Option<i32>) -> Result<Output> {
         let text = fs::read_to_string(&self.out)?;
         let lines: Vec<Value> = text
             .lines()
@@ -122,7 +134,7 @@ impl Monitor {
         Ok(Output {
             lines,
             stderr: fs::read_to_string(&self.err).unwrap_or_default(),
-            exit_code: status.code(),
+            exit_code,
         })
     }
 }

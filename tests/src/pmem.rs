@@ -261,6 +261,30 @@ pub fn unbind_fsdax(dev: &Fsdax) -> Result<()> {
         .with_context(|| format!("unbind {}", dev.pfn_dev))
 }
 
+/// An unbind running on its own thread: some kernels block it until every holder let go.
+pub struct Unbind {
+    rx: std::sync::mpsc::Receiver<Result<()>>,
+}
+
+impl Unbind {
+    /// Starts unbinding `dev` without waiting for the kernel.
+    pub fn start(dev: &Fsdax) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pfn_dev = dev.pfn_dev.clone();
+        std::thread::spawn(move || {
+            let r = sys::write("/sys/bus/nd/drivers/nd_pmem/unbind", &pfn_dev)
+                .with_context(|| format!("unbind {pfn_dev}"));
+            let _ = tx.send(r);
+        });
+        Self { rx }
+    }
+
+    /// The unbind's result if it finished within `within`, None if it still blocks.
+    pub fn wait(&self, within: Duration) -> Option<Result<()>> {
+        self.rx.recv_timeout(within).ok()
+    }
+}
+
 /// Is the device's driver bound?
 pub fn is_bound(dev: &Fsdax) -> bool {
     Path::new(&format!("{ND}/{}/driver", dev.pfn_dev)).exists()

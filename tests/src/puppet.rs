@@ -124,6 +124,20 @@ impl Puppet {
         self.cmd(&format!("ignore {sig}")).map(|_| ())
     }
 
+    /// Catches SIGBUS instead of dying of it, counting them (see `sigbus`).
+    pub fn catch_sigbus(&mut self) -> Result<()> {
+        self.cmd("catch-sigbus").map(|_| ())
+    }
+
+    /// SIGBUS caught so far and the last one's si_code.
+    pub fn sigbus(&mut self) -> Result<(u64, i32)> {
+        let v = self.cmd("sigbus")?;
+        Ok((
+            v["count"].as_u64().unwrap_or(0),
+            v["code"].as_i64().unwrap_or(0) as i32,
+        ))
+    }
+
     /// madvise(MADV_HWPOISON) on a page; the kernel may kill the puppet for it (then this
     /// returns an error: the reply never comes).
     pub fn poison(&mut self, addr: u64) -> Result<Value> {

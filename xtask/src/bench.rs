@@ -189,3 +189,54 @@ pub fn holders(kernel: &str, verbose: bool) -> Result<()> {
     );
     Ok(())
 }
+
+pub fn reaction(kernel: &str, verbose: bool) -> Result<()> {
+    let r = vm_bench("reaction", kernel, verbose)?;
+    println!(
+        "monitor --enforce (policy: SIGKILL) on an ext4 DAX file; clock: kernel unbind hook -> \
+         agent's kill(2) through the pidfd (CLOCK_BOOTTIME, same clock as the hook)"
+    );
+    println!(
+        "  {:>7} {:>5} {:>7} {:>9} {:>14} {:>13} {:>10}",
+        "holders", "round", "listed", "signalled", "first (ms)", "last (ms)", "unbind ms"
+    );
+    let rows = r["rows"].as_array().cloned().unwrap_or_default();
+    for row in &rows {
+        println!(
+            "  {:>7} {:>5} {:>7} {:>9} {:>14.2} {:>13.2} {:>10.1}",
+            row["holders"],
+            row["round"],
+            row["listed"],
+            row["signalled"],
+            row["first_ms"].as_f64().unwrap_or(f64::NAN),
+            row["last_ms"].as_f64().unwrap_or(f64::NAN),
+            row["unbind_ms"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    for n in [1u64, 10, 100] {
+        let mut last: Vec<f64> = rows
+            .iter()
+            .filter(|x| x["holders"].as_u64() == Some(n))
+            .filter_map(|x| x["last_ms"].as_f64())
+            .collect();
+        let mut per: Vec<f64> = rows
+            .iter()
+            .filter(|x| x["holders"].as_u64() == Some(n))
+            .filter_map(|x| {
+                let (f, l) = (x["first_ms"].as_f64()?, x["last_ms"].as_f64()?);
+                (n > 1).then(|| (l - f) / (n - 1) as f64)
+            })
+            .collect();
+        println!(
+            "  {n:>3} holders: last signalled {:.2} ms after the hook (median of rounds; target \
+             <= 10 ms for 100){}",
+            median(&mut last),
+            if per.is_empty() {
+                String::new()
+            } else {
+                format!("; {:.3} ms per extra holder", median(&mut per))
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! `cargo xtask`: developer tasks. See README.md for the two commands that matter.
 
 mod bench;
+mod matrix;
 mod cmd;
 mod demo;
 mod initramfs;
@@ -76,6 +77,11 @@ enum BenchCmd {
         #[arg(long, default_value = "6.12")]
         kernel: String,
     },
+    /// `monitor --enforce`: unbind hook to last holder signalled, 1/10/100 holders (VM).
+    Reaction {
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -124,6 +130,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { which } => match which {
             BenchCmd::FaultOverhead { kernel } => bench::fault_overhead(&kernel, v),
             BenchCmd::Holders { kernel } => bench::holders(&kernel, v),
+            BenchCmd::Reaction { kernel } => bench::reaction(&kernel, v),
         },
     }
 }

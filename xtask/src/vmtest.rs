@@ -59,20 +59,22 @@ pub fn run(opts: &Options) -> Result<()> {
             kernel.release,
             kernel.packages.join(", ")
         );
-        let vm = qemu::run(&VmConfig {
-            kernel: &kernel,
-            initrd,
-            append: format!(
-                "daxprobe.mode=test daxprobe.scenario={} daxprobe.verbose={}",
-                opts.scenario.as_deref().unwrap_or("all"),
-                u8::from(opts.verbose)
-            ),
-            nvdimms: 13,
-            timeout: Duration::from_secs(25 * 60),
-            echo: opts.verbose,
-            interactive: false,
-            dir: dir.clone(),
-        })?;
+        let boot = |scenario: &str, dir: &std::path::Path| {
+            qemu::run(&VmConfig {
+                kernel: &kernel,
+                initrd: initrd.clone(),
+                append: format!(
+                    "daxprobe.mode=test daxprobe.scenario={scenario} daxprobe.verbose={}",
+                    u8::from(opts.verbose)
+                ),
+                nvdimms: 13,
+                timeout: Duration::from_secs(25 * 60),
+                echo: opts.verbose,
+                interactive: false,
+                dir: dir.to_path_buf(),
+            })
+        };
+        let vm = boot(opts.scenario.as_deref().unwrap_or("all"), &dir)?;
         if let Some(d) = vm.of_event("doctor").next() {
             let text = d["text"].as_str().unwrap_or("");
             fs::write(dir.join("doctor.txt"), text)?;
@@ -92,19 +94,60 @@ pub fn run(opts: &Options) -> Result<()> {
             vm.accel,
             vm.console_log.display()
         );
+        let mut facts: Vec<Value> = vm.of_event("fact").cloned().collect();
+        let mut results: Vec<Value> = vm.of_event("result").map(|r| r["result"].clone()).collect();
+        let mut seconds = vm.seconds;
+        // Scenarios that may leave the kernel wedged get a boot each (the guest names them).
+        let isolated: Vec<String> = vm
+            .of_event("isolated")
+            .flat_map(|e| e["scenarios"].as_array().cloned().unwrap_or_default())
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect();
+        for token in isolated {
+            let sub = dir.join(token.replace('/', "-"));
+            fs::create_dir_all(&sub)?;
+            eprintln!("vm-test: booting {} again for {token} alone", kernel.release);
+            let vm = boot(&token, &sub)?;
+            let before = rows.len();
+            collect(label, &vm, &mut rows);
+            for r in &rows[before..] {
+                print_row(r);
+            }
+            eprintln!(
+                "vm-test: {token} done in {:.0} s; console log {}",
+                vm.seconds,
+                vm.console_log.display()
+            );
+            facts.extend(vm.of_event("fact").cloned());
+            results.extend(vm.of_event("result").map(|r| r["result"].clone()));
+            seconds += vm.seconds;
+        }
         report.push(json!({
             "kernel": label,
             "release": kernel.release,
             "packages": kernel.packages,
             "accel": vm.accel,
-            "seconds": vm.seconds,
-            "facts": vm.of_event("fact").cloned().collect::<Vec<_>>(),
+            "seconds": seconds,
+            "facts": facts,
             "doctor": vm.of_event("doctor").next().map(|d| d["report"].clone()),
-            "results": vm.of_event("result").map(|r| r["result"].clone()).collect::<Vec<_>>(),
+            "results": results,
         }));
     }
     let path = paths::workspace().join("target/vm/vm-test-report.json");
     fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    // A run of every scenario on every kernel line regenerates the README's support matrix.
+    if opts.scenario.is_none() && opts.kernels.len() == ALL.len() {
+        let readme = paths::workspace().join("README.md");
+        let changed = crate::matrix::update_readme(&readme, &crate::matrix::render(&report))?;
+        eprintln!(
+            "vm-test: README support matrix {}",
+            if changed {
+                "regenerated from this run and changed: review and commit it (git diff README.md)"
+            } else {
+                "regenerated: this run proved exactly what it says"
+            }
+        );
+    }
 
     let passed = rows.iter().filter(|r| r.passed).count();
     let failed = rows.len() - passed;

@@ -347,15 +347,16 @@ pub const CANDIDATES: &[Candidate] = &[
     // The nvdimm bus's remove callback is reached through a pointer, so it is never inlined;
     // device_release_driver_internal is inlined into the sysfs unbind path on 5.8-5.15
     // kernels (5.10 among them) and would miss those unbinds. Both together: the agent keeps
-    // the first report of each departure.
+    // the first report of each departure. The teardown ends when the device's managed
+    // resources are released (devres_release_all, after the bus callback returned).
     probes(
         Departure,
-        "fentry+fexit device_release_driver_internal + kprobe+kretprobe nvdimm_bus_remove",
+        "fentry+fexit device_release_driver_internal + kprobe nvdimm_bus_remove, kretprobe devres_release_all",
         &[
             attach("release_entry", FEntry, "device_release_driver_internal"),
             attach("release_exit", FExit, "device_release_driver_internal"),
             attach("nd_remove_entry", KProbe, "nvdimm_bus_remove"),
-            attach("nd_remove_exit", KRetProbe, "nvdimm_bus_remove"),
+            attach("nd_remove_exit", KRetProbe, "devres_release_all"),
         ],
     ),
     probes(

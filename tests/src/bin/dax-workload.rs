@@ -127,6 +127,19 @@ fn run(w: &[&str]) -> Result<serde_json::Value, String> {
             unsafe { libc::signal(sig, libc::SIG_IGN) };
             Ok(json!({"ok": true}))
         }
+        Some("catch-sigbus") => {
+            // SAFETY: installing a handler that only stores into atomics.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_sigbus as *const () as usize;
+                sa.sa_flags = libc::SA_SIGINFO;
+                libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+            }
+            Ok(json!({"ok": true}))
+        }
+        Some("sigbus") => Ok(json!({"ok": true,
+            "count": SIGBUS_COUNT.load(std::sync::atomic::Ordering::SeqCst),
+            "code": SIGBUS_CODE.load(std::sync::atomic::Ordering::SeqCst)})),
         Some("poison") => {
             let addr = num(w.get(1))?;
             // SAFETY: the scenario names a page it mapped through us; the kernel may kill us.
@@ -393,6 +406,18 @@ fn churn(args: &[String]) {
             }
         }
     }
+}
+
+static SIGBUS_COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static SIGBUS_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Counts SIGBUS and keeps the last si_code. Only for signals the kernel sends about pages
+/// it already unmapped (BUS_MCEERR_AO): returning from a fault's own SIGBUS would refault.
+extern "C" fn on_sigbus(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo.
+    let code = unsafe { (*info).si_code };
+    SIGBUS_CODE.store(code, std::sync::atomic::Ordering::SeqCst);
+    SIGBUS_COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

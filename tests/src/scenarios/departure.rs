@@ -122,10 +122,24 @@ pub fn unbind_report(env: &Env, t: Target) -> Result<Checked> {
     let mut p = Puppet::spawn()?;
     let a = p.map(&file, 0, 4 * MIB, true, Huge::Pte)?;
     p.touch(a, 4 * MIB, false, 4096)?;
-    pmem::unbind_fsdax(&fs.dev)?;
+    // The holder survives a kernel SIGBUS (and counts it): on 7.2 a holder dying of the
+    // pre-remove SIGBUS while the kernel is still walking its pages left the unbind hung.
+    p.catch_sigbus()?;
+    let mut counts = (0, 0);
+    let fate = unbind_with_holder(&fs, &mut p, &mut |p| {
+        counts = p.sigbus().unwrap_or_default();
+    })?;
     std::thread::sleep(Duration::from_millis(500));
-    let killed = death_signal(&mut p, Duration::from_millis(500));
-    let out = m.stop()?;
+    // Died of what the kernel sent (not of the SIGKILL that let a blocked unbind finish).
+    let killed = death_signal(&mut p, Duration::from_millis(500))
+        .filter(|_| fate == UnbindFate::Returned);
+    let (caught, code) = if fate == UnbindFate::Returned && killed.is_none() {
+        p.sigbus()?
+    } else {
+        counts
+    };
+    report::fact(&format!("unbind_{t}_with_holder"), json!(fate.fact()));
+    let out = m.finish(fate)?;
     let dep = departing(&out, &fs.dev.block).cloned();
     v.check(
         "device_departing names the device",
@@ -150,30 +164,154 @@ pub fn unbind_report(env: &Env, t: Target) -> Result<Checked> {
     let gone = out
         .of_type("device_gone")
         .find(|g| g["device"] == fs.dev.block.as_str());
-    v.check(
-        "device_gone follows",
-        gone.is_some(),
-        "no device_gone".to_string(),
-    );
+    if fate == UnbindFate::Wedged {
+        v.check(
+            "no device_gone while the kernel never finished the unbind",
+            gone.is_none(),
+            format!("device_gone {gone:?}"),
+        );
+    } else {
+        v.check(
+            "device_gone follows",
+            gone.is_some(),
+            "no device_gone".to_string(),
+        );
+    }
+    // What the kernel did to the holder, as a fact about this kernel: the SIGBUS it sent
+    // (caught and counted by the holder, with its si_code), or nothing.
     report::fact(
-        &format!("unbind_{t}_holder_killed_by_kernel"),
-        json!(killed),
+        &format!("unbind_{t}_kernel_sigbus_to_holder"),
+        json!(caught),
     );
     v.count("holder_killed_by_signal", json!(killed));
+    v.count("holder_sigbus", json!({"count": caught, "si_code": code}));
+    v.count("unbind_fate", json!(format!("{fate:?}")));
     v.count(
         "took_ms",
         gone.map(|g| g["took_ms"].clone()).unwrap_or_default(),
     );
     leave_behind(p);
     Ok(v.done(format!(
-        "departing listed {} holder(s) incl. pid {}; the kernel {} the holder",
+        "departing listed {} holder(s) incl. pid {}; the kernel {} the holder{}",
         holder_pids(&dep).len(),
         p_pid_str(&row),
-        match killed {
-            Some(s) => format!("killed (signal {s})"),
-            None => "did not signal".into(),
+        match (killed, caught) {
+            (Some(s), _) => format!("killed (signal {s})"),
+            (None, 0) => "did not signal".into(),
+            (None, n) => format!("sent {n} SIGBUS (si_code {code}) to"),
+        },
+        match fate {
+            UnbindFate::Returned => "",
+            UnbindFate::BlockedUntilHolderGone => "; the unbind blocked until the holder was gone",
+            UnbindFate::Wedged => "; the unbind never finished (kernel wedged, fact recorded)",
         }
     )))
+}
+
+/// How an unbind with a live holder went on this kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UnbindFate {
+    /// Returned at once, holder or not (5.10-6.12; ext4 everywhere).
+    Returned,
+    /// Blocked while the holder mapped the device and finished once it was gone.
+    BlockedUntilHolderGone,
+    /// Never finished, holder or not: the unbinding thread spins in the kernel (7.2 xfs with
+    /// rmapbt and a mapped file, with or without the agent). Every later sysfs access to the
+    /// bus waits on it, so such scenarios run in a VM of their own.
+    Wedged,
+}
+
+impl UnbindFate {
+    fn fact(self) -> &'static str {
+        match self {
+            Self::Returned => "returned",
+            Self::BlockedUntilHolderGone => "blocked until the holder was gone",
+            Self::Wedged => "never finished: the unbinding task spins in the kernel",
+        }
+    }
+}
+
+trait FinishMonitor {
+    fn finish(self, fate: UnbindFate) -> Result<crate::agent::Output>;
+}
+
+impl FinishMonitor for Monitor {
+    /// Stops the agent, or only reads it when a wedged unbind holds it in the kernel.
+    fn finish(self, fate: UnbindFate) -> Result<crate::agent::Output> {
+        if fate == UnbindFate::Wedged {
+            self.peek()
+        } else {
+            self.stop()
+        }
+    }
+}
+
+/// Unbinds `fs` while `p` maps it. If the kernel blocks the unbind, the holder's signal
+/// counts are taken first (`before_kill`), then it is killed so the unbind can finish; the
+/// VM would otherwise stay wedged (every later sysfs read of the bus waits on that unbind).
+fn unbind_with_holder(
+    fs: &DaxFs,
+    p: &mut Puppet,
+    before_kill: &mut dyn FnMut(&mut Puppet),
+) -> Result<UnbindFate> {
+    let u = pmem::Unbind::start(&fs.dev);
+    match u.wait(Duration::from_secs(20)) {
+        Some(r) => r.map(|_| UnbindFate::Returned),
+        None => {
+            report::note(&format!(
+                "unbind of {} blocks with a live holder; kernel stacks: {}",
+                fs.dev.pfn_dev,
+                blocked_stacks(&[std::process::id(), p.pid])
+            ));
+            before_kill(p);
+            report::note("holder's signal counts taken; killing it");
+            // SAFETY: our child.
+            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+            match u.wait(Duration::from_secs(30)) {
+                Some(r) => r.map(|_| UnbindFate::BlockedUntilHolderGone),
+                None => {
+                    report::note(&format!(
+                        "the unbind of {} still blocks 30 s after its only holder was killed: \
+                         the kernel is wedged; kernel stacks: {}",
+                        fs.dev.pfn_dev,
+                        blocked_stacks(&[std::process::id(), p.pid])
+                    ));
+                    Ok(UnbindFate::Wedged)
+                }
+            }
+        }
+    }
+}
+
+/// Kernel stacks of the threads of `pids` (state and innermost frames).
+fn blocked_stacks(pids: &[u32]) -> String {
+    let mut out = Vec::new();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let dir = t.path();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            let state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next();
+            let stack = std::fs::read_to_string(dir.join("stack")).unwrap_or_default();
+            let frames: Vec<&str> = stack
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .take(12)
+                .collect();
+            if !frames.is_empty() {
+                out.push(format!(
+                    "{}[{}] {:?}: {}",
+                    pid,
+                    t.file_name().to_string_lossy(),
+                    state,
+                    frames.join(" < ")
+                ));
+            }
+        }
+    }
+    out.join(" | ")
 }
 
 /// A holder of a pulled device is left running: on kernels whose DAX pages are plain
@@ -284,16 +422,32 @@ pub fn unbind_xfs_explain(env: &Env, t: Target) -> Result<Checked> {
     let fs = env.fresh(t, "explain")?;
     let facts = kernel_facts();
     let pre_remove = facts["mf_mem_pre_remove"] == true;
-    let notify = facts["holder_notify_failure"] == true && fs.reflink;
+    // The kernel tells xfs about a removal only with MF_MEM_PRE_REMOVE (6.8+), and xfs can
+    // find the files only with rmapbt (made with reflink here). notify_failure alone (6.1)
+    // is called for media errors, never on unbind.
+    let expect_sigbus = pre_remove && fs.reflink;
     let file = scratch_file(&fs, "explain", 4 * MIB)?;
     let mut v = Verdict::new();
     let m = Monitor::start(&format!("explain-{t}"), &[])?;
     let mut p = Puppet::spawn()?;
     let a = p.map(&file, 0, 4 * MIB, true, Huge::Pte)?;
     p.touch(a, 4 * MIB, false, 4096)?;
-    pmem::unbind_fsdax(&fs.dev)?;
-    let killed = death_signal(&mut p, Duration::from_secs(2));
-    let out = m.stop()?;
+    // Caught and counted, not died of: the holder's own count is the ground truth for the
+    // agent's kernel_sigbus events (and a holder dying mid-walk hung the unbind on 7.2).
+    p.catch_sigbus()?;
+    let mut counts = (0, 0);
+    let fate = unbind_with_holder(&fs, &mut p, &mut |p| {
+        counts = p.sigbus().unwrap_or_default();
+    })?;
+    let killed = death_signal(&mut p, Duration::from_secs(2))
+        .filter(|_| fate == UnbindFate::Returned);
+    let (caught, si_code) = if fate == UnbindFate::Returned && killed.is_none() {
+        p.sigbus()?
+    } else {
+        counts
+    };
+    report::fact("unbind_xfs_explain_with_holder", json!(fate.fact()));
+    let out = m.finish(fate)?;
     let sigbus: Vec<Value> = out
         .of_type("kernel_sigbus")
         .filter(|s| s["pid"] == p.pid)
@@ -302,6 +456,15 @@ pub fn unbind_xfs_explain(env: &Env, t: Target) -> Result<Checked> {
     report::fact("unbind_xfs_kernel_sigbus", json!(!sigbus.is_empty()));
     v.count("kernel_sigbus", json!(sigbus));
     v.count("kernel_facts", facts.clone());
+    v.check(
+        "the kernel signals the holder exactly where this kernel's facts say it does",
+        sigbus.is_empty() != expect_sigbus,
+        format!(
+            "MF_MEM_PRE_REMOVE {pre_remove}, rmapbt {}, kernel SIGBUS {}",
+            fs.reflink,
+            !sigbus.is_empty()
+        ),
+    );
     if !sigbus.is_empty() {
         let cause = sigbus[0]["cause"].as_str().unwrap_or("");
         v.check(
@@ -316,25 +479,47 @@ pub fn unbind_xfs_explain(env: &Env, t: Target) -> Result<Checked> {
                 cause.to_string(),
             );
         }
+        // BUS_MCEERR_AR = 4, BUS_MCEERR_AO = 5 (include/uapi/asm-generic/siginfo.h).
+        let agent_code = sigbus.last().and_then(|s| s["code"].as_str()).unwrap_or("");
+        let holder_code = match si_code {
+            4 => "BUS_MCEERR_AR",
+            5 => "BUS_MCEERR_AO",
+            _ => "?",
+        };
+        // The kernel logs each SIGBUS it sends; the holder sees fewer (a pending standard
+        // signal absorbs repeats), but the si_code it got is the kernel's own.
+        let needle = format!("Sending SIGBUS to dax-workload:{} ", p.pid);
+        let logged = sys::dmesg_tail(usize::MAX)
+            .iter()
+            .filter(|l| l.contains(&needle))
+            .count();
         v.check(
-            "the holder died of that SIGBUS",
-            killed == Some(libc::SIGBUS),
-            format!("exit signal {killed:?}"),
+            "the agent saw every SIGBUS the kernel logged, with the si_code the holder got",
+            caught > 0 && logged == sigbus.len() && agent_code == holder_code,
+            format!(
+                "kernel log {logged}, agent {} ({agent_code}); holder caught {caught} (last \
+                 si_code {si_code} = {holder_code}); exit signal {killed:?}",
+                sigbus.len()
+            ),
         );
     } else {
-        // A fact about this kernel: no notify_failure (5.10, or xfs without rmapbt): nobody
-        // is told, the holder lives on with its mapping.
+        // A fact about this kernel: nobody is told (no MF_MEM_PRE_REMOVE, or xfs without
+        // rmapbt); the holder lives on with its mapping.
         v.check(
-            "without notify_failure the kernel sends no SIGBUS and the holder lives on",
-            !notify && killed.is_none(),
-            format!("notify_failure {notify}, killed {killed:?}"),
+            "without a pre-remove notification the holder lives on, unsignalled",
+            killed.is_none() && caught == 0,
+            format!("killed {killed:?}, SIGBUS caught {caught}"),
         );
     }
     let fs_notes: Vec<Value> = out.of_type("fs_notified").cloned().collect();
     v.count("fs_notified", json!(fs_notes));
     leave_behind(p);
     Ok(v.done(if sigbus.is_empty() {
-        "the kernel did not signal the holder (no notify_failure here); reported as a fact".into()
+        format!(
+            "the kernel did not signal the holder (MF_MEM_PRE_REMOVE {pre_remove}, rmapbt {}); \
+             reported as a fact",
+            fs.reflink
+        )
     } else {
         format!(
             "kernel SIGBUS {} attributed: {}",
