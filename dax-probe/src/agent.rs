@@ -78,6 +78,15 @@ pub enum Output {
     Reconcile(ReconcileLine),
     Report(Report),
     Action(ActionLine),
+    Hooks(HooksLine),
+}
+
+/// A concern moved to a kernel hook after a module loaded, typed `hooks_changed` in JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct HooksLine {
+    pub r#type: &'static str,
+    #[serde(flatten)]
+    pub upgrade: crate::probe::loader::Upgrade,
 }
 
 /// An enforcement action, typed `enforcement` in JSON.
@@ -124,6 +133,8 @@ pub struct Agent {
     pub topology: Topology,
     pub applier: Applier,
     root: PathBuf,
+    /// How the kernel is probed (kept to re-plan when modules load).
+    src: KernelSource,
     last_topology: Instant,
     started: Instant,
     summary: Summary,
@@ -193,6 +204,7 @@ impl Agent {
             topology,
             applier: Applier::new(Box::new(LiveProc::new(&src.root))),
             root: src.root.clone(),
+            src: src.clone(),
             last_topology: Instant::now(),
             started: Instant::now(),
             summary: Summary {
@@ -213,6 +225,29 @@ impl Agent {
         agent.applier.stats = Default::default();
         agent.push_watch();
         Ok(agent)
+    }
+
+    /// A module loaded since the last look may make kernel hooks possible where the agent
+    /// fell back to userspace (device_dax loaded after the agent started, for one).
+    fn adopt_new_modules(&mut self, out: &mut dyn FnMut(Output) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        let ups = self.session.adopt_new_modules(&self.src);
+        if ups.is_empty() {
+            return Ok(());
+        }
+        for u in ups {
+            log::warn!(
+                "{}: a module loaded: now {} (was {})",
+                u.concern.name(),
+                u.chosen,
+                u.was.unwrap_or("unavailable")
+            );
+            out(Output::Hooks(HooksLine {
+                r#type: "hooks_changed",
+                upgrade: u,
+            }))?;
+        }
+        // Mappings made before the new hooks: one full comparison with the page tables.
+        self.reconcile("hooks changed", out)
     }
 
     fn push_watch(&mut self) {
@@ -425,6 +460,7 @@ impl Agent {
         let mut tick = tokio::time::interval(self.reconcile_every);
         tick.tick().await; // the start-up scan just ran
         let mut drops = tokio::time::interval(Duration::from_millis(200));
+        let mut modules = tokio::time::interval(Duration::from_secs(2));
         loop {
             tokio::select! {
                 rec = self.session.records.recv() => {
@@ -443,6 +479,7 @@ impl Agent {
                 }
                 _ = tick.tick() => self.reconcile("periodic", out)?,
                 _ = drops.tick() => self.repair_after_drops(out)?,
+                _ = modules.tick() => self.adopt_new_modules(out)?,
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = &mut sleep_until => break,

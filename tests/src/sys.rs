@@ -85,6 +85,17 @@ pub fn load_module(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes a kernel module (delete_module; its devices are unbound first by the kernel).
+pub fn unload_module(name: &str) -> Result<()> {
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid NUL-terminated name.
+    let rc = unsafe { libc::syscall(libc::SYS_delete_module, n.as_ptr(), libc::O_NONBLOCK) };
+    if rc != 0 {
+        bail!("unload module {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs a command, failing with its output if it fails.
 pub fn run(prog: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(prog)

@@ -248,6 +248,52 @@ pub fn load(
     Ok(Probe { ebpf, choices })
 }
 
+/// A concern that moved to a better way after the kernel changed (a module loaded).
+#[derive(Clone, Debug, Serialize)]
+pub struct Upgrade {
+    pub concern: Concern,
+    pub was: Option<&'static str>,
+    pub chosen: &'static str,
+}
+
+impl Probe {
+    /// Tries, for every concern served only from userspace (or not at all), the kernel ways
+    /// `plan` now finds usable: symbols of a module loaded after the agent started. A
+    /// concern already served by a kernel program keeps it (its programs are in use).
+    pub fn upgrade(&mut self, plan: &Plan, btf_path: &Path) -> Vec<Upgrade> {
+        let Ok(btf) = Btf::parse_file(btf_path, Endianness::default()) else {
+            return Vec::new();
+        };
+        let mut ups = Vec::new();
+        for choice in &mut self.choices {
+            if choice.chosen.is_some() && !choice.userspace {
+                continue;
+            }
+            for cand in plan.usable(choice.concern) {
+                if cand.userspace.is_some() || Some(cand.label) == choice.chosen {
+                    break;
+                }
+                match try_candidate(&mut self.ebpf, cand, &btf) {
+                    Ok(()) => {
+                        ups.push(Upgrade {
+                            concern: choice.concern,
+                            was: choice.chosen,
+                            chosen: cand.label,
+                        });
+                        choice.chosen = Some(cand.label);
+                        choice.userspace = false;
+                        break;
+                    }
+                    Err(e) => {
+                        log::info!("{}: {} still fails: {e}", choice.concern.name(), cand.label)
+                    }
+                }
+            }
+        }
+        ups
+    }
+}
+
 /// Loads and attaches every program of a candidate. On failure, unloads what this candidate
 /// loaded so the next candidate starts clean.
 fn try_candidate(ebpf: &mut Ebpf, cand: &Candidate, btf: &Btf) -> Result<(), String> {

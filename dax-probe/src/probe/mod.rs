@@ -17,6 +17,18 @@ use crate::exit::{Code, Failure};
 
 pub use loader::{Counters, Probe};
 
+/// Names of the loaded modules, sorted.
+fn loaded_modules(root: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(root.join("proc/modules")).unwrap_or_default();
+    let mut names: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
 /// Where to read the kernel from, and how the operator wants it probed.
 #[derive(Clone, Debug)]
 pub struct KernelSource {
@@ -39,6 +51,8 @@ pub struct Session {
     pub watched: loader::Watched,
     pub fenced: loader::Fenced,
     reader: Option<reader::Reader>,
+    /// Loaded modules when last looked at.
+    modules: Vec<String>,
 }
 
 impl Session {
@@ -46,6 +60,8 @@ impl Session {
     /// code the operator can act on; on failure nothing stays attached.
     /// `fence`: also load the on-demand mmap fence (drain, `monitor --enforce`).
     pub fn start(src: &KernelSource, ring_bytes: u32, fence: bool) -> anyhow::Result<Self> {
+        // Before the facts: a module loading meanwhile is then noticed at the first check.
+        let modules = loaded_modules(&src.root);
         let facts = collect_facts(src)?;
         let plan = plan::plan(&facts, &src.skip);
         let extra = layout::Extra {
@@ -76,7 +92,29 @@ impl Session {
             watched,
             fenced,
             reader: Some(reader),
+            modules,
         })
+    }
+
+    /// Re-plans after the kernel's module list changed and attaches what became possible
+    /// (e.g. `device_dax` loaded after the agent: its fault probes replace the periodic
+    /// scan). Cheap when nothing changed: one read of /proc/modules.
+    pub fn adopt_new_modules(&mut self, src: &KernelSource) -> Vec<loader::Upgrade> {
+        let names = loaded_modules(&src.root);
+        if self.modules == names {
+            return Vec::new();
+        }
+        self.modules = names;
+        let Ok(facts) = collect_facts(src) else {
+            return Vec::new();
+        };
+        let plan = plan::plan(&facts, &src.skip);
+        let ups = self.probe.upgrade(&plan, &facts.btf_path);
+        if !ups.is_empty() {
+            self.plan = plan;
+            self.facts = facts;
+        }
+        ups
     }
 
     /// Makes sure every event the kernel submitted so far is in `records`.

@@ -225,6 +225,12 @@ pub fn format_output(o: &Output) -> String {
             d.comm
         ),
         Output::Event(e) => format!("{e:?}"),
+        Output::Hooks(h) => format!(
+            "hooks: {}: now {} (was {}): a module loaded after the agent started",
+            h.upgrade.concern.name(),
+            h.upgrade.chosen,
+            h.upgrade.was.unwrap_or("unavailable")
+        ),
         Output::Reconcile(r) => format!(
             "reconcile ({}): {} holders; corrected {} missing and {} extra pages",
             r.reconcile.reason, r.reconcile.holders, r.reconcile.missing, r.reconcile.extra

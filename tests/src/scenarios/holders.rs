@@ -2,15 +2,15 @@
 //! the running monitor) and its one-shot scan must both equal the kernel's page tables:
 //! zero missing, zero extra.
 
-use std::{os::fd::AsRawFd, path::Path};
+use std::{os::fd::AsRawFd, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::{Checked, Env, Target};
 use crate::{
     agent::Monitor,
-    pmem,
+    pmem, sys,
     puppet::{Huge, Puppet},
     truth::{DaxSpace, Step, step},
 };
@@ -374,5 +374,65 @@ pub fn devdax(env: &Env, _t: Target) -> Result<Checked> {
     s.check("2 MiB unmapped")?;
     p.exit()?;
     s.check("exited")?;
+    s.done(m)
+}
+
+/// device_dax loaded after the agent started: the agent notices, attaches its device-dax
+/// fault probes (instead of finding such mappings only at the next reconcile), and the
+/// holder map is exact from the first fault.
+pub fn module_late(env: &Env, _t: Target) -> Result<Checked> {
+    let d = env.devdax.as_ref().context("devdax not prepared")?;
+    let module = std::fs::read_to_string("/etc/dax-probe/modules")?
+        .lines()
+        .find(|l| {
+            let f = l.rsplit('/').next().unwrap_or("");
+            f == "device_dax.ko" || f.starts_with("device_dax.ko.")
+        })
+        .map(str::to_string)
+        .context("device_dax is not among the VM's modules")?;
+    sys::unload_module("device_dax")?;
+    let dev = d.dev_path();
+    sys::wait_for(Duration::from_secs(10), || !Path::new(&dev).exists());
+    let m = Monitor::start("module-late", &[])?;
+    let attached = std::fs::read_to_string(&m.out)?;
+    let before = attached
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "attached")
+        .and_then(|v| {
+            v["hooks"]
+                .as_array()?
+                .iter()
+                .find(|h| h["concern"] == "devdax-fault")
+                .cloned()
+        })
+        .unwrap_or_default();
+    sys::load_module(Path::new(&module))?;
+    let back = sys::wait_for(Duration::from_secs(15), || Path::new(&dev).exists());
+    let upgraded = sys::wait_for(Duration::from_secs(15), || {
+        std::fs::read_to_string(&m.out)
+            .map(|t| t.contains("\"type\":\"hooks_changed\"") && t.contains("devdax-fault"))
+            .unwrap_or(false)
+    });
+    let mut s = Steps::new(env);
+    s.require(
+        "before device_dax loaded, device-dax faults had no kernel hook",
+        before["userspace"] == true || before["chosen"].is_null(),
+    );
+    s.require(&format!("{dev} came back once device_dax loaded"), back);
+    s.require(
+        "the agent announced a kernel hook for device-dax faults within 15 s",
+        upgraded,
+    );
+    let mut p = Puppet::spawn()?;
+    let a = p.map(&dev, 0, 8 * MIB, true, Huge::Pmd)?;
+    p.touch(a, 8 * MIB, false, 4096)?;
+    // Faults seen as events, not found by a reconcile: the new probes are live.
+    let faults = m.wait_for_faults(p.pid, 4, Duration::from_secs(10));
+    s.require("the agent saw the puppet's device-dax faults as events", faults);
+    s.check("device-dax mapped after device_dax loaded")?;
+    p.exit()?;
+    s.check("exited")?;
+    s.notes.push(format!("devdax hook before: {before}"));
     s.done(m)
 }

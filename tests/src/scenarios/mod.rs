@@ -229,6 +229,11 @@ pub fn all() -> Vec<Scenario> {
             run: holders::devdax,
         },
         Scenario {
+            name: "module-late",
+            targets: &[Target::Devdax],
+            run: holders::module_late,
+        },
+        Scenario {
             name: "audit-stale",
             targets: &[Target::Ext4],
             run: departure::audit_stale,
@@ -302,5 +307,23 @@ pub fn execute(s: &Scenario, env: &Env, target: Target) -> Outcome {
                 .unwrap_or_default();
             base(false, format!("panicked: {msg}"), Value::Null, Vec::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isolated_targets_run_only_when_named_exactly() {
+        let all = ["all"];
+        assert_eq!(selects(&all, "unbind-report", Target::Ext4), (true, false));
+        assert_eq!(selects(&all, "unbind-report", Target::Xfs), (false, true));
+        let named = ["unbind-report"];
+        assert_eq!(selects(&named, "unbind-report", Target::Xfs), (false, true));
+        let exact = ["unbind-report/xfs"];
+        assert_eq!(selects(&exact, "unbind-report", Target::Xfs), (true, false));
+        assert_eq!(selects(&exact, "unbind-report", Target::Ext4), (false, false));
+        assert_eq!(selects(&named, "drain", Target::Xfs), (false, false));
     }
 }
