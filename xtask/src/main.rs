@@ -3,6 +3,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod dist;
 mod initramfs;
 mod kernels;
 mod paths;
@@ -57,6 +58,8 @@ enum Cmd {
         #[arg(long, default_value = "6.12")]
         kernel: String,
     },
+    /// Release binary, man page, shell completions and contrib files in target/dist.
+    Dist,
     /// Benchmarks (printed ratios, never asserted).
     Bench {
         #[command(subcommand)]
@@ -121,6 +124,7 @@ fn run(cli: Cli) -> Result<()> {
             refresh,
         }),
         Cmd::Vm { kernel } => demo::shell(&kernel, v),
+        Cmd::Dist => dist::run(),
         Cmd::Bench { which } => match which {
             BenchCmd::FaultOverhead { kernel } => bench::fault_overhead(&kernel, v),
             BenchCmd::Holders { kernel } => bench::holders(&kernel, v),

@@ -246,6 +246,46 @@ pub fn run(env: &Env, t: Target) -> Result<Checked> {
             && replay_err.contains("0 disagree"),
         format!("{frame}{replay_err}"),
     );
+    // Bad input: no root for live (points to --replay), a missing recording, a bad speed;
+    // and a replay needs no root at all.
+    let nobody = |args: &[&str]| -> Result<(Option<i32>, String, String)> {
+        use std::os::unix::process::CommandExt;
+        let out = Command::new(AGENT)
+            .args(args)
+            .uid(65534)
+            .gid(65534)
+            .output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (code, _, err) = nobody(&["tui"])?;
+    check(
+        "live dashboard as nobody -> exit 77 pointing to --replay",
+        code == Some(77) && err.contains("--replay") && err.contains("sudo"),
+        format!("exit {code:?}: {}", err.trim()),
+    );
+    let (code, out, err) = nobody(&["tui", "--replay", rec_path, "--print-frame", "80x24"])?;
+    check(
+        "replay as nobody works (exit 0, the device in the frame)",
+        code == Some(0) && out.contains(&dev),
+        format!("exit {code:?}: {}", err.trim()),
+    );
+    let (code, _, err) = nobody(&["tui", "--replay", "/nonexistent.jsonl"])?;
+    check(
+        "missing recording -> exit 66",
+        code == Some(66) && err.contains("/nonexistent.jsonl"),
+        format!("exit {code:?}: {}", err.trim()),
+    );
+    let (code, _, err) = nobody(&["tui", "--replay", rec_path, "--speed", "0"])?;
+    check(
+        "speed 0 -> exit 2",
+        code == Some(2),
+        format!("exit {code:?}: {}", err.trim()),
+    );
+
     // The holder of a pulled device stays behind (see departure.rs).
     std::mem::forget(p);
     Ok(Checked {

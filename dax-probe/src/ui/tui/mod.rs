@@ -79,6 +79,16 @@ pub fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
     if let Some((w, h)) = opts.print_frame {
         return print_frame(&opts, w, h);
     }
+    if opts.replay.is_none() && !privilege::can_trace() {
+        return Err(Failure::new(
+            Code::NoPermission,
+            "the live dashboard loads eBPF programs and needs root (or CAP_BPF with \
+             CAP_PERFMON and CAP_SYS_ADMIN): run it with sudo. Without root, study a \
+             recording: `sudo dax-probe monitor --json > session.jsonl` on the server, \
+             then `dax-probe tui --replay session.jsonl` anywhere",
+        )
+        .into());
+    }
     if !std::io::stdout().is_terminal() {
         return Err(Failure::new(
             Code::Usage,
@@ -101,16 +111,6 @@ pub fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
     let quit = Arc::new(AtomicBool::new(false));
     let (mut live, rx, tx) = match &opts.replay {
         None => {
-            if !privilege::can_trace() {
-                return Err(Failure::new(
-                    Code::NoPermission,
-                    "the live dashboard loads eBPF programs and needs root (or CAP_BPF with \
-                     CAP_PERFMON and CAP_SYS_ADMIN): run it with sudo. Without root, study a \
-                     recording: `sudo dax-probe monitor --json > session.jsonl` on the server, \
-                     then `dax-probe tui --replay session.jsonl` anywhere",
-                )
-                .into());
-            }
             eprintln!("dax-probe: attaching (this takes a moment on a slow machine)…");
             let mut l = Live::start(src.clone(), opts.agent)?;
             let rx = std::mem::replace(&mut l.rx, sync_channel(1).1);

@@ -174,6 +174,27 @@ pub struct Snapshot {
     pub kernel: Option<String>,
 }
 
+/// Sort key that puts pmem2 before pmem10: text runs, and numbers by value.
+fn natural(s: &str) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut text = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            let mut n = c.to_digit(10).unwrap_or(0) as u64;
+            while let Some(d) = chars.peek().and_then(|d| d.to_digit(10)) {
+                n = n.saturating_mul(10).saturating_add(d as u64);
+                chars.next();
+            }
+            out.push((std::mem::take(&mut text), n));
+        } else {
+            text.push(c);
+        }
+    }
+    out.push((text, 0));
+    out
+}
+
 /// Seconds of sparkline kept in a snapshot.
 pub const HISTORY_SECS: usize = 60;
 
@@ -421,7 +442,7 @@ impl Model {
                 d.state = DevState::Gone;
             }
         }
-        self.devices.sort_by(|a, b| a.name.cmp(&b.name));
+        self.devices.sort_by_key(|d| natural(&d.name));
         self.recorded.borrow_mut().topology = t.clone();
         self.topology = t;
     }
@@ -548,6 +569,13 @@ mod tests {
         // Old slots are dropped.
         r.add(200 * s);
         assert_eq!(r.slots.len(), 1);
+    }
+
+    #[test]
+    fn devices_sort_naturally() {
+        let mut v = vec!["pmem10", "dax2.0", "pmem3", "pmem1", "namespace12.0"];
+        v.sort_by_key(|s| natural(s));
+        assert_eq!(v, ["dax2.0", "namespace12.0", "pmem1", "pmem3", "pmem10"]);
     }
 
     #[test]
