@@ -86,8 +86,7 @@ fn devices_and_holders_at_80x24() {
 #[test]
 fn wide_terminal_shows_more_history_and_whole_paths() {
     let (_, mut app) = replayed();
-    app.device = Some("pmem2".into());
-    app.update(app.snap.clone());
+    app.select_device(Some("pmem2".into()));
     app.focus = Pane::Holders;
     check("replay_140x36_pmem2", &render(&app, 140, 36));
 }

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::{Checked, Env, Target};
 use crate::{
-    agent::{AGENT, Monitor},
+    agent::{AGENT, Monitor, run_once},
     pmem,
     puppet::{Huge, Puppet},
     sys,
@@ -104,7 +104,22 @@ fn tui_pid() -> Option<u32> {
     })
 }
 
+/// The kernel hook the agent uses to see a device leave, per `doctor` (None: it has only
+/// the after-the-fact userspace fallback, as on 5.10).
+fn departure_hook() -> Option<String> {
+    let (_, out, _) = run_once(&["doctor", "--json"]).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    v["concerns"]
+        .as_array()?
+        .iter()
+        .find(|c| c["concern"] == "departure")?["chosen"]
+        .as_str()
+        .filter(|c| !c.starts_with("userspace"))
+        .map(str::to_string)
+}
+
 pub fn run(env: &Env, t: Target) -> Result<Checked> {
+    let hook = departure_hook();
     let fs = env.fresh(t, "tui")?;
     let dev = fs.dev.block.clone();
     let file = format!("{}/tui-data", fs.mnt);
@@ -192,11 +207,15 @@ pub fn run(env: &Env, t: Target) -> Result<Checked> {
             && s.contains(&format!("{dev} DEPARTING"))
     });
     let after_unbind = screen();
-    check(
-        "device shows gone and the departure is in the event log",
-        gone,
-        format!("after {:?}:\n{after_unbind}", t1.elapsed()),
-    );
+    // Without a departure hook the agent learns of the unbind only at its next topology
+    // refresh: nothing to show within the scenario's time, and nothing to assert.
+    if hook.is_some() {
+        check(
+            "device shows gone and the departure is in the event log",
+            gone,
+            format!("after {:?}:\n{after_unbind}", t1.elapsed()),
+        );
+    }
 
     // SIGTERM: the dashboard leaves, the screen is the shell's again, exit status 0.
     let pid = tui_pid().context("dax-probe tui not found")?;
@@ -240,10 +259,18 @@ pub fn run(env: &Env, t: Target) -> Result<Checked> {
     );
     let (frame, replay_err) = replay_frame(rec_path, &dev)?;
     check(
-        "replay shows the device gone and agrees with the departure report",
-        device_row(&frame, &dev).is_some_and(|r| r.contains("gone"))
-            && replay_err.contains("1 departure report(s) agree")
-            && replay_err.contains("0 disagree"),
+        if hook.is_some() {
+            "replay shows the device gone and agrees with the departure report"
+        } else {
+            "replay ends without a departure report either (no departure hook)"
+        },
+        if hook.is_some() {
+            device_row(&frame, &dev).is_some_and(|r| r.contains("gone"))
+                && replay_err.contains("1 departure report(s) agree")
+                && replay_err.contains("0 disagree")
+        } else {
+            replay_err.contains("0 departure report(s) agree") && replay_err.contains("0 disagree")
+        },
         format!("{frame}{replay_err}"),
     );
     // Bad input: no root for live (points to --replay), a missing recording, a bad speed;
@@ -291,9 +318,13 @@ pub fn run(env: &Env, t: Target) -> Result<Checked> {
     Ok(Checked {
         passed: bad.is_empty(),
         summary: format!(
-            "holder shown {:.0} ms after its faults; gone+departure shown; SIGTERM restored the \
-             terminal; replay of {} recorded lines matches",
+            "holder shown {:.0} ms after its faults; {}; SIGTERM restored the terminal; replay \
+             of {} recorded lines matches",
             shown_after.as_secs_f64() * 1000.0,
+            match &hook {
+                Some(_) => "gone+departure shown".to_string(),
+                None => "no departure hook on this kernel: gone not checked".to_string(),
+            },
             text.lines().count()
         ),
         counts: json!({

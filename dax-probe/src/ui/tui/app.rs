@@ -113,6 +113,8 @@ pub struct App {
     pub focus: Pane,
     /// Selected device, by name (stable while rows come and go).
     pub device: Option<String>,
+    /// A device asked for (`--device`) that the data has not shown yet.
+    pub want_device: Option<String>,
     /// Selected holder: (pid, file dev, inode).
     pub holder: Option<(u32, DevId, u64)>,
     /// Log lines scrolled back from the newest.
@@ -136,6 +138,7 @@ impl App {
             source,
             focus: Pane::Devices,
             device: None,
+            want_device: None,
             holder: None,
             log_back: 0,
             sort: SortKey::Pages,
@@ -158,7 +161,19 @@ impl App {
         self.fix_selection();
     }
 
+    /// Selects `name` now, or as soon as it appears.
+    pub fn select_device(&mut self, name: Option<String>) {
+        self.want_device = name;
+        self.fix_selection();
+    }
+
     fn fix_selection(&mut self) {
+        if let Some(w) = &self.want_device
+            && self.snap.devices.iter().any(|d| &d.name == w)
+        {
+            self.device = self.want_device.take();
+            self.holder = None;
+        }
         if self.device_index().is_none() {
             self.device = self.snap.devices.first().map(|d| d.name.clone());
             self.holder = None;
@@ -514,6 +529,20 @@ mod tests {
         s.holders[0].retain(|h| h.pid != 20); // it went away: first row
         a.update(s);
         assert_eq!(a.selected_holder().unwrap().pid, 10);
+    }
+
+    #[test]
+    fn a_device_asked_for_is_selected_once_it_appears() {
+        let mut a = App::new(Source::Live, Policy::default());
+        a.select_device(Some("pmem1".into()));
+        a.update(Snapshot::default()); // no topology yet
+        assert_eq!(a.device, None);
+        a.update(snap());
+        assert_eq!(a.device.as_deref(), Some("pmem1"));
+        assert_eq!(a.selected_holder().unwrap().pid, 40);
+        a.handle(Action::Up); // the operator moves on: it stays where they put it
+        a.update(snap());
+        assert_eq!(a.device.as_deref(), Some("pmem0"));
     }
 
     #[test]

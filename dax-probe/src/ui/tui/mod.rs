@@ -106,7 +106,7 @@ pub fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
         None => Source::Live,
     };
     let mut app = App::new(source, opts.policy.clone());
-    app.device = opts.device.clone();
+    app.select_device(opts.device.clone());
     let paused = Arc::new(AtomicBool::new(false));
     let quit = Arc::new(AtomicBool::new(false));
     let (mut live, rx, tx) = match &opts.replay {
@@ -283,7 +283,7 @@ fn print_frame(opts: &Options, w: u16, h: u16) -> anyhow::Result<()> {
         },
         opts.policy.clone(),
     );
-    app.device = opts.device.clone();
+    app.select_device(opts.device.clone());
     app.update(model.snapshot());
     print!("{}", view::to_text(&view::frame(&app, w, h)));
     eprintln!("{}", exit_line(&model.stats));
