@@ -7,7 +7,12 @@
 //! procfs runs periodically and right after the kernel reported lost events.
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -24,8 +29,8 @@ use crate::{
     event::Event,
     exit::{Code, Failure},
     holders::{
-        Applier,
-        query::{resolve, rows, select},
+        Applier, FileKey,
+        query::{HolderRow, resolve, rows, select},
         scan::{Classifier, LiveProc},
     },
     incident::{Departure, Incidents, Report},
@@ -40,7 +45,7 @@ use crate::{
         decode::{DecodeError, Decoder},
     },
     proc::pagemap::PagemapLookup,
-    topology::Topology,
+    topology::{DevId, Topology},
 };
 
 pub struct Options {
@@ -79,6 +84,64 @@ pub enum Output {
     Report(Report),
     Action(ActionLine),
     Hooks(HooksLine),
+    /// State a recording needs to be replayed without the machine (`tui --replay`).
+    Topology(TopologyLine),
+    Holders(HoldersLine),
+    File(FileLine),
+    Dropped(DroppedLine),
+}
+
+impl Output {
+    /// Lines that carry state for replay rather than news for a reader (the text monitor
+    /// leaves them out).
+    pub fn is_state(&self) -> bool {
+        matches!(
+            self,
+            Output::Topology(_) | Output::Holders(_) | Output::File(_) | Output::Dropped(_)
+        )
+    }
+}
+
+/// The pmem topology, typed `topology` in JSON: when the agent starts and whenever it reads
+/// a different one.
+#[derive(Clone, Debug, Serialize)]
+pub struct TopologyLine {
+    pub r#type: &'static str,
+    #[serde(flatten)]
+    pub topology: Topology,
+}
+
+/// Holder state, typed `holders` in JSON. Without `pids` it is the whole map (`reason`
+/// `start`: mappings made before the agent; `reconcile`: after procfs corrected it;
+/// `requested`: a consumer asked). With `pids` it is the complete state of those processes
+/// right after the agent re-read their page tables for the event on the next line
+/// (`resync`: fork, mremap, a partial huge unmap); a listed pid without rows maps nothing.
+#[derive(Clone, Debug, Serialize)]
+pub struct HoldersLine {
+    pub r#type: &'static str,
+    pub reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids: Option<Vec<u32>>,
+    /// One row per (process, file), with every extent.
+    pub rows: Vec<HolderRow>,
+}
+
+/// Events lost so far because the ring buffer was full, typed `dropped` in JSON: printed when
+/// the count grows, right before the reconcile that repairs the map.
+#[derive(Clone, Debug, Serialize)]
+pub struct DroppedLine {
+    pub r#type: &'static str,
+    pub dropped: u64,
+}
+
+/// A DAX file's name, typed `file` in JSON: once per file, before the first fault on it
+/// (events carry only device and inode).
+#[derive(Clone, Debug, Serialize)]
+pub struct FileLine {
+    pub r#type: &'static str,
+    pub dev: DevId,
+    pub ino: u64,
+    pub path: String,
 }
 
 /// A concern moved to a kernel hook after a module loaded, typed `hooks_changed` in JSON.
@@ -146,6 +209,13 @@ pub struct Agent {
     policy: Policy,
     /// Outputs produced while handling a record, in order.
     pending_out: Vec<Output>,
+    /// Files whose `file` line went out.
+    announced: HashSet<FileKey>,
+    /// Set by a consumer that lost lines (a lagging TUI): the next tick emits the whole
+    /// topology and holder map.
+    pub snapshot_request: Arc<AtomicBool>,
+    /// Ends `run` like SIGINT does (for a caller that runs the agent on a thread).
+    pub stop: Arc<tokio::sync::Notify>,
 }
 
 impl Agent {
@@ -218,6 +288,9 @@ impl Agent {
             enforcer,
             policy: opts.policy.clone(),
             pending_out: Vec::new(),
+            announced: HashSet::new(),
+            snapshot_request: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(tokio::sync::Notify::new()),
         };
         // Mappings made before we attached: programs are live first, so nothing that
         // happens during the scan is lost (its events are applied on top).
@@ -262,8 +335,91 @@ impl Agent {
 
     fn refresh_topology(&mut self) {
         if self.last_topology.elapsed() > Duration::from_secs(1) {
-            self.topology = Topology::read(&self.root);
+            let topology = Topology::read(&self.root);
             self.last_topology = Instant::now();
+            if topology != self.topology {
+                self.topology = topology;
+                self.pending_out.push(self.topology_line());
+            }
+        }
+    }
+
+    fn topology_line(&self) -> Output {
+        Output::Topology(TopologyLine {
+            r#type: "topology",
+            topology: self.topology.clone(),
+        })
+    }
+
+    /// The holder map (all of it, or the complete state of `pids`) as a `holders` line.
+    fn holders_line(&mut self, reason: &'static str, pids: Option<Vec<u32>>) -> Output {
+        let map = &self.applier.map;
+        let sel = match &pids {
+            None => map.all(),
+            Some(p) => p
+                .iter()
+                .filter_map(|t| map.holder_of(*t))
+                .flat_map(|h| map.of_holder(h))
+                .collect(),
+        };
+        let mut r = rows(map, &sel, true);
+        self.applier.name_files(&mut r, &self.topology);
+        Output::Holders(HoldersLine {
+            r#type: "holders",
+            reason,
+            pids,
+            rows: r,
+        })
+    }
+
+    /// Processes whose page tables the applier may have re-read for `ev`: the event's own,
+    /// and for a zap every holder of the file (a truncate re-reads them all).
+    fn touched_by(&self, ev: &Event) -> Vec<u32> {
+        let mut pids = match ev {
+            Event::Fault(f) => vec![f.tgid],
+            Event::Fork(f) => vec![f.child_tgid, f.parent_tgid],
+            Event::Mremap(m) => vec![m.tgid],
+            Event::Zap(z) => {
+                let file = FileKey {
+                    dev: z.dev,
+                    ino: z.ino,
+                };
+                let map = &self.applier.map;
+                let mut p: Vec<u32> = map
+                    .all()
+                    .iter()
+                    .filter(|v| v.file == file)
+                    .filter_map(|v| map.info(v.holder).map(|i| i.tgid))
+                    .collect();
+                p.push(z.tgid);
+                p.extend(z.owner_tgid);
+                p
+            }
+            _ => Vec::new(),
+        };
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// A `file` line the first time a fault names a file the recording has not named yet.
+    fn announce_file(&mut self, ev: &Event) {
+        let Event::Fault(f) = ev else { return };
+        let key = FileKey {
+            dev: f.dev,
+            ino: f.ino,
+        };
+        if self.announced.contains(&key) {
+            return;
+        }
+        if let Some(path) = self.applier.path_of(&key) {
+            self.pending_out.push(Output::File(FileLine {
+                r#type: "file",
+                dev: key.dev,
+                ino: key.ino,
+                path: path.to_string(),
+            }));
+            self.announced.insert(key);
         }
     }
 
@@ -324,12 +480,21 @@ impl Agent {
                 self.pending_out.push(Output::Report(r));
             }
         }
+        let resyncs = self.applier.stats.resyncs;
         self.applier.apply(&ev, &self.topology);
         self.push_watch();
         if matches!(
             ev,
             Event::Fault(_) | Event::Zap(_) | Event::Fork(_) | Event::Mremap(_) | Event::Device(_)
         ) {
+            // What procfs told the applier goes out before the event, so a replay's
+            // applier gets the same answers when it applies the same event.
+            if self.applier.stats.resyncs != resyncs {
+                let pids = self.touched_by(&ev);
+                let line = self.holders_line("resync", Some(pids));
+                self.pending_out.push(line);
+            }
+            self.announce_file(&ev);
             self.pending_out.push(Output::Event(ev));
         }
     }
@@ -425,8 +590,13 @@ impl Agent {
         out: &mut dyn FnMut(Output) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         self.refresh_topology();
+        self.flush(out)?;
         let (missing, extra) = self.applier.reconcile(&self.topology);
         self.push_watch();
+        if missing + extra > 0 {
+            let line = self.holders_line("reconcile", None);
+            out(line)?;
+        }
         if missing + extra > 0 || reason != "periodic" {
             out(Output::Reconcile(ReconcileLine {
                 r#type: "reconcile",
@@ -461,6 +631,11 @@ impl Agent {
         tick.tick().await; // the start-up scan just ran
         let mut drops = tokio::time::interval(Duration::from_millis(200));
         let mut modules = tokio::time::interval(Duration::from_secs(2));
+        let stop = self.stop.clone();
+        // A recording starts with the machine's state: replay needs no procfs or sysfs.
+        out(self.topology_line())?;
+        let start = self.holders_line("start", None);
+        out(start)?;
         loop {
             tokio::select! {
                 rec = self.session.records.recv() => {
@@ -478,9 +653,17 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => self.reconcile("periodic", out)?,
-                _ = drops.tick() => self.repair_after_drops(out)?,
                 _ = modules.tick() => self.adopt_new_modules(out)?,
+                _ = drops.tick() => {
+                    self.repair_after_drops(out)?;
+                    if self.snapshot_request.swap(false, Ordering::Relaxed) {
+                        out(self.topology_line())?;
+                        let line = self.holders_line("requested", None);
+                        out(line)?;
+                    }
+                }
                 _ = sigint.recv() => break,
+                _ = stop.notified() => break,
                 _ = sigterm.recv() => break,
                 _ = &mut sleep_until => break,
             }
@@ -500,6 +683,10 @@ impl Agent {
         let dropped = self.session.counters.get(Counter::RingFull);
         if dropped > self.last_dropped {
             self.last_dropped = dropped;
+            out(Output::Dropped(DroppedLine {
+                r#type: "dropped",
+                dropped,
+            }))?;
             self.drain(out)?;
             self.reconcile("events lost", out)?;
         }

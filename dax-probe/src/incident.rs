@@ -300,7 +300,7 @@ impl Incidents {
                 let Some(pos) = self
                     .departing
                     .iter()
-                    .position(|x| x.names.iter().any(|n| *n == d.device))
+                    .position(|x| x.names.contains(&d.device))
                 else {
                     return (Vec::new(), None);
                 };

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use dax_probe::{
     control, exit, incident, policy, policy::signal::Signal, probe, topology::Topology, ui,
 };
@@ -126,6 +126,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Dashboard: devices, who maps them, fault rates, events, drain (live needs root;
+    /// --replay plays a `monitor --json` recording anywhere).
+    Tui {
+        /// Play this `monitor --json` recording instead of watching this machine.
+        #[arg(long, value_name = "FILE")]
+        replay: Option<PathBuf>,
+        /// Replay speed: 10 plays ten times faster.
+        #[arg(long, value_name = "N", default_value_t = 1.0, requires = "replay")]
+        speed: f64,
+        /// Start with this device selected (pmem0, dax0.0).
+        #[arg(long, value_name = "NAME")]
+        device: Option<String>,
+        /// Policy for drains started with `d` (signal, grace, escalation, exclusions).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Size of the kernel→agent event ring buffer (power of two).
+        #[arg(long, value_name = "KIB", default_value_t = dax_probe_common::EVENTS_RING_BYTES / 1024)]
+        ring_size_kib: u32,
+        /// Compare the holder map with every process's page tables this often.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        reconcile_secs: u64,
+        /// Replay only: print the final frame (e.g. 100x30) as text and exit.
+        #[arg(long, value_name = "COLSxROWS", value_parser = parse_size, requires = "replay", hide = true)]
+        print_frame: Option<(u16, u16)>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), or with --dir write one page per subcommand there.
+    #[command(hide = true)]
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -170,6 +204,13 @@ fn parse_then(s: &str) -> Result<Then, String> {
 fn parse_grace(s: &str) -> Result<Duration, String> {
     policy::signal::parse_duration(s)
         .ok_or_else(|| format!("bad duration {s:?}: use e.g. 10s, 500ms, 2m"))
+}
+
+fn parse_size(s: &str) -> Result<(u16, u16), String> {
+    s.split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .filter(|&(w, h)| w > 0 && h > 0)
+        .ok_or_else(|| format!("bad size {s:?}: use COLSxROWS, e.g. 100x30"))
 }
 
 fn load_policy(path: Option<&std::path::Path>) -> anyhow::Result<Option<policy::Policy>> {
@@ -268,5 +309,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         ),
         Command::Audit { json, departed } => ui::audit::run(&src, json, &departed),
+        Command::Tui {
+            replay,
+            speed,
+            device,
+            policy,
+            ring_size_kib,
+            reconcile_secs,
+            print_frame,
+        } => {
+            let ring_bytes = probe::ring_bytes(ring_size_kib)?;
+            let loaded = load_policy(policy.as_deref())?.unwrap_or_default();
+            ui::tui::run(
+                &src,
+                ui::tui::Options {
+                    replay,
+                    speed,
+                    device,
+                    policy: loaded.clone(),
+                    policy_path: policy,
+                    print_frame,
+                    agent: dax_probe::agent::Options {
+                        ring_bytes,
+                        wait: true,
+                        // The dashboard watches; the monitor service answers `holders`,
+                        // enforces and keeps the departed record.
+                        socket: None,
+                        reconcile: Duration::from_secs(reconcile_secs.max(1)),
+                        enforce: false,
+                        policy: loaded,
+                        audit_log: PathBuf::from(policy::audit::DEFAULT_AUDIT_LOG),
+                        departed: None,
+                    },
+                },
+            )
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "dax-probe",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { dir: None } => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(Cli::command(), &dir)?;
+            Ok(())
+        }
     }
 }

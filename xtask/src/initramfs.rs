@@ -184,13 +184,33 @@ pub fn payload(release_bin: &Path) -> Result<Vec<u8>> {
         &fs::read("/bin/busybox").context("/bin/busybox")?,
     );
     c.symlink("bin/sh", "busybox");
-    for tool in ["mkfs.ext4", "mkfs.xfs", "fuser"] {
+    for tool in ["mkfs.ext4", "mkfs.xfs", "fuser", "tmux"] {
         let host = ["/sbin", "/usr/sbin", "/bin", "/usr/bin"]
             .iter()
             .map(|d| Path::new(d).join(tool))
             .find(|p| p.is_file())
             .with_context(|| format!("{tool} not found (run cargo xtask setup)"))?;
         add_program(&mut c, &host, &format!("sbin/{tool}"), &mut libs)?;
+    }
+    // tmux (the tui scenario) looks terminals up in terminfo.
+    for entry in [
+        "x/xterm-256color",
+        "x/xterm",
+        "s/screen",
+        "l/linux",
+        "d/dumb",
+    ] {
+        for dir in ["/lib/terminfo", "/usr/share/terminfo"] {
+            if let Ok(data) = fs::read(Path::new(dir).join(entry)) {
+                c.file(&format!("{}/{entry}", &dir[1..]), 0o644, &data);
+                break;
+            }
+        }
+    }
+    // tmux refuses to start without a UTF-8 locale: glibc's C.UTF-8 character classes.
+    let ctype = "/usr/lib/locale/C.utf8/LC_CTYPE";
+    if let Ok(data) = fs::read(ctype) {
+        c.file(ctype, 0o644, &data);
     }
     if let Ok(conf) = fs::read("/etc/mke2fs.conf") {
         c.file("etc/mke2fs.conf", 0o644, &conf);

@@ -4,6 +4,7 @@ mod bench;
 mod matrix;
 mod cmd;
 mod demo;
+mod dist;
 mod initramfs;
 mod kernels;
 mod paths;
@@ -58,6 +59,8 @@ enum Cmd {
         #[arg(long, default_value = "6.12")]
         kernel: String,
     },
+    /// Release binary, man page, shell completions and contrib files in target/dist.
+    Dist,
     /// Benchmarks (printed ratios, never asserted).
     Bench {
         #[command(subcommand)]
@@ -77,6 +80,8 @@ enum BenchCmd {
         #[arg(long, default_value = "6.12")]
         kernel: String,
     },
+    /// Dashboard frame cost at 80x24, 120x40 and 200x60 (host).
+    Tui,
     /// `monitor --enforce`: unbind hook to last holder signalled, 1/10/100 holders (VM).
     Reaction {
         #[arg(long, default_value = "6.12")]
@@ -127,10 +132,16 @@ fn run(cli: Cli) -> Result<()> {
             refresh,
         }),
         Cmd::Vm { kernel } => demo::shell(&kernel, v),
+        Cmd::Dist => dist::run(),
         Cmd::Bench { which } => match which {
             BenchCmd::FaultOverhead { kernel } => bench::fault_overhead(&kernel, v),
             BenchCmd::Holders { kernel } => bench::holders(&kernel, v),
             BenchCmd::Reaction { kernel } => bench::reaction(&kernel, v),
+            BenchCmd::Tui => crate::cmd::run_visible(
+                std::process::Command::new("cargo")
+                    .current_dir(paths::workspace())
+                    .args(["bench", "-q", "-p", "dax-probe", "--bench", "tui"]),
+            ),
         },
     }
 }

@@ -32,6 +32,11 @@ const DEBIAN_TOOLS: &[(&str, &str, &str)] = &[
         "psmisc",
         "the holders benchmark compares with fuser -m",
     ),
+    (
+        "tmux",
+        "tmux",
+        "the tui scenario runs the dashboard in a terminal",
+    ),
 ];
 
 #[derive(Default)]

@@ -334,6 +334,16 @@ impl Applier {
         }
     }
 
+    /// The name learned for a file, if any.
+    pub fn path_of(&self, file: &FileKey) -> Option<&str> {
+        self.paths.get(file).map(String::as_str)
+    }
+
+    /// Names a file from elsewhere (a recording's `file` line): replay has no maps to read.
+    pub fn set_path(&mut self, file: FileKey, path: String) {
+        self.paths.insert(file, path);
+    }
+
     /// Fills in file names: from what we learned, else from the holder's maps.
     pub fn name_files(&mut self, rows: &mut [HolderRow], topo: &Topology) {
         for r in rows {

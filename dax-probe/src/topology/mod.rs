@@ -9,14 +9,12 @@ mod sysfs;
 
 use std::{fmt, path::Path};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use mounts::{DaxOption, Mount};
 
 /// A device number as userspace sees it.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DevId {
     pub major: u32,
     pub minor: u32,
@@ -56,7 +54,7 @@ impl fmt::Display for DevId {
 }
 
 /// A half-open physical address range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhysRange {
     pub start: u64,
     pub end: u64,
@@ -82,7 +80,7 @@ impl PhysRange {
 }
 
 /// What a namespace is used as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Plain block device, no struct pages (`raw`): DAX mounts are refused by the kernel.
@@ -109,7 +107,7 @@ impl fmt::Display for Mode {
 }
 
 /// One pmem namespace with everything an operator asks about it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Namespace {
     /// `namespace0.0`
     pub name: String,
@@ -147,7 +145,7 @@ impl Namespace {
 }
 
 /// A snapshot of the machine's pmem topology.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Topology {
     pub namespaces: Vec<Namespace>,
     pub mounts: Vec<Mount>,

@@ -2,12 +2,12 @@
 
 use std::{fs, path::Path};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::DevId;
 
 /// The file system's DAX setting as mount options express it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DaxOption {
     /// `-o dax` / `dax=always`: every regular file is DAX.
@@ -24,7 +24,7 @@ impl DaxOption {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {
     pub dev: DevId,
     pub mount_point: String,

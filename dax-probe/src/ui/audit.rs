@@ -12,10 +12,10 @@ use serde::Serialize;
 
 use crate::{
     exit::{Code, Failure},
-    probe::{self, KernelSource},
     holders::scan::{LiveProc, Procfs},
     incident::Departed,
     privilege,
+    probe::{self, KernelSource},
     topology::{Mode, Topology},
 };
 

@@ -6,3 +6,4 @@ pub mod doctor;
 pub mod drain;
 pub mod holders;
 pub mod monitor;
+pub mod tui;

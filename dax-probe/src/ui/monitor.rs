@@ -48,6 +48,8 @@ pub async fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
         if json {
             serde_json::to_writer(&mut out, &o)?;
             writeln!(out)?;
+        } else if o.is_state() {
+            return Ok(());
         } else {
             writeln!(out, "{}", format_output(&o))?;
         }
@@ -231,6 +233,14 @@ pub fn format_output(o: &Output) -> String {
             h.upgrade.chosen,
             h.upgrade.was.unwrap_or("unavailable")
         ),
+        Output::Topology(t) => format!(
+            "topology: {} namespace(s), {} mount(s)",
+            t.topology.namespaces.len(),
+            t.topology.mounts.len()
+        ),
+        Output::Holders(h) => format!("holders ({}): {} row(s)", h.reason, h.rows.len()),
+        Output::File(f) => format!("file {}:{} = {}", f.dev, f.ino, f.path),
+        Output::Dropped(d) => format!("{} events lost so far (ring buffer full)", d.dropped),
         Output::Reconcile(r) => format!(
             "reconcile ({}): {} holders; corrected {} missing and {} extra pages",
             r.reconcile.reason, r.reconcile.holders, r.reconcile.missing, r.reconcile.extra

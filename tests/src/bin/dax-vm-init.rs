@@ -88,6 +88,9 @@ fn mount_pseudo() -> Result<()> {
     sys::mount("sysfs", "/sys", "sysfs", "")?;
     sys::mount("devtmpfs", "/dev", "devtmpfs", "")?;
     sys::mount("tmpfs", "/tmp", "tmpfs", "")?;
+    // Pseudo-terminals for tmux (the tui scenario).
+    let _ = std::fs::create_dir_all("/dev/pts");
+    let _ = sys::mount("devpts", "/dev/pts", "devpts", "ptmxmode=0666");
     // Optional ones: the agent must cope without them, but operators have them.
     let _ = sys::mount("tracefs", "/sys/kernel/tracing", "tracefs", "");
     let _ = sys::mount("securityfs", "/sys/kernel/security", "securityfs", "");

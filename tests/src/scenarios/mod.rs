@@ -6,6 +6,7 @@ pub mod compare;
 pub mod departure;
 pub mod fault_trace;
 pub mod holders;
+pub mod tui;
 
 use std::fmt;
 
@@ -262,6 +263,11 @@ pub fn all() -> Vec<Scenario> {
             name: "never-wrong-target",
             targets: &[Target::Ext4],
             run: departure::never_wrong_target,
+        },
+        Scenario {
+            name: "tui",
+            targets: &[Target::Ext4],
+            run: tui::run,
         },
         // Last: a poisoned page stays poisoned, so its file system is not reused.
         Scenario {
