@@ -302,7 +302,10 @@ impl Agent {
 
     /// A module loaded since the last look may make kernel hooks possible where the agent
     /// fell back to userspace (device_dax loaded after the agent started, for one).
-    fn adopt_new_modules(&mut self, out: &mut dyn FnMut(Output) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    fn adopt_new_modules(
+        &mut self,
+        out: &mut dyn FnMut(Output) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let ups = self.session.adopt_new_modules(&self.src);
         if ups.is_empty() {
             return Ok(());

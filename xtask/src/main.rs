@@ -1,12 +1,12 @@
 //! `cargo xtask`: developer tasks. See README.md for the two commands that matter.
 
 mod bench;
-mod matrix;
 mod cmd;
 mod demo;
 mod dist;
 mod initramfs;
 mod kernels;
+mod matrix;
 mod paths;
 mod qemu;
 mod setup;

@@ -106,7 +106,10 @@ pub fn run(opts: &Options) -> Result<()> {
         for token in isolated {
             let sub = dir.join(token.replace('/', "-"));
             fs::create_dir_all(&sub)?;
-            eprintln!("vm-test: booting {} again for {token} alone", kernel.release);
+            eprintln!(
+                "vm-test: booting {} again for {token} alone",
+                kernel.release
+            );
             let vm = boot(&token, &sub)?;
             let before = rows.len();
             collect(label, &vm, &mut rows);

@@ -131,8 +131,8 @@ pub fn unbind_report(env: &Env, t: Target) -> Result<Checked> {
     })?;
     std::thread::sleep(Duration::from_millis(500));
     // Died of what the kernel sent (not of the SIGKILL that let a blocked unbind finish).
-    let killed = death_signal(&mut p, Duration::from_millis(500))
-        .filter(|_| fate == UnbindFate::Returned);
+    let killed =
+        death_signal(&mut p, Duration::from_millis(500)).filter(|_| fate == UnbindFate::Returned);
     let (caught, code) = if fate == UnbindFate::Returned && killed.is_none() {
         p.sigbus()?
     } else {
@@ -293,7 +293,12 @@ fn blocked_stacks(pids: &[u32]) -> String {
         for t in tasks.flatten() {
             let dir = t.path();
             let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-            let state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
             let stack = std::fs::read_to_string(dir.join("stack")).unwrap_or_default();
             let frames: Vec<&str> = stack
                 .lines()
@@ -439,8 +444,8 @@ pub fn unbind_xfs_explain(env: &Env, t: Target) -> Result<Checked> {
     let fate = unbind_with_holder(&fs, &mut p, &mut |p| {
         counts = p.sigbus().unwrap_or_default();
     })?;
-    let killed = death_signal(&mut p, Duration::from_secs(2))
-        .filter(|_| fate == UnbindFate::Returned);
+    let killed =
+        death_signal(&mut p, Duration::from_secs(2)).filter(|_| fate == UnbindFate::Returned);
     let (caught, si_code) = if fate == UnbindFate::Returned && killed.is_none() {
         p.sigbus()?
     } else {

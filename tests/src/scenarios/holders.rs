@@ -10,8 +10,9 @@ use serde_json::{Value, json};
 use super::{Checked, Env, Target};
 use crate::{
     agent::Monitor,
-    pmem, sys,
+    pmem,
     puppet::{Huge, Puppet},
+    sys,
     truth::{DaxSpace, Step, step},
 };
 
@@ -429,7 +430,10 @@ pub fn module_late(env: &Env, _t: Target) -> Result<Checked> {
     p.touch(a, 8 * MIB, false, 4096)?;
     // Faults seen as events, not found by a reconcile: the new probes are live.
     let faults = m.wait_for_faults(p.pid, 4, Duration::from_secs(10));
-    s.require("the agent saw the puppet's device-dax faults as events", faults);
+    s.require(
+        "the agent saw the puppet's device-dax faults as events",
+        faults,
+    );
     s.check("device-dax mapped after device_dax loaded")?;
     p.exit()?;
     s.check("exited")?;

@@ -329,7 +329,10 @@ mod tests {
         assert_eq!(selects(&named, "unbind-report", Target::Xfs), (false, true));
         let exact = ["unbind-report/xfs"];
         assert_eq!(selects(&exact, "unbind-report", Target::Xfs), (true, false));
-        assert_eq!(selects(&exact, "unbind-report", Target::Ext4), (false, false));
+        assert_eq!(
+            selects(&exact, "unbind-report", Target::Ext4),
+            (false, false)
+        );
         assert_eq!(selects(&named, "drain", Target::Xfs), (false, false));
     }
 }
