@@ -138,7 +138,7 @@ pub fn fence_signal(dev: u32) -> Option<u32> {
         return None;
     }
     // SAFETY: plain value.
-    unsafe { FENCED.get(&dev) }.copied()
+    unsafe { FENCED.get(dev) }.copied()
 }
 
 #[inline(always)]

@@ -246,12 +246,7 @@ impl Incidents {
                     .filter(|n| matches!(n.mode, Mode::Fsdax | Mode::Devdax | Mode::Raw))
                     .collect();
                 // Several hooks may report one unbind (see the departure plan): the first wins.
-                if nss.is_empty()
-                    || self
-                        .departing
-                        .iter()
-                        .any(|x| x.names.iter().any(|n| *n == d.device))
-                {
+                if nss.is_empty() || self.departing.iter().any(|x| x.names.contains(&d.device)) {
                     return (Vec::new(), None);
                 }
                 let pfn_ranges: Vec<(u64, u64)> = nss

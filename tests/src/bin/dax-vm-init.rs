@@ -329,6 +329,20 @@ fn bench_fault_overhead(env: &Env) -> Result<()> {
     Ok(())
 }
 
+/// `n` processes that each map and touch `len` bytes of `file`, ready when this returns;
+/// they exit when the child's stdin closes.
+fn spawn_holders(file: &str, len: u64, n: u32) -> Result<std::process::Child> {
+    let mut hold = Command::new(dax_probe_tests::puppet::WORKLOAD)
+        .args(["hold", file, &len.to_string(), &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(hold.stdout.take().unwrap()).read_line(&mut line)?;
+    anyhow::ensure!(line.trim() == "ready", "workload said {line:?}");
+    Ok(hold)
+}
+
 /// `holders /dev/pmem0` from the running monitor against `fuser -m` and the agent's own
 /// procfs scan, with 500 processes mapping a DAX file.
 fn bench_holders(env: &Env) -> Result<()> {
@@ -336,14 +350,7 @@ fn bench_holders(env: &Env) -> Result<()> {
     let file = format!("{}/bench-holders", fs.mnt);
     pmem::write_file(Path::new(&file), 1 << 20)?;
     let mon = agent::Monitor::start("bench-holders", &[])?;
-    let mut hold = Command::new(dax_probe_tests::puppet::WORKLOAD)
-        .args(["hold", &file, &(1u64 << 20).to_string(), "500"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(hold.stdout.take().unwrap()).read_line(&mut line)?;
-    anyhow::ensure!(line.trim() == "ready", "workload said {line:?}");
+    let mut hold = spawn_holders(&file, 1 << 20, 500)?;
     let dev = fs.dev.dev_path();
     let time = |args: &[&str], prog: &str| -> Result<(Vec<f64>, String)> {
         let mut v = Vec::new();
@@ -403,14 +410,7 @@ fn bench_reaction(env: &Env) -> Result<()> {
                 &format!("reaction-{n}-{round}"),
                 &["--enforce", "--policy", &policy, "--audit-log", &audit],
             )?;
-            let mut hold = Command::new(dax_probe_tests::puppet::WORKLOAD)
-                .args(["hold", &file, &(1u64 << 20).to_string(), &n.to_string()])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()?;
-            let mut line = String::new();
-            BufReader::new(hold.stdout.take().unwrap()).read_line(&mut line)?;
-            anyhow::ensure!(line.trim() == "ready", "workload said {line:?}");
+            let mut hold = spawn_holders(&file, 1 << 20, n)?;
             // Let the agent see every fault before the device goes.
             std::thread::sleep(Duration::from_millis(500));
             let t = Instant::now();
