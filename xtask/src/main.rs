@@ -61,6 +61,8 @@ enum Cmd {
     },
     /// Release binary, man page, shell completions and contrib files in target/dist.
     Dist,
+    /// Regenerate the README's support matrix from the last vm-test of every kernel line.
+    Matrix,
     /// Benchmarks (printed ratios, never asserted).
     Bench {
         #[command(subcommand)]
@@ -133,6 +135,16 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Cmd::Vm { kernel } => demo::shell(&kernel, v),
         Cmd::Dist => dist::run(),
+        Cmd::Matrix => {
+            let report = matrix::from_run_dirs(vmtest::ALL)?;
+            let readme = paths::workspace().join("README.md");
+            let changed = matrix::update_readme(&readme, &matrix::render(&report))?;
+            eprintln!(
+                "matrix: README support matrix {}",
+                if changed { "changed: review it (git diff README.md)" } else { "unchanged" }
+            );
+            Ok(())
+        }
         Cmd::Bench { which } => match which {
             BenchCmd::FaultOverhead { kernel } => bench::fault_overhead(&kernel, v),
             BenchCmd::Holders { kernel } => bench::holders(&kernel, v),

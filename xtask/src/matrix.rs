@@ -27,11 +27,11 @@ const FACT_LABELS: &[(&str, &str)] = &[
     ),
     (
         "unbind_ext4_kernel_sigbus_to_holder",
-        "SIGBUS the kernel sends that ext4 holder on unbind",
+        "the SIGBUS the kernel sends an ext4 holder on unbind",
     ),
     (
         "unbind_xfs_kernel_sigbus_to_holder",
-        "SIGBUS the kernel sends that xfs holder on unbind",
+        "the SIGBUS the kernel sends an xfs holder on unbind",
     ),
     (
         "unbind_xfs_kernel_sigbus",
@@ -185,6 +185,39 @@ pub fn render(report: &[Value]) -> String {
         out.push_str(&format!("| {label} | {} |\n", cells.join(" | ")));
     }
     out
+}
+
+/// The report entries of the last `vm-test` of each kernel line, read back from the run
+/// directories (main boot and isolated boots), for regenerating the matrix without rerunning.
+pub fn from_run_dirs(labels: &[&str]) -> Result<Vec<Value>> {
+    let mut report = Vec::new();
+    for label in labels {
+        let dir = crate::paths::run_dir(&format!("vm-test-{label}"));
+        let mut files = vec![dir.join("results.jsonl")];
+        for e in fs::read_dir(&dir).with_context(|| format!("{}: run vm-test first", dir.display()))? {
+            let p = e?.path();
+            if p.is_dir() && p.join("results.jsonl").exists() {
+                files.push(p.join("results.jsonl"));
+            }
+        }
+        let mut records = Vec::new();
+        for f in &files {
+            let r = crate::qemu::read_records(f);
+            if !r.iter().any(|x| x["event"] == "done") {
+                eprintln!("matrix: warning: {} has no `done` record (the guest never finished)", f.display());
+            }
+            records.extend(r);
+        }
+        let of = |e: &str| records.iter().filter(|r| r["event"] == e).cloned().collect::<Vec<_>>();
+        report.push(serde_json::json!({
+            "kernel": label,
+            "release": of("boot").first().map(|b| b["kernel"].clone()).unwrap_or_default(),
+            "facts": of("fact"),
+            "doctor": of("doctor").first().map(|d| d["report"].clone()).unwrap_or_default(),
+            "results": of("result").iter().map(|r| r["result"].clone()).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(report)
 }
 
 /// Replaces the generated block in the README; returns whether its text changed.
