@@ -204,10 +204,10 @@ pub fn reaction(kernel: &str, verbose: bool) -> Result<()> {
     for row in &rows {
         println!(
             "  {:>7} {:>5} {:>7} {:>9} {:>14.2} {:>13.2} {:>10.1}",
-            row["holders"],
-            row["round"],
-            row["listed"],
-            row["signalled"],
+            row["holders"].as_u64().unwrap_or(0),
+            row["round"].as_u64().unwrap_or(0),
+            row["listed"].as_u64().unwrap_or(0),
+            row["signalled"].as_u64().unwrap_or(0),
             row["first_ms"].as_f64().unwrap_or(f64::NAN),
             row["last_ms"].as_f64().unwrap_or(f64::NAN),
             row["unbind_ms"].as_f64().unwrap_or(f64::NAN)

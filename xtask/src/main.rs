@@ -141,7 +141,11 @@ fn run(cli: Cli) -> Result<()> {
             let changed = matrix::update_readme(&readme, &matrix::render(&report))?;
             eprintln!(
                 "matrix: README support matrix {}",
-                if changed { "changed: review it (git diff README.md)" } else { "unchanged" }
+                if changed {
+                    "changed: review it (git diff README.md)"
+                } else {
+                    "unchanged"
+                }
             );
             Ok(())
         }

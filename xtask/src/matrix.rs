@@ -47,19 +47,19 @@ const FACT_LABELS: &[(&str, &str)] = &[
     ),
     (
         "hwpoison_ext4_signalled",
-        "MADV_HWPOISON on ext4: holders the kernel signals (of 3)",
+        "MADV_HWPOISON on ext4: holders the kernel signals",
     ),
     (
         "hwpoison_ext4_left_mapped",
-        "MADV_HWPOISON on ext4: holders left mapped (of 3)",
+        "MADV_HWPOISON on ext4: holders left mapped",
     ),
     (
         "hwpoison_xfs_signalled",
-        "MADV_HWPOISON on xfs: holders the kernel signals (of 3)",
+        "MADV_HWPOISON on xfs: holders the kernel signals",
     ),
     (
         "hwpoison_xfs_left_mapped",
-        "MADV_HWPOISON on xfs: holders left mapped (of 3)",
+        "MADV_HWPOISON on xfs: holders left mapped",
     ),
 ];
 
@@ -194,7 +194,9 @@ pub fn from_run_dirs(labels: &[&str]) -> Result<Vec<Value>> {
     for label in labels {
         let dir = crate::paths::run_dir(&format!("vm-test-{label}"));
         let mut files = vec![dir.join("results.jsonl")];
-        for e in fs::read_dir(&dir).with_context(|| format!("{}: run vm-test first", dir.display()))? {
+        for e in
+            fs::read_dir(&dir).with_context(|| format!("{}: run vm-test first", dir.display()))?
+        {
             let p = e?.path();
             if p.is_dir() && p.join("results.jsonl").exists() {
                 files.push(p.join("results.jsonl"));
@@ -204,11 +206,20 @@ pub fn from_run_dirs(labels: &[&str]) -> Result<Vec<Value>> {
         for f in &files {
             let r = crate::qemu::read_records(f);
             if !r.iter().any(|x| x["event"] == "done") {
-                eprintln!("matrix: warning: {} has no `done` record (the guest never finished)", f.display());
+                eprintln!(
+                    "matrix: warning: {} has no `done` record (the guest never finished)",
+                    f.display()
+                );
             }
             records.extend(r);
         }
-        let of = |e: &str| records.iter().filter(|r| r["event"] == e).cloned().collect::<Vec<_>>();
+        let of = |e: &str| {
+            records
+                .iter()
+                .filter(|r| r["event"] == e)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
         report.push(serde_json::json!({
             "kernel": label,
             "release": of("boot").first().map(|b| b["kernel"].clone()).unwrap_or_default(),

@@ -143,6 +143,7 @@ const FS: &[Target] = &[Target::Ext4, Target::Xfs];
 /// - a holder killed during an unbind tears its mapping down while the device's memmap is
 ///   being freed: on 7.2 (DAX pages without devmap) an exit that loses that race oopses in
 ///   `__zap_vma_range` (seen under host load; the enforcement normally wins it).
+///
 /// `all` leaves these out and the guest names them; the host boots once for each.
 pub const ISOLATED: &[(&str, Target)] = &[
     ("unbind-report", Target::Xfs),
