@@ -183,16 +183,6 @@ impl Incidents {
         }
     }
 
-    fn holder_rows(app: &mut Applier, topo: &Topology, ranges: &[(u64, u64)]) -> Vec<HolderRow> {
-        let sel: Vec<_> = ranges
-            .iter()
-            .flat_map(|&(s, e)| app.map.in_pfn_range(s, e))
-            .collect();
-        let mut r = rows(&app.map, &sel, false);
-        app.name_files(&mut r, topo);
-        r
-    }
-
     /// The departure a task is running (sysfs unbind runs in one task throughout).
     fn departure_of(&self, tid: u32) -> Option<&Departure> {
         self.departing
@@ -259,7 +249,7 @@ impl Incidents {
                     names.push(n.device_name().to_string());
                     names.extend(n.holder.clone());
                 }
-                let holders = Self::holder_rows(app, topo, &pfn_ranges);
+                let holders = app.rows_in_pfn_ranges(topo, &pfn_ranges);
                 let dep = Departure {
                     device: nss
                         .first()
@@ -300,7 +290,7 @@ impl Incidents {
                     return (Vec::new(), None);
                 };
                 let dep = self.departing.remove(pos);
-                let still = Self::holder_rows(app, topo, &dep.pfn_ranges);
+                let still = app.rows_in_pfn_ranges(topo, &dep.pfn_ranges);
                 self.departed.push(Departed {
                     device: dep.device.clone(),
                     namespace: dep.namespaces.join(","),

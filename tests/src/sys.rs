@@ -85,6 +85,18 @@ pub fn load_module(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Nanoseconds since boot (CLOCK_BOOTTIME), the clock of kernel event timestamps; async-
+/// signal-safe (the workload's signal handlers call it).
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Removes a kernel module (delete_module; its devices are unbound first by the kernel).
 pub fn unload_module(name: &str) -> Result<()> {
     let n = CString::new(name).unwrap();

@@ -344,6 +344,17 @@ impl Applier {
         self.paths.insert(file, path);
     }
 
+    /// One row per (process, file) mapping any pfn in `ranges`, with file names.
+    pub fn rows_in_pfn_ranges(&mut self, topo: &Topology, ranges: &[(u64, u64)]) -> Vec<HolderRow> {
+        let sel: Vec<_> = ranges
+            .iter()
+            .flat_map(|&(s, e)| self.map.in_pfn_range(s, e))
+            .collect();
+        let mut r = super::query::rows(&self.map, &sel, false);
+        self.name_files(&mut r, topo);
+        r
+    }
+
     /// Fills in file names: from what we learned, else from the holder's maps.
     pub fn name_files(&mut self, rows: &mut [HolderRow], topo: &Topology) {
         for r in rows {

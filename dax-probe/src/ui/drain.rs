@@ -13,7 +13,7 @@ use crate::{
     exit::{Code, Failure},
     holders::{
         Applier,
-        query::{self, HolderRow, Target, rows},
+        query::{self, HolderRow, Target},
         scan::{Classifier, LiveProc, Paths, Procfs, runs_in},
     },
     policy::{
@@ -73,13 +73,7 @@ impl Out {
 
 fn holders_now(app: &mut Applier, topo: &Topology, ranges: &[(u64, u64)]) -> Vec<HolderRow> {
     app.reconcile(topo);
-    let sel: Vec<_> = ranges
-        .iter()
-        .flat_map(|&(s, e)| app.map.in_pfn_range(s, e))
-        .collect();
-    let mut r = rows(&app.map, &sel, false);
-    app.name_files(&mut r, topo);
-    r
+    app.rows_in_pfn_ranges(topo, ranges)
 }
 
 /// Do any of these processes still map the device?

@@ -423,21 +423,11 @@ extern "C" fn on_sigbus(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static STATUS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-fn boottime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 extern "C" fn on_signal(_: i32) {
     let st = STATUS.load(std::sync::atomic::Ordering::Relaxed) as *mut u64;
     if !st.is_null() {
         // SAFETY: slot 1 of the status mapping; async-signal-safe store.
-        unsafe { std::ptr::write_volatile(st.add(1), boottime_ns()) };
+        unsafe { std::ptr::write_volatile(st.add(1), dax_probe_tests::sys::boottime_ns()) };
     }
     STOP.store(true, std::sync::atomic::Ordering::SeqCst);
 }
@@ -465,7 +455,7 @@ fn reader(args: &[String]) {
             sum = sum
                 .wrapping_add(unsafe { std::ptr::read_volatile((addr + off) as *const u8) } as u64);
             // SAFETY: slot 0 of the status mapping.
-            unsafe { std::ptr::write_volatile(st, boottime_ns()) };
+            unsafe { std::ptr::write_volatile(st, dax_probe_tests::sys::boottime_ns()) };
             off += 4096;
         }
     }

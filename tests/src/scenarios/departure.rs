@@ -57,16 +57,6 @@ impl Verdict {
     }
 }
 
-fn boottime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn scratch_file(fs: &DaxFs, name: &str, len: u64) -> Result<String> {
     let path = format!("{}/{name}", fs.mnt);
     pmem::write_file(Path::new(&path), len as usize)?;
@@ -119,16 +109,7 @@ pub fn unbind_report(env: &Env, t: Target) -> Result<Checked> {
     let file = scratch_file(&fs, "unbind-report", 4 * MIB)?;
     let mut v = Verdict::new();
     let m = Monitor::start(&format!("unbind-report-{t}"), &[])?;
-    let mut p = Puppet::spawn()?;
-    let a = p.map(&file, 0, 4 * MIB, true, Huge::Pte)?;
-    p.touch(a, 4 * MIB, false, 4096)?;
-    // The holder survives a kernel SIGBUS (and counts it): on 7.2 a holder dying of the
-    // pre-remove SIGBUS while the kernel is still walking its pages left the unbind hung.
-    p.catch_sigbus()?;
-    let mut counts = (0, 0);
-    let fate = unbind_with_holder(&fs, &mut p, &mut |p| {
-        counts = p.sigbus().unwrap_or_default();
-    })?;
+    let (mut p, fate, counts) = hold_and_unbind(&fs, &file)?;
     std::thread::sleep(Duration::from_millis(500));
     // Died of what the kernel sent (not of the SIGKILL that let a blocked unbind finish).
     let killed =
@@ -252,6 +233,23 @@ impl FinishMonitor for Monitor {
     }
 }
 
+/// A holder maps and touches 4 MiB of `file`, catching SIGBUS (counted, not died of: its own
+/// count and si_code are ground truth for the agent's kernel_sigbus events, and on 7.2 a
+/// holder dying of the pre-remove SIGBUS mid-walk left the unbind hung); then `fs` is
+/// unbound under it. Returns the holder, how the unbind went, and the SIGBUS count and last
+/// si_code taken before a blocked unbind made us kill it ((0, 0) otherwise).
+fn hold_and_unbind(fs: &DaxFs, file: &str) -> Result<(Puppet, UnbindFate, (u64, i32))> {
+    let mut p = Puppet::spawn()?;
+    let a = p.map(file, 0, 4 * MIB, true, Huge::Pte)?;
+    p.touch(a, 4 * MIB, false, 4096)?;
+    p.catch_sigbus()?;
+    let mut counts = (0, 0);
+    let fate = unbind_with_holder(fs, &mut p, &mut |p| {
+        counts = p.sigbus().unwrap_or_default();
+    })?;
+    Ok((p, fate, counts))
+}
+
 /// Unbinds `fs` while `p` maps it. If the kernel blocks the unbind, the holder's signal
 /// counts are taken first (`before_kill`), then it is killed so the unbind can finish; the
 /// VM would otherwise stay wedged (every later sysfs read of the bus waits on that unbind).
@@ -363,9 +361,9 @@ pub fn unbind_enforce(env: &Env, t: Target) -> Result<Checked> {
     let mut line = String::new();
     BufReader::new(reader.stdout.take().unwrap()).read_line(&mut line)?;
     std::thread::sleep(Duration::from_millis(300));
-    let before = boottime_ns();
+    let before = sys::boottime_ns();
     pmem::unbind_fsdax(&fs.dev)?;
-    let unbind_done = boottime_ns();
+    let unbind_done = sys::boottime_ns();
     let mut st = None;
     sys::wait_for(Duration::from_secs(5), || {
         st = reader.try_wait().ok().flatten();
@@ -440,16 +438,7 @@ pub fn unbind_xfs_explain(env: &Env, t: Target) -> Result<Checked> {
     let file = scratch_file(&fs, "explain", 4 * MIB)?;
     let mut v = Verdict::new();
     let m = Monitor::start(&format!("explain-{t}"), &[])?;
-    let mut p = Puppet::spawn()?;
-    let a = p.map(&file, 0, 4 * MIB, true, Huge::Pte)?;
-    p.touch(a, 4 * MIB, false, 4096)?;
-    // Caught and counted, not died of: the holder's own count is the ground truth for the
-    // agent's kernel_sigbus events (and a holder dying mid-walk hung the unbind on 7.2).
-    p.catch_sigbus()?;
-    let mut counts = (0, 0);
-    let fate = unbind_with_holder(&fs, &mut p, &mut |p| {
-        counts = p.sigbus().unwrap_or_default();
-    })?;
+    let (mut p, fate, counts) = hold_and_unbind(&fs, &file)?;
     let killed =
         death_signal(&mut p, Duration::from_secs(2)).filter(|_| fate == UnbindFate::Returned);
     let (caught, si_code) = if fate == UnbindFate::Returned && killed.is_none() {
