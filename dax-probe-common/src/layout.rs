@@ -62,6 +62,15 @@ pub struct KernelLayout {
     /// Below it events are submitted without a wakeup and the reader collects them on its
     /// short poll timer: one wakeup per fault would cost more than the fault itself.
     pub wakeup_bytes: u32,
+    /// `struct file`: `f_path.dentry`; `struct dentry`: `d_parent`, `d_name.name`;
+    /// `struct super_block`: `s_magic`; `struct pt_regs`: `orig_ax` (the syscall number).
+    /// For the unbind guard.
+    pub file_dentry: u32,
+    pub dentry_parent: u32,
+    pub dentry_name: u32,
+    pub sb_magic: u32,
+    pub regs_nr: u32,
+    pub _pad1: u32,
     /// Mask applied to the insert function's pfn argument: `pfn_t` carries flag bits in its
     /// top 12 bits up to 6.12; from 7.x it is a plain `unsigned long`.
     pub pfn_mask: u64,
@@ -104,8 +113,14 @@ impl KernelLayout {
         dax_major: 0,
         devdax_size_is_enum: 0,
         wakeup_bytes: 0,
+        file_dentry: 0,
+        dentry_parent: 0,
+        dentry_name: 0,
+        sb_magic: 0,
+        regs_nr: 0,
+        _pad1: 0,
         pfn_mask: 0,
     };
 }
 
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 160);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 184);

@@ -14,12 +14,19 @@ pub use layout::KernelLayout;
 
 /// Bumped whenever an event or map layout changes. The agent refuses an object built for
 /// another ABI (both are built from the same tree, so this only guards stale build outputs).
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 5;
 
 pub const TASK_COMM_LEN: usize = 16;
 
-/// Name of the ring buffer map that carries every event.
+/// Name of the ring buffer map that carries faults and page-table events.
 pub const EVENTS_MAP: &str = "EVENTS";
+/// Name of the ring buffer map that carries device events (departures), memory failures,
+/// the kernel's machine-check signals and denied mappings: they never queue behind, or are
+/// dropped because of, a fault storm.
+pub const DEVICE_EVENTS_MAP: &str = "DEVICE_EVENTS";
+/// Size of the device ring: thousands of device events, far more than a machine makes
+/// between two polls of the reader.
+pub const DEVICE_RING_BYTES: u32 = 256 << 10;
 /// Name of the per-CPU counter array (see [`Counter`]).
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Name of the hash map of DAX-holding processes (tgid → 1).
@@ -27,6 +34,31 @@ pub const WATCHED_MAP: &str = "WATCHED";
 /// Name of the hash map of fenced devices (kernel dev_t → signal for faulting tasks, 0 for
 /// none): new mappings are denied (BPF LSM) and faults are signalled.
 pub const FENCED_MAP: &str = "FENCED";
+/// Name of the hash map of processes the fence must not signal, by command name
+/// ([`FenceCommKey`] → 1): the policy's `exclude = ["sshd"]`.
+pub const FENCE_EXCLUDE_COMM_MAP: &str = "FENCE_EXCLUDE_COMM";
+/// Name of the hash map of processes the fence must not signal, by tgid ([`FencePidKey`] →
+/// 1): the policy's `exclude = ["pid:42"]`, PID 1 and the agent itself.
+pub const FENCE_EXCLUDE_PID_MAP: &str = "FENCE_EXCLUDE_PID";
+/// Capacity of each exclusion map: a policy's list per fenced device.
+pub const FENCE_EXCLUDE_ENTRIES: u32 = 1024;
+/// Name of the hash map of device names the unbind guard protects right now ([`GuardKey`]
+/// → 1): the bus device names (`namespace0.0`, `pfn0.0`, `dax0.0`, `region0`) of every
+/// device whose policy says `guard = "refuse-unbind"` and that has holders. Written by the
+/// agent as its holder map changes.
+pub const GUARDED_MAP: &str = "GUARDED";
+/// Name of the array that configures the guard: slot [`GUARD_SLOT_AGENT`] the agent's tgid
+/// (its own writes pass, reported), slot [`GUARD_SLOT_ACTIVE`] non-zero while [`GUARDED_MAP`]
+/// has any entry (so every other write on the machine pays one array lookup, no more).
+pub const GUARD_CONF_MAP: &str = "GUARD_CONF";
+pub const GUARD_SLOT_AGENT: u32 = 0;
+pub const GUARD_SLOT_ACTIVE: u32 = 1;
+/// Capacity of [`GUARDED_MAP`] (names, several per device).
+pub const GUARDED_ENTRIES: u32 = 1024;
+/// Bytes of a guarded name as the guard compares it (at most 31, NUL padded).
+pub const GUARD_NAME_LEN: usize = 32;
+/// The errno a refused unbind write fails with: the device is busy (it has holders).
+pub const GUARD_ERRNO: i32 = 16; // EBUSY
 /// Name of the global that carries [`KernelLayout`] into the programs.
 pub const LAYOUT_GLOBAL: &str = "LAYOUT";
 /// Default ring buffer size: 4 MiB holds ~35k fault events, several seconds of a fault storm
@@ -56,6 +88,12 @@ pub enum EventKind {
     KernelSignal = 7,
     /// A new mapping of a fenced device was denied.
     MmapDenied = 8,
+    /// The fence signalled a task that faulted on a fenced device (from the fault program:
+    /// the agent learns of it only afterwards).
+    FenceSignal = 9,
+    /// The unbind guard saw a write to an nd/dax driver's `unbind` file naming a guarded
+    /// device with holders: refused, or passed because the agent wrote it.
+    UnbindGuard = 10,
 }
 
 impl EventKind {
@@ -69,6 +107,8 @@ impl EventKind {
             6 => Some(Self::MemoryFailure),
             7 => Some(Self::KernelSignal),
             8 => Some(Self::MmapDenied),
+            9 => Some(Self::FenceSignal),
+            10 => Some(Self::UnbindGuard),
             _ => None,
         }
     }
@@ -90,9 +130,22 @@ pub enum Counter {
     Attempted = 4,
     /// Signals sent by a kernel program to a task faulting on a fenced device.
     FenceSignals = 5,
+    /// Of [`Counter::RingFull`]: lost on the device ring (a departure or memory failure the
+    /// agent never saw; it then re-reads the topology and page tables).
+    DeviceRingFull = 6,
+    /// The WATCHED map was full: a new holder is not watched (its forks and mremaps go
+    /// unreported until the agent's sweep and reconcile catch up).
+    WatchedFull = 7,
+    /// A task faulted on a fenced device and was not signalled: the policy excludes it.
+    FenceExcluded = 8,
+    /// Counted by the agent, not the kernel (no slot in the kernel map): page-table events
+    /// its reader dropped because the agent's queue was full (it then re-reads the page
+    /// tables, as for [`Counter::RingFull`]). Device events are never dropped there.
+    ChannelFull = 9,
 }
 
-pub const COUNTER_SLOTS: u32 = 8;
+/// Slots of the kernel's counter map (the agent-side counters come after).
+pub const COUNTER_SLOTS: u32 = 9;
 
 /// Common prefix of every event.
 #[repr(C)]
@@ -283,6 +336,121 @@ pub struct MmapDeniedEvent {
     pub ino: u64,
 }
 
+/// The fence sent `signal` to the current task (`hdr`) for a fault on `dev`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FenceSignalEvent {
+    pub hdr: EventHeader,
+    /// The fenced device the fault was on (kernel encoding).
+    pub dev: u32,
+    pub signal: u32,
+    /// The faulting file's inode (0 for device-dax).
+    pub ino: u64,
+    /// `bpf_send_signal`'s result: 0 sent, else a negative errno (not delivered).
+    pub ret: i32,
+    pub _pad: u32,
+}
+
+/// Key of [`FENCE_EXCLUDE_COMM_MAP`]: a command name excluded on one fenced device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FenceCommKey {
+    pub dev: u32,
+    /// `comm` as the kernel keeps it: at most 15 bytes, NUL padded.
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// Key of [`FENCE_EXCLUDE_PID_MAP`]: a process excluded on one fenced device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FencePidKey {
+    pub dev: u32,
+    pub tgid: u32,
+}
+
+/// Key of [`GUARDED_MAP`]: a device name as the guard compares it (see [`guard_key`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GuardKey {
+    pub name: [u8; GUARD_NAME_LEN],
+}
+
+/// `UnbindGuardEvent::verdict`: the write was refused with [`GUARD_ERRNO`].
+pub const GUARD_REFUSED: u32 = 1;
+/// `UnbindGuardEvent::verdict`: the agent's own write (drain), let through.
+pub const GUARD_AGENT_PASSED: u32 = 2;
+/// `UnbindGuardEvent::verdict`: refused because the guard could not read which device the
+/// write names (not a write/pwrite64 or a one-iovec writev/pwritev from user space:
+/// several iovecs, io_uring, splice, sendfile, or an unreadable buffer) while a guarded
+/// device has holders.
+pub const GUARD_REFUSED_UNREAD: u32 = 3;
+
+/// A write to `/sys/bus/{nd,dax}/drivers/<drv>/unbind` the guard acted on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnbindGuardEvent {
+    /// The writer.
+    pub hdr: EventHeader,
+    /// The device name written (normalised as [`guard_key`]; empty when unreadable).
+    pub name: [u8; GUARD_NAME_LEN],
+    /// The driver directory the `unbind` file is in (`nd_pmem`, `device_dax`, …).
+    pub drv_name: [u8; 16],
+    /// The bus (`nd` or `dax`).
+    pub bus_name: [u8; 8],
+    /// x86-64 syscall number of the write (1 write, 18 pwrite64, 20 writev, …).
+    pub syscall: u32,
+    /// `GUARD_*` verdict above.
+    pub verdict: u32,
+    /// What the hook returned: 0, or `-GUARD_ERRNO`.
+    pub ret: i32,
+    pub _pad: u32,
+}
+
+/// The name the kernel's `unbind_store` looks up, from the first `min(count, 32)` bytes the
+/// writer passed: up to the first NUL, one trailing newline dropped (`sysfs_streq`), NUL
+/// padded. A name of 32 bytes or more cannot be a guarded one (they are all shorter); it
+/// comes out with a non-zero last byte and matches no key. One definition for the kernel
+/// program and the agent, with constant indices only (the verifier sees no variable
+/// offsets into the stack buffer).
+#[inline(always)]
+pub fn guard_key(raw: &[u8; GUARD_NAME_LEN], count: u64) -> GuardKey {
+    let mut name = *raw;
+    let mut ended = false;
+    let mut i = 0;
+    while i < GUARD_NAME_LEN {
+        if ended || i as u64 >= count || name[i] == 0 {
+            ended = true;
+            name[i] = 0;
+        }
+        i += 1;
+    }
+    // One trailing newline is not part of the name (only when the name ended within the
+    // buffer: a longer name keeps its last byte and so matches nothing).
+    let mut j = GUARD_NAME_LEN;
+    while j > 0 {
+        j -= 1;
+        if name[j] != 0 {
+            if name[j] == b'\n' && (j + 1 < GUARD_NAME_LEN || count <= GUARD_NAME_LEN as u64) {
+                name[j] = 0;
+            }
+            break;
+        }
+    }
+    GuardKey { name }
+}
+
+/// The key of a device name the agent guards; `None` for a name the guard cannot hold
+/// (empty, 32 bytes or longer, or with a NUL or newline in it).
+pub fn guard_key_of(name: &str) -> Option<GuardKey> {
+    let b = name.as_bytes();
+    if b.is_empty() || b.len() >= GUARD_NAME_LEN || b.iter().any(|&c| c == 0 || c == b'\n') {
+        return None;
+    }
+    let mut k = GuardKey::default();
+    k.name[..b.len()].copy_from_slice(b);
+    Some(k)
+}
+
 /// A DAX-holding process called mremap successfully.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -311,6 +479,11 @@ const _: () = {
     assert!(core::mem::size_of::<MemoryFailureEvent>() == 64);
     assert!(core::mem::size_of::<KernelSignalEvent>() == 80);
     assert!(core::mem::size_of::<MmapDeniedEvent>() == 56);
+    assert!(core::mem::size_of::<FenceSignalEvent>() == 64);
+    assert!(core::mem::size_of::<FenceCommKey>() == 20);
+    assert!(core::mem::size_of::<FencePidKey>() == 8);
+    assert!(core::mem::size_of::<GuardKey>() == 32);
+    assert!(core::mem::size_of::<UnbindGuardEvent>() == 112);
 };
 
 /// Marker for plain-old-data events that may be viewed as bytes and rebuilt from bytes.
@@ -370,6 +543,14 @@ unsafe impl Event for KernelSignalEvent {
 unsafe impl Event for MmapDeniedEvent {
     const KIND: EventKind = EventKind::MmapDenied;
 }
+// FenceSignal 40 + 2*4 + 8 + 2*4 = 64.
+unsafe impl Event for FenceSignalEvent {
+    const KIND: EventKind = EventKind::FenceSignal;
+}
+// UnbindGuard 40 + 32 + 16 + 8 + 4*4 = 112.
+unsafe impl Event for UnbindGuardEvent {
+    const KIND: EventKind = EventKind::UnbindGuard;
+}
 
 /// Reads the header of any event, `None` if the bytes are too short for one.
 pub fn header_of(bytes: &[u8]) -> Option<EventHeader> {
@@ -391,6 +572,11 @@ mod user {
     unsafe impl aya::Pod for super::MemoryFailureEvent {}
     unsafe impl aya::Pod for super::KernelSignalEvent {}
     unsafe impl aya::Pod for super::MmapDeniedEvent {}
+    unsafe impl aya::Pod for super::FenceSignalEvent {}
+    unsafe impl aya::Pod for super::FenceCommKey {}
+    unsafe impl aya::Pod for super::FencePidKey {}
+    unsafe impl aya::Pod for super::GuardKey {}
+    unsafe impl aya::Pod for super::UnbindGuardEvent {}
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::KernelLayout {}
 }
@@ -461,11 +647,47 @@ mod tests {
         assert_eq!(MremapEvent::from_bytes(m.as_bytes()), Some(m));
     }
 
+    fn raw(s: &[u8]) -> [u8; GUARD_NAME_LEN] {
+        let mut r = [0xAAu8; GUARD_NAME_LEN];
+        r[..s.len()].copy_from_slice(s);
+        r
+    }
+
+    #[test]
+    fn the_guard_reads_the_name_unbind_store_looks_up() {
+        let want = guard_key_of("namespace0.0").unwrap();
+        // echo: one trailing newline; bytes past `count` are not the writer's.
+        assert_eq!(guard_key(&raw(b"namespace0.0\n"), 13), want);
+        assert_eq!(guard_key(&raw(b"namespace0.0"), 12), want);
+        // printf with a NUL: the kernel's C string ends there.
+        assert_eq!(guard_key(&raw(b"namespace0.0\0junk"), 17), want);
+        // Two newlines are not stripped (sysfs_streq drops one): no match, as in the kernel.
+        assert_ne!(guard_key(&raw(b"namespace0.0\n\n"), 14), want);
+        // A prefix written short is another name.
+        assert_ne!(guard_key(&raw(b"namespace0.0"), 11), want);
+        assert_eq!(guard_key(&raw(b""), 0), GuardKey::default());
+        // 32 bytes and more: never a guarded name, whatever the tail.
+        let long = guard_key(&[b'x'; GUARD_NAME_LEN], 64);
+        assert_ne!(long.name[GUARD_NAME_LEN - 1], 0);
+        let mut nl = [b'x'; GUARD_NAME_LEN];
+        nl[GUARD_NAME_LEN - 1] = b'\n';
+        assert_ne!(guard_key(&nl, 40).name[GUARD_NAME_LEN - 1], 0);
+    }
+
+    #[test]
+    fn names_the_guard_cannot_hold_are_refused() {
+        assert!(guard_key_of("").is_none());
+        assert!(guard_key_of(&"x".repeat(32)).is_none());
+        assert!(guard_key_of("a\nb").is_none());
+        assert!(guard_key_of(&"x".repeat(31)).is_some());
+    }
+
     #[test]
     fn unknown_kinds_are_not_decoded() {
         assert_eq!(EventKind::from_u32(0), None);
         assert_eq!(EventKind::from_u32(999), None);
         assert_eq!(EventKind::from_u32(1), Some(EventKind::Fault));
         assert_eq!(EventKind::from_u32(4), Some(EventKind::Mremap));
+        assert_eq!(EventKind::from_u32(9), Some(EventKind::FenceSignal));
     }
 }

@@ -1,7 +1,9 @@
 //! Enforcement in the kernel for fenced devices (being drained, or departing under
 //! `monitor --enforce`): new mappings are refused through the BPF LSM `mmap_file` hook where
 //! the kernel runs the BPF LSM; a task that faults on a fenced device is signalled by the
-//! fault program itself (see `fault.rs`).
+//! fault program itself (see `fault.rs`) with the policy's signal, unless the policy excludes
+//! it. A rule that only reports arms no fence at all: the agent neither refuses mappings nor
+//! signals for it.
 
 use aya_ebpf::{macros::lsm, programs::LsmContext};
 use dax_probe_common::{EventKind, MmapDeniedEvent};

@@ -23,14 +23,14 @@ use aya_ebpf::{
 };
 use dax_probe_common::{
     Counter, EventHeader, EventKind, FAULT_DEVDAX, FAULT_PFN_VALID, FAULT_PMD, FAULT_PUD,
-    FaultEvent, TASK_COMM_LEN,
+    FaultEvent, FenceSignalEvent, TASK_COMM_LEN,
 };
 
 use crate::{
     kernel::{Direct, Mem, Probe},
     maps::{
-        DEVDAX_STASH, DevdaxStash, INSERT_STASH, InsertStash, count, emit, fence_signal, layout,
-        watch,
+        DEVDAX_STASH, DevdaxStash, INSERT_STASH, InsertStash, count, emit, emit_urgent,
+        fence_excluded, fence_repeat, fence_signal, layout, watch,
     },
 };
 
@@ -163,21 +163,43 @@ fn fault_done<M: Mem>(inode: u64, vmf: u64, result: u32, pmd: bool) {
     ev.pfn = pfn;
     ev.entry_flags = entry_flags;
     watch(ev.hdr.tgid);
-    fenced(ev.dev);
+    fenced(&ev);
     emit(ev);
 }
 
-/// A fault on a fenced device: the task gets the fence's signal from here, before it can
-/// touch the page (delivered on its way back to user mode).
+/// A fault on a fenced device: the task gets the policy's signal from here, before it can
+/// touch the page (delivered on its way back to user mode), unless the policy excludes it.
+/// Each signal is reported on the device ring: the agent audits it after the fact (the
+/// kernel cannot wait for an audit write; the arming of the fence was audited before).
 #[inline(always)]
-fn fenced(dev: u32) {
-    if let Some(sig) = fence_signal(dev)
-        && sig != 0
-    {
-        // SAFETY: plain helper call; the current task is the faulting one.
-        unsafe { aya_ebpf::helpers::bpf_send_signal(sig) };
-        count(Counter::FenceSignals);
+fn fenced(ev: &FaultEvent) {
+    let Some(sig) = fence_signal(ev.dev) else {
+        return;
+    };
+    if sig == 0 {
+        return;
     }
+    if fence_excluded(ev.dev, ev.hdr.tgid, &ev.hdr.comm) {
+        count(Counter::FenceExcluded);
+        return;
+    }
+    if fence_repeat(ev.dev, ev.hdr.tgid, ev.hdr.ts_ns) {
+        return;
+    }
+    // SAFETY: plain helper call; the current task is the faulting one.
+    let ret = unsafe { aya_ebpf::helpers::bpf_send_signal(sig) };
+    count(Counter::FenceSignals);
+    let mut hdr = ev.hdr;
+    hdr.kind = EventKind::FenceSignal as u32;
+    hdr.size = core::mem::size_of::<FenceSignalEvent>() as u32;
+    emit_urgent(FenceSignalEvent {
+        hdr,
+        dev: ev.dev,
+        signal: sig,
+        ino: ev.ino,
+        ret: ret as i32,
+        _pad: 0,
+    });
 }
 
 /// A fault event with everything the `vm_fault` tells; file identity left to the caller.
@@ -244,7 +266,7 @@ pub fn devdax_fault_exit(ctx: RetProbeContext) -> u32 {
     let inode: u64 = Probe::read(file, l.file_inode);
     ev.dev = Probe::read(inode, l.inode_rdev);
     watch(ev.hdr.tgid);
-    fenced(ev.dev);
+    fenced(&ev);
     emit(ev);
     0
 }

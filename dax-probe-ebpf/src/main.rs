@@ -10,6 +10,7 @@
 mod departure;
 mod enforce;
 mod fault;
+mod guard;
 mod kernel;
 mod maps;
 mod task;
@@ -24,3 +25,10 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// The event/map ABI this object was built for. The agent reads it from the ELF before
+/// loading anything and refuses a mismatch (a stale object next to a newer agent would
+/// decode every record wrongly).
+#[unsafe(link_section = "dax_probe_abi")]
+#[unsafe(no_mangle)]
+static DAX_PROBE_ABI: [u8; 4] = dax_probe_common::ABI_VERSION.to_le_bytes();

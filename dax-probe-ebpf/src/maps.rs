@@ -2,13 +2,21 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use dax_probe_common::{COUNTER_SLOTS, Counter, EVENTS_RING_BYTES, KernelLayout};
+use dax_probe_common::{
+    COUNTER_SLOTS, Counter, DEVICE_RING_BYTES, EVENTS_RING_BYTES, FENCE_EXCLUDE_ENTRIES,
+    FenceCommKey, FencePidKey, GUARDED_ENTRIES, GuardKey, KernelLayout, TASK_COMM_LEN,
+};
 
-/// Every event goes out through this one ring buffer (ordered across CPUs, one reader).
+/// Faults and page-table events (ordered across CPUs, one reader).
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Departures, memory failures, kernel signals, denied mappings: a ring of their own so a
+/// fault storm that fills [`EVENTS`] can neither drop nor delay them.
+#[map(name = "DEVICE_EVENTS")]
+pub static DEVICE_EVENTS: RingBuf = RingBuf::with_byte_size(DEVICE_RING_BYTES, 0);
 
 /// Per-CPU counters, indexed by [`Counter`].
 #[map(name = "COUNTERS")]
@@ -86,8 +94,8 @@ pub static MREMAP_STASH: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
 #[inline(always)]
 pub fn watch(tgid: u32) {
     // SAFETY: read-only peek at a plain value.
-    if unsafe { WATCHED.get(tgid) }.is_none() {
-        let _ = WATCHED.insert(tgid, 1, 0);
+    if unsafe { WATCHED.get(tgid) }.is_none() && WATCHED.insert(tgid, 1, 0).is_err() {
+        count(Counter::WatchedFull);
     }
 }
 
@@ -108,7 +116,19 @@ pub fn emit<T: 'static>(event: T) {
 #[inline(always)]
 pub fn emit_urgent<T: 'static>(event: T) {
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
-    emit_with(event, BPF_RB_FORCE_WAKEUP);
+    count(Counter::Attempted);
+    match DEVICE_EVENTS.reserve::<T>(0) {
+        Some(mut slot) => {
+            slot.write(event);
+            slot.submit(BPF_RB_FORCE_WAKEUP);
+        }
+        None => {
+            // Counted in both: RingFull stays "every event lost", so attempted = delivered
+            // + RingFull still holds.
+            count(Counter::RingFull);
+            count(Counter::DeviceRingFull);
+        }
+    }
 }
 
 #[inline(always)]
@@ -140,6 +160,65 @@ pub fn fence_signal(dev: u32) -> Option<u32> {
     // SAFETY: plain value.
     unsafe { FENCED.get(dev) }.copied()
 }
+
+/// Processes the fence must not signal, by (device, comm): the policy's exclusions for the
+/// device's rule, written by the agent before it fences the device.
+#[map(name = "FENCE_EXCLUDE_COMM")]
+pub static FENCE_EXCLUDE_COMM: HashMap<FenceCommKey, u32> =
+    HashMap::with_max_entries(FENCE_EXCLUDE_ENTRIES, 0);
+
+/// Processes the fence must not signal, by (device, tgid): `pid:` exclusions, PID 1 and
+/// the agent.
+#[map(name = "FENCE_EXCLUDE_PID")]
+pub static FENCE_EXCLUDE_PID: HashMap<FencePidKey, u32> =
+    HashMap::with_max_entries(FENCE_EXCLUDE_ENTRIES, 0);
+
+/// When the fence last signalled a process for a fault on a device (boot ns).
+#[map(name = "FENCE_LAST")]
+pub static FENCE_LAST: LruHashMap<FencePidKey, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// A process that keeps faulting on a fenced device (a SIGBUS handler that returns refaults
+/// at once) is signalled, and reported, at most once per this many ns: a standard signal
+/// still pending absorbs repeats anyway, and one report per fault would flood the device
+/// ring and crowd out the departure events it exists for.
+const FENCE_REPEAT_NS: u64 = 100_000_000;
+
+/// Is this a repeat within [`FENCE_REPEAT_NS`] of the last signal to `tgid` for `dev`? If
+/// not, `now` becomes the last.
+#[inline(always)]
+pub fn fence_repeat(dev: u32, tgid: u32, now: u64) -> bool {
+    let key = FencePidKey { dev, tgid };
+    // SAFETY: read-only peek at a plain value.
+    if let Some(last) = unsafe { FENCE_LAST.get(&key) }
+        && now.saturating_sub(*last) < FENCE_REPEAT_NS
+    {
+        return true;
+    }
+    let _ = FENCE_LAST.insert(&key, &now, 0);
+    false
+}
+
+/// Does the policy exclude this task from the fence of `dev`? `comm` is the faulting
+/// thread's (the agent matches the process's; they differ only for a thread that renamed
+/// itself).
+#[inline(always)]
+pub fn fence_excluded(dev: u32, tgid: u32, comm: &[u8; TASK_COMM_LEN]) -> bool {
+    // SAFETY: read-only peeks at plain values.
+    unsafe {
+        FENCE_EXCLUDE_PID.get(&FencePidKey { dev, tgid }).is_some()
+            || FENCE_EXCLUDE_COMM
+                .get(&FenceCommKey { dev, comm: *comm })
+                .is_some()
+    }
+}
+
+/// Device names the unbind guard protects now (see `guard.rs`), written by the agent.
+#[map(name = "GUARDED")]
+pub static GUARDED: HashMap<GuardKey, u32> = HashMap::with_max_entries(GUARDED_ENTRIES, 0);
+
+/// The guard's settings: the agent's tgid, and whether anything is guarded at all.
+#[map(name = "GUARD_CONF")]
+pub static GUARD_CONF: Array<u32> = Array::with_max_entries(2, 0);
 
 #[inline(always)]
 pub fn layout() -> KernelLayout {

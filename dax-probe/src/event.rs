@@ -1,12 +1,13 @@
 //! Decoded events: what the rest of the agent (state, policy, outputs) works with. Field names
 //! here are the stable JSON names of `monitor --json`.
 
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::topology::DevId;
 
 /// Where a fault's pfn came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PfnSource {
     /// The kernel's DAX insert hook saw it.
@@ -16,7 +17,7 @@ pub enum PfnSource {
 }
 
 /// One completed DAX page fault.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Fault {
     /// Nanoseconds since boot (CLOCK_BOOTTIME).
     pub ts_ns: u64,
@@ -44,14 +45,19 @@ pub struct Fault {
     pub zero_page: bool,
     /// `vm_fault_t` decoded, e.g. `NOPAGE` or `FALLBACK`.
     pub result: String,
+    #[serde(default)]
     pub result_raw: u32,
+    #[serde(default)]
     pub vma_start: u64,
+    #[serde(default)]
     pub vma_end: u64,
     /// MAP_SHARED (VM_SHARED) mapping.
+    #[serde(default)]
     pub shared: bool,
     /// Device that owns the pfn (`pmem0`, `dax0.0`), when the topology knows it.
     pub device: Option<String>,
     /// A device-dax fault: `dev` is the character device, `ino` 0, `offset` into the device.
+    #[serde(default)]
     pub devdax: bool,
     /// Kernel address of the address space (the holder's identity in the kernel).
     #[serde(skip)]
@@ -59,7 +65,7 @@ pub struct Fault {
 }
 
 /// PTEs of a DAX mapping torn down.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Zap {
     pub ts_ns: u64,
     /// The task that tore them down (not always the mapping's owner).
@@ -68,18 +74,22 @@ pub struct Zap {
     pub comm: String,
     pub start: u64,
     pub end: u64,
+    #[serde(default)]
     pub vma_start: u64,
+    #[serde(default)]
     pub vma_end: u64,
     /// File (or device) offset of `start`, in bytes.
     pub offset: u64,
     pub dev: DevId,
     pub ino: u64,
+    #[serde(default)]
     pub devdax: bool,
     /// The owner's own task did it (munmap, mremap, exit).
     pub own_mm: bool,
     /// The task doing it is exiting (exit or exec teardown).
     pub exiting: bool,
     /// Copy-on-write of one private page (it now maps an anonymous copy).
+    #[serde(default)]
     pub cow: bool,
     /// `mm->owner`'s tgid where the kernel tracks it.
     pub owner_tgid: Option<u32>,
@@ -88,7 +98,7 @@ pub struct Zap {
 }
 
 /// A holder forked.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Fork {
     pub ts_ns: u64,
     pub parent_tgid: u32,
@@ -99,7 +109,7 @@ pub struct Fork {
 }
 
 /// A holder called mremap.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Mremap {
     pub ts_ns: u64,
     pub tgid: u32,
@@ -107,12 +117,13 @@ pub struct Mremap {
     pub old_addr: u64,
     pub old_len: u64,
     pub new_len: u64,
+    #[serde(default)]
     pub flags: u64,
     pub new_addr: u64,
 }
 
 /// What the kernel is doing to a device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DevicePhase {
     /// A driver is being unbound from an nd/dax device (before its remove runs).
@@ -127,7 +138,7 @@ pub enum DevicePhase {
 }
 
 /// A raw device event from the kernel (the agent turns these into departure reports).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DeviceChange {
     pub ts_ns: u64,
     pub phase: DevicePhase,
@@ -161,7 +172,7 @@ pub struct MemoryFailure {
 }
 
 /// The kernel's machine-check SIGBUS to a process.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct KernelSigbus {
     pub ts_ns: u64,
     pub pid: u32,
@@ -177,13 +188,67 @@ pub struct KernelSigbus {
 }
 
 /// A new mapping of a fenced device was refused.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MmapDenied {
     pub ts_ns: u64,
     pub pid: u32,
     pub comm: String,
     pub dev: DevId,
     pub ino: u64,
+}
+
+/// The kernel's fence signalled a task that faulted on a fenced device (reported after the
+/// signal: the fault program cannot wait for the agent).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FenceSignal {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// `SIGTERM`, `SIGBUS`, …: the policy's signal for the device.
+    pub signal: String,
+    /// The fenced device the fault was on.
+    pub dev: DevId,
+    /// The faulting file's inode (0 for device-dax).
+    pub ino: u64,
+    /// Why the kernel could not send it (`bpf_send_signal`'s errno), when it could not.
+    #[serde(default)]
+    pub error: Option<i32>,
+}
+
+/// What the unbind guard did with a write to an nd/dax driver's `unbind` file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardVerdict {
+    /// Refused with EBUSY: it named a guarded device that has holders.
+    Refused,
+    /// Refused with EBUSY: the guard could not read which device it names (not a plain
+    /// write/pwrite/writev: io_uring, splice, sendfile) while a guarded device has holders.
+    RefusedUnreadable,
+    /// The agent's own write (drain): let through.
+    AgentPassed,
+}
+
+/// The unbind guard's report of one write (from the BPF LSM program).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UnbindGuarded {
+    pub ts_ns: u64,
+    /// The writer.
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// The device name written (`namespace0.0`, `pfn0.0`, `dax0.0`, `region0`); empty when
+    /// unreadable.
+    pub written: String,
+    /// The driver whose `unbind` file it was (`nd_pmem`, `device_dax`, …) and its bus.
+    pub driver: String,
+    pub bus: String,
+    /// x86-64 syscall number of the write.
+    pub syscall: u32,
+    pub verdict: GuardVerdict,
+    /// The errno the write failed with (EBUSY), none when it passed.
+    #[serde(default)]
+    pub errno: Option<i32>,
 }
 
 /// Everything the agent reports, tagged by `type` in JSON.
@@ -198,6 +263,8 @@ pub enum Event {
     MemoryFailure(MemoryFailure),
     KernelSigbus(KernelSigbus),
     MmapDenied(MmapDenied),
+    FenceSignal(FenceSignal),
+    UnbindGuard(UnbindGuarded),
 }
 
 /// `enum mf_result` (include/ras/ras_event.h; stable since 4.x).

@@ -9,12 +9,23 @@ pub enum Code {
     Findings = 1,
     /// Bad command line (clap uses 2 as well).
     Usage = 2,
-    /// Unknown device/target, or no DAX device at all.
+    /// A file that cannot be read as what it should be (a corrupt incident history).
+    DataErr = 65,
+    /// Unknown device/target, or no DAX device at all; no incident history.
     NoInput = 66,
     /// The kernel lacks what we need: no BTF, no usable hook.
     Unavailable = 69,
     /// Internal error.
     Software = 70,
+    /// A resource is busy now; retrying later may work (the incident history is locked).
+    TempFail = 75,
+    /// A file written by a newer dax-probe (an incident history of a newer schema).
+    Protocol = 76,
+    /// `--metrics`: the address is malformed, in use or not this machine's (EX_NOHOST).
+    MetricsAddress = 68,
+    /// `drain` of a member of a stack (dm device, XFS realtime device) without `--unbind`:
+    /// the stack above is in use (EX_CANTCREAT's number; sysexits has no better one).
+    Stacked = 73,
     /// Not root / missing capabilities.
     NoPermission = 77,
     /// Malformed configuration.

@@ -4,12 +4,12 @@
 //! process got a machine-check SIGBUS — including the case where the kernel calls an unbind
 //! "hardware memory corruption" (`MF_MEM_PRE_REMOVE`).
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    event::{DeviceChange, DevicePhase, Event, KernelSigbus, MemoryFailure, MmapDenied},
+    event::{DeviceChange, DevicePhase, Event, FenceSignal, KernelSigbus, MemoryFailure},
     holders::{
         Applier,
         query::{HolderRow, rows},
@@ -26,6 +26,9 @@ pub struct Departed {
     /// pfn ranges `[start, end)`.
     pub pfn_ranges: Vec<(u64, u64)>,
     pub ts_ns: u64,
+    /// When a live device held this range again (reported once as `device_rebound`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebound_ns: Option<u64>,
 }
 
 pub const DEFAULT_DEPARTED: &str = "/run/dax-probe/departed.json";
@@ -46,81 +49,12 @@ pub struct Departure {
     pub holders: Vec<HolderRow>,
 }
 
-/// Operator-level reports, tagged by `type` in JSON.
-#[derive(Clone, Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Report {
-    DeviceDeparting {
-        ts_ns: u64,
-        device: String,
-        namespaces: Vec<String>,
-        pfn_ranges: Vec<(u64, u64)>,
-        /// Who unbinds it.
-        by_pid: u32,
-        by_comm: String,
-        driver: String,
-        holders: Vec<HolderRow>,
-        holder_pages: u64,
-    },
-    DeviceGone {
-        ts_ns: u64,
-        device: String,
-        /// Holders whose pages of the device are still in the map (stale mappings: the
-        /// kernel did not tear them down). `audit` checks page tables.
-        still_mapped: Vec<HolderRow>,
-        took_ms: f64,
-    },
-    DaxShutOff {
-        ts_ns: u64,
-        device: Option<String>,
-    },
-    FsNotified {
-        ts_ns: u64,
-        device: Option<String>,
-        offset: u64,
-        len: u64,
-        pre_remove: bool,
-        meaning: String,
-    },
-    MemoryFailure {
-        ts_ns: u64,
-        pfn: u64,
-        device: Option<String>,
-        /// Every file (and offset) the page backs: several for reflinked extents.
-        files: Vec<FileRef>,
-        holders: Vec<HolderRow>,
-        by_pid: u32,
-        by_comm: String,
-    },
-    MemoryFailureResult {
-        ts_ns: u64,
-        pfn: u64,
-        result: Option<String>,
-        page_type: Option<String>,
-        /// Processes the kernel sent SIGBUS during this failure.
-        signalled: Vec<u32>,
-        /// Holders of the page the kernel left alone: they can still reach it.
-        not_signalled: Vec<u32>,
-    },
-    KernelSigbus {
-        #[serde(flatten)]
-        sigbus: KernelSigbus,
-        cause: String,
-    },
-    MmapDenied {
-        #[serde(flatten)]
-        denied: MmapDenied,
-        device: Option<String>,
-    },
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct FileRef {
-    pub dev: DevId,
-    pub ino: u64,
-    pub path: Option<String>,
-    pub offset: u64,
-}
+/// Operator-level reports are lines of the one output schema (`schema.rs`): the
+/// `device_departing`, `device_gone`, `dax_shut_off`, `fs_notified`, `memory_failure`,
+/// `memory_failure_result`, `kernel_sigbus` and `mmap_denied` variants of [`Line`].
+///
+/// [`Line`]: crate::schema::Line
+pub use crate::schema::{FileRef, Line as Report};
 
 struct Failure {
     pfn: u64,
@@ -137,7 +71,40 @@ pub struct Incidents {
     /// The last MF_MEM_PRE_REMOVE notification: (time, device).
     pre_remove: Option<(u64, Option<String>)>,
     persist: Option<PathBuf>,
+    /// Does the attached departure hook report the end of a teardown (`device_gone`)? When
+    /// it does not (a kprobe without its exit probe) the end is taken from sysfs at once;
+    /// when it does, sysfs only stands in after [`GONE_SAFETY_NET`] (a lost event).
+    pub end_hooked: bool,
+    /// Devices of departures that ended since the last look at the topology: their
+    /// vanishing from sysfs is explained and is not a departure of its own.
+    ended_devs: Vec<DevId>,
+    /// The topology as the last [`Incidents::topology_seen`] saw it.
+    seen: Option<Topology>,
+    /// Each namespace as last seen with its device files: what a departure resolved
+    /// against a topology read mid-teardown (the block device already gone from sysfs)
+    /// takes its name, devices and range from. Bounded by the namespaces the machine has.
+    known: HashMap<String, Namespace>,
 }
+
+/// What one event did to the incidents.
+#[derive(Default)]
+pub struct Outcome {
+    pub reports: Vec<Report>,
+    /// A departure that just started (for enforcement).
+    pub started: Option<Departure>,
+    /// A departure that just ended: its own devices are the ones to unfence (the topology
+    /// no longer lists them by then).
+    pub ended: Option<Departure>,
+}
+
+/// How long a departure whose hook reports no end stays "departing" after its device left
+/// sysfs: the device files go before the driver's remove returns, so a moment is left for
+/// the teardown to finish.
+pub const GONE_FROM_SYSFS: Duration = Duration::from_secs(1);
+/// How long a departure whose hook does report its end waits for that report once its
+/// device left sysfs, before the agent ends it itself (the event was lost): the teardown
+/// may wait long for page references to drop, and the fence must hold until then.
+pub const GONE_SAFETY_NET: Duration = Duration::from_secs(30);
 
 /// What a departing device name covers.
 fn namespaces_for<'a>(topo: &'a Topology, name: &str) -> Vec<&'a Namespace> {
@@ -159,10 +126,30 @@ fn pages(rows: &[HolderRow]) -> u64 {
 }
 
 impl Incidents {
+    /// Remembers every namespace that shows its device files.
+    fn learn(&mut self, topo: &Topology) {
+        for n in topo.namespaces.iter().filter(|n| !n.devices().is_empty()) {
+            self.known.insert(n.name.clone(), n.clone());
+        }
+    }
+
+    /// `n`, or when its device files are gone already (a topology read during the
+    /// teardown), the namespace as last seen with them.
+    fn identity(&self, n: &Namespace) -> Namespace {
+        match self.known.get(&n.name) {
+            Some(k) if n.devices().is_empty() => k.clone(),
+            _ => n.clone(),
+        }
+    }
+
     pub fn new(persist: Option<PathBuf>) -> Self {
         let departed = persist
             .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|p| {
+                crate::fsutil::read_root_owned(p)
+                    .map_err(|e| log::warn!("departed devices: {e}"))
+                    .ok()?
+            })
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         Self {
@@ -173,13 +160,10 @@ impl Incidents {
     }
 
     fn save(&self) {
-        if let Some(p) = &self.persist {
-            if let Some(d) = p.parent() {
-                let _ = std::fs::create_dir_all(d);
-            }
-            if let Ok(b) = serde_json::to_vec_pretty(&self.departed) {
-                let _ = std::fs::write(p, b);
-            }
+        if let Some(p) = &self.persist
+            && let Ok(b) = serde_json::to_vec_pretty(&self.departed)
+        {
+            let _ = crate::fsutil::write_atomic(p, &b);
         }
     }
 
@@ -192,52 +176,298 @@ impl Incidents {
             .or(self.departing.last())
     }
 
-    /// Returns the reports for `ev` and, for a departure that just started, its description
-    /// (for enforcement).
-    pub fn handle(
-        &mut self,
-        ev: &Event,
-        app: &mut Applier,
-        topo: &Topology,
-    ) -> (Vec<Report>, Option<Departure>) {
+    /// The reports for `ev`, and the departure it started or ended.
+    pub fn handle(&mut self, ev: &Event, app: &mut Applier, topo: &Topology) -> Outcome {
         match ev {
             Event::Device(d) => self.device(d, app, topo),
-            Event::MemoryFailure(m) => (self.failure(m, app, topo), None),
-            Event::KernelSigbus(k) => (vec![self.sigbus(k)], None),
-            Event::MmapDenied(m) => (
-                vec![Report::MmapDenied {
+            Event::MemoryFailure(m) => Outcome {
+                reports: self.failure(m, app, topo),
+                ..Default::default()
+            },
+            Event::KernelSigbus(k) => Outcome {
+                reports: vec![self.sigbus(k)],
+                ..Default::default()
+            },
+            Event::MmapDenied(m) => Outcome {
+                reports: vec![Report::MmapDenied {
                     denied: m.clone(),
-                    device: topo
-                        .namespace_of_block(m.dev)
-                        .or_else(|| {
-                            topo.namespaces
-                                .iter()
-                                .find(|n| n.chardev.as_ref().is_some_and(|(_, d)| *d == m.dev))
-                        })
-                        .map(|n| n.device_name().to_string()),
+                    device: self.device_of(m.dev, topo),
                 }],
-                None,
-            ),
-            _ => (Vec::new(), None),
+                ..Default::default()
+            },
+            Event::FenceSignal(f) => Outcome {
+                reports: vec![self.fence_signal(f, topo)],
+                ..Default::default()
+            },
+            _ => Outcome::default(),
         }
     }
 
-    fn device(
+    /// The name of the device a fenced `dev` belongs to: the departure's (the topology may
+    /// have lost it already), else the topology's.
+    fn device_of(&self, dev: DevId, topo: &Topology) -> Option<String> {
+        self.departing
+            .iter()
+            .find(|d| d.devs.contains(&dev))
+            .map(|d| d.device.clone())
+            .or_else(|| {
+                topo.namespace_of_block(dev)
+                    .or_else(|| {
+                        topo.namespaces
+                            .iter()
+                            .find(|n| n.chardev.as_ref().is_some_and(|(_, d)| *d == dev))
+                    })
+                    .map(|n| n.device_name().to_string())
+            })
+    }
+
+    fn fence_signal(&self, f: &FenceSignal, topo: &Topology) -> Report {
+        Report::FenceSignal {
+            sent: f.clone(),
+            device: self.device_of(f.dev, topo),
+        }
+    }
+
+    /// The agent's topology at boot time `now_ns` (compared with the one the last call saw).
+    /// Departures whose devices left sysfs end here when no kernel hook reports their end
+    /// (or its report was lost); a device that vanished without any departure event (no
+    /// hook saw it) is reported as a departure, marked synthesised, and ended at once.
+    /// Nothing is fenced or signalled for that one: the device is already gone.
+    pub fn topology_seen(&mut self, topo: &Topology, now_ns: u64, app: &mut Applier) -> Outcome {
+        self.learn(topo);
+        let old = self.seen.replace(topo.clone());
+        let present: Vec<DevId> = topo.namespaces.iter().flat_map(|n| n.devices()).collect();
+        let wait = if self.end_hooked {
+            GONE_SAFETY_NET
+        } else {
+            GONE_FROM_SYSFS
+        };
+        let mut out = Outcome::default();
+        if let Some(pos) = self.departing.iter().position(|d| {
+            !d.devs.is_empty()
+                && d.devs.iter().all(|x| !present.contains(x))
+                && now_ns.saturating_sub(d.started_ns) >= wait.as_nanos() as u64
+        }) {
+            let dep = self.departing.remove(pos);
+            out.reports.push(self.end(&dep, now_ns, true, app, topo));
+            out.ended = Some(dep);
+        }
+        if let Some(old) = &old {
+            let explained: Vec<DevId> = self
+                .departing
+                .iter()
+                .flat_map(|d| d.devs.iter().copied())
+                .chain(self.ended_devs.iter().copied())
+                .chain(out.ended.iter().flat_map(|d| d.devs.iter().copied()))
+                .collect();
+            for n in &old.namespaces {
+                let devs = n.devices();
+                if !n.range_known
+                    || devs.is_empty()
+                    || devs
+                        .iter()
+                        .any(|d| present.contains(d) || explained.contains(d))
+                {
+                    continue;
+                }
+                let pfn_ranges = vec![(n.data_range.first_pfn(), n.data_range.end_pfn())];
+                let holders = app.rows_in_pfn_ranges(old, &pfn_ranges);
+                let dep = Departure {
+                    device: n.device_name().to_string(),
+                    namespaces: vec![n.name.clone()],
+                    pfn_ranges: pfn_ranges.clone(),
+                    devs,
+                    names: vec![n.name.clone(), n.device_name().to_string()],
+                    started_ns: now_ns,
+                    tid: 0,
+                    pre_remove: false,
+                    holders: holders.clone(),
+                };
+                out.reports.push(Report::DeviceDeparting {
+                    ts_ns: now_ns,
+                    device: dep.device.clone(),
+                    namespaces: dep.namespaces.clone(),
+                    pfn_ranges,
+                    by_pid: 0,
+                    by_comm: String::new(),
+                    driver: String::new(),
+                    holder_pages: pages(&holders),
+                    holders,
+                    synthesised: true,
+                });
+                out.reports.push(self.end(&dep, now_ns, true, app, old));
+            }
+        }
+        // Re-read: what vanished by now has been accounted for.
+        self.ended_devs.clear();
+        out
+    }
+
+    /// Departed ranges that a live device holds again, each reported once: the pfns are
+    /// the new binding's, but the holders still in the map for them mapped the old one
+    /// (a file on the departed superblock, an old /dev/dax inode). Rows whose file is on
+    /// the new binding's own block device are not of the old binding and are left out.
+    /// A reconcile may have dropped such holders from the map already (their files are
+    /// on no live device), so /proc/PID/maps below `root` is read too, never page tables:
+    /// on kernels without devmap DAX entries reading those oopses.
+    pub fn rebound(
         &mut self,
-        d: &DeviceChange,
+        topo: &Topology,
+        now_ns: u64,
+        app: &mut Applier,
+        root: &std::path::Path,
+    ) -> Vec<Report> {
+        let mut out = Vec::new();
+        let mut changed = false;
+        for d in self.departed.iter_mut().filter(|d| d.rebound_ns.is_none()) {
+            let Some(n) = topo.namespaces.iter().find(|n| {
+                n.enabled
+                    && n.range_known
+                    && !n.devices().is_empty()
+                    && d.pfn_ranges.iter().any(|&(s, e)| {
+                        s < n.namespace_range.end_pfn() && e > n.namespace_range.first_pfn()
+                    })
+            }) else {
+                continue;
+            };
+            d.rebound_ns = Some(now_ns);
+            changed = true;
+            let new_devs = n.devices();
+            let mut old_binding: Vec<HolderRow> = app
+                .rows_in_pfn_ranges(topo, &d.pfn_ranges)
+                .into_iter()
+                .filter(|r| n.mode == Mode::Devdax || !new_devs.contains(&r.dev))
+                .collect();
+            let bindings = crate::ui::audit::Bindings::read(root, topo);
+            let device = n.device_name().to_string();
+            for (pid, v) in
+                crate::ui::audit::old_binding_vmas(app.procfs(), topo, &bindings, &device)
+            {
+                if old_binding.iter().any(|r| r.pid == pid) {
+                    continue;
+                }
+                let (start_time, comm) = app.procfs().stat(pid).unwrap_or_default();
+                let len = v.end - v.start;
+                old_binding.push(HolderRow {
+                    pid,
+                    start_time,
+                    comm,
+                    dev: v.dev,
+                    ino: v.ino,
+                    file: Some(v.path.clone()),
+                    pages: len >> 12,
+                    offsets: vec![(v.offset, v.offset + len)],
+                    extents: None,
+                    cgroup: None,
+                    container: None,
+                    pod_uid: None,
+                });
+            }
+            if old_binding.is_empty() {
+                continue;
+            }
+            out.push(Report::DeviceRebound {
+                ts_ns: now_ns,
+                device: n.device_name().to_string(),
+                namespace: n.name.clone(),
+                departed_ns: d.ts_ns,
+                old_binding_pages: pages(&old_binding),
+                old_binding,
+            });
+        }
+        if changed {
+            self.save();
+        }
+        out
+    }
+
+    /// A departure ended (the kernel said so, or sysfs did): remembered as departed, and
+    /// its `device_gone` report.
+    fn end(
+        &mut self,
+        dep: &Departure,
+        ts_ns: u64,
+        synthesised: bool,
         app: &mut Applier,
         topo: &Topology,
-    ) -> (Vec<Report>, Option<Departure>) {
+    ) -> Report {
+        let still = app.rows_in_pfn_ranges(topo, &dep.pfn_ranges);
+        self.departed.push(Departed {
+            device: dep.device.clone(),
+            namespace: dep.namespaces.join(","),
+            pfn_ranges: dep.pfn_ranges.clone(),
+            ts_ns,
+            rebound_ns: None,
+        });
+        self.ended_devs.extend(dep.devs.iter().copied());
+        self.save();
+        Report::DeviceGone {
+            ts_ns,
+            device: dep.device.clone(),
+            still_mapped: still,
+            took_ms: ts_ns.saturating_sub(dep.started_ns) as f64 / 1e6,
+            synthesised,
+        }
+    }
+
+    /// A driver leaves a device-dax device on the dax bus while its namespace stays bound:
+    /// `daxctl reconfigure-device` (device_dax → kmem and back), `disable-device`, a driver
+    /// module unloaded. A change of personality, not a departure: the memory stays the
+    /// namespace's, and the kernel zaps every mapping of /dev/daxX.Y itself
+    /// (`kill_dev_dax` → `unmap_mapping_range`), so no page-table entry outlives it and
+    /// nothing is fenced or signalled. Holders are named: their next access faults.
+    fn reconfiguring(
+        &mut self,
+        d: &DeviceChange,
+        nss: &[Namespace],
+        app: &mut Applier,
+        topo: &Topology,
+    ) -> Report {
+        let pfn_ranges: Vec<(u64, u64)> = nss
+            .iter()
+            .filter(|n| n.range_known)
+            .map(|n| (n.data_range.first_pfn(), n.data_range.end_pfn()))
+            .collect();
+        let holders = app.rows_in_pfn_ranges(topo, &pfn_ranges);
+        Report::DeviceReconfiguring {
+            ts_ns: d.ts_ns,
+            device: d.device.clone(),
+            namespaces: nss.iter().map(|n| n.name.clone()).collect(),
+            mode: nss[0].mode,
+            driver: d.driver.clone(),
+            by_pid: d.tgid,
+            by_comm: d.comm.clone(),
+            holder_pages: pages(&holders),
+            holders,
+        }
+    }
+
+    fn device(&mut self, d: &DeviceChange, app: &mut Applier, topo: &Topology) -> Outcome {
         match d.phase {
             DevicePhase::Departing => {
-                let nss = namespaces_for(topo, &d.device);
-                let nss: Vec<&Namespace> = nss
+                self.learn(topo);
+                let nss: Vec<Namespace> = namespaces_for(topo, &d.device)
                     .into_iter()
-                    .filter(|n| matches!(n.mode, Mode::Fsdax | Mode::Devdax | Mode::Raw))
+                    .map(|n| self.identity(n))
                     .collect();
                 // Several hooks may report one unbind (see the departure plan): the first wins.
-                if nss.is_empty() || self.departing.iter().any(|x| x.names.contains(&d.device)) {
-                    return (Vec::new(), None);
+                // A namespace's removal unbinds its nd device first and its device-dax device
+                // on the dax bus after: that second report is part of the departure.
+                if self.departing.iter().any(|x| x.names.contains(&d.device)) {
+                    return Outcome::default();
+                }
+                if d.bus == "dax" && !nss.is_empty() {
+                    return Outcome {
+                        reports: vec![self.reconfiguring(d, &nss, app, topo)],
+                        ..Default::default()
+                    };
+                }
+                let nss: Vec<&Namespace> = nss
+                    .iter()
+                    .filter(|n| matches!(n.mode, Mode::Fsdax | Mode::Devdax | Mode::Raw))
+                    .collect();
+                if nss.is_empty() {
+                    return Outcome::default();
                 }
                 let pfn_ranges: Vec<(u64, u64)> = nss
                     .iter()
@@ -257,10 +487,7 @@ impl Incidents {
                         .unwrap_or_else(|| d.device.clone()),
                     namespaces: nss.iter().map(|n| n.name.clone()).collect(),
                     pfn_ranges: pfn_ranges.clone(),
-                    devs: nss
-                        .iter()
-                        .flat_map(|n| n.block.iter().chain(n.chardev.iter()).map(|(_, d)| *d))
-                        .collect(),
+                    devs: nss.iter().flat_map(|n| n.devices()).collect(),
                     names,
                     started_ns: d.ts_ns,
                     tid: d.tid,
@@ -278,8 +505,13 @@ impl Incidents {
                     driver: d.driver.clone(),
                     holder_pages: pages(&holders),
                     holders,
+                    synthesised: false,
                 };
-                (vec![report], Some(dep))
+                Outcome {
+                    reports: vec![report],
+                    started: Some(dep),
+                    ended: None,
+                }
             }
             DevicePhase::Gone => {
                 let Some(pos) = self
@@ -287,34 +519,22 @@ impl Incidents {
                     .iter()
                     .position(|x| x.names.contains(&d.device))
                 else {
-                    return (Vec::new(), None);
+                    return Outcome::default();
                 };
                 let dep = self.departing.remove(pos);
-                let still = app.rows_in_pfn_ranges(topo, &dep.pfn_ranges);
-                self.departed.push(Departed {
-                    device: dep.device.clone(),
-                    namespace: dep.namespaces.join(","),
-                    pfn_ranges: dep.pfn_ranges.clone(),
-                    ts_ns: d.ts_ns,
-                });
-                self.save();
-                (
-                    vec![Report::DeviceGone {
-                        ts_ns: d.ts_ns,
-                        device: dep.device,
-                        still_mapped: still,
-                        took_ms: d.ts_ns.saturating_sub(dep.started_ns) as f64 / 1e6,
-                    }],
-                    None,
-                )
+                Outcome {
+                    reports: vec![self.end(&dep, d.ts_ns, false, app, topo)],
+                    started: None,
+                    ended: Some(dep),
+                }
             }
-            DevicePhase::DaxKilled => (
-                vec![Report::DaxShutOff {
+            DevicePhase::DaxKilled => Outcome {
+                reports: vec![Report::DaxShutOff {
                     ts_ns: d.ts_ns,
                     device: self.departure_of(d.tid).map(|x| x.device.clone()),
                 }],
-                None,
-            ),
+                ..Default::default()
+            },
             DevicePhase::HolderNotify => {
                 let device = self.departure_of(d.tid).map(|x| x.device.clone());
                 let meaning = if d.pre_remove {
@@ -339,8 +559,8 @@ impl Incidents {
                 } else {
                     "the file system is told part of its device failed".into()
                 };
-                (
-                    vec![Report::FsNotified {
+                Outcome {
+                    reports: vec![Report::FsNotified {
                         ts_ns: d.ts_ns,
                         device,
                         offset: d.offset,
@@ -348,8 +568,8 @@ impl Incidents {
                         pre_remove: d.pre_remove,
                         meaning,
                     }],
-                    None,
-                )
+                    ..Default::default()
+                }
             }
         }
     }
@@ -401,6 +621,7 @@ impl Incidents {
                 holders,
                 by_pid: m.tgid,
                 by_comm: m.comm.clone(),
+                media_error: None,
             }]
         } else {
             let f = self.failures.remove(&m.pfn);
@@ -450,6 +671,106 @@ impl Incidents {
         Report::KernelSigbus {
             sigbus: k.clone(),
             cause,
+            media_error: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        os::fake::{self, FakeOs},
+        topology::DevId,
+    };
+
+    /// namespace0.0 as device-dax `dax0.0` (the fake machine's pmem0 range).
+    fn devdax() -> Topology {
+        let mut t = fake::topology(&[]);
+        let n = &mut t.namespaces[0];
+        n.mode = Mode::Devdax;
+        n.holder = Some("dax0.0".into());
+        n.block = None;
+        n.chardev = Some((
+            "dax0.0".into(),
+            DevId {
+                major: 252,
+                minor: 0,
+            },
+        ));
+        t
+    }
+
+    fn unbind(bus: &str, driver: &str) -> Event {
+        Event::Device(DeviceChange {
+            ts_ns: 5,
+            phase: DevicePhase::Departing,
+            tgid: 300,
+            tid: 300,
+            comm: "daxctl".into(),
+            device: "dax0.0".into(),
+            driver: driver.into(),
+            bus: bus.into(),
+            offset: 0,
+            len: 0,
+            mf_flags: 0,
+            pre_remove: false,
+        })
+    }
+
+    fn applier() -> Applier {
+        Applier::new(Box::new(FakeOs::new(&[], &[])))
+    }
+
+    #[test]
+    fn device_dax_leaving_on_the_dax_bus_is_a_reconfiguration_not_a_departure() {
+        let t = devdax();
+        let mut app = applier();
+        let mut inc = Incidents::default();
+        let o = inc.handle(&unbind("dax", "device_dax"), &mut app, &t);
+        assert!(o.started.is_none(), "nothing to fence or signal");
+        assert!(inc.departing.is_empty());
+        assert!(
+            matches!(&o.reports[..], [Report::DeviceReconfiguring { device, driver, mode: Mode::Devdax, .. }]
+                if device == "dax0.0" && driver == "device_dax"),
+            "{:?}",
+            o.reports
+        );
+        // Its end (the driver's unbind returning) ends nothing.
+        let mut gone = unbind("dax", "device_dax");
+        if let Event::Device(d) = &mut gone {
+            d.phase = DevicePhase::Gone;
+        }
+        assert!(inc.handle(&gone, &mut app, &t).reports.is_empty());
+        // kmem leaving a System RAM device: the same.
+        let mut t = devdax();
+        t.namespaces[0].mode = Mode::SystemRam;
+        let o = inc.handle(&unbind("dax", "kmem"), &mut app, &t);
+        assert!(o.started.is_none());
+        assert!(matches!(
+            &o.reports[..],
+            [Report::DeviceReconfiguring {
+                mode: Mode::SystemRam,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_namespace_removal_stays_one_departure_with_its_dax_bus_unbind() {
+        let t = devdax();
+        let mut app = applier();
+        let mut inc = Incidents::default();
+        let o = inc.handle(&unbind("nd", "dax_pmem"), &mut app, &t);
+        assert!(o.started.is_some(), "{:?}", o.reports);
+        assert!(matches!(&o.reports[..], [Report::DeviceDeparting { .. }]));
+        // The device-dax device unbinds inside that removal: part of it, nothing new.
+        let o = inc.handle(&unbind("dax", "device_dax"), &mut app, &t);
+        assert!(
+            o.reports.is_empty() && o.started.is_none(),
+            "{:?}",
+            o.reports
+        );
+        assert_eq!(inc.departing.len(), 1);
     }
 }

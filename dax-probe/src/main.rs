@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory, Parser, Subcommand};
 use dax_probe::{
-    control, exit, incident, policy, policy::signal::Signal, probe, topology::Topology, ui,
+    control, exit, history, incident, policy, policy::signal::Signal, probe, topology::Topology, ui,
 };
 
 #[derive(Parser)]
@@ -65,6 +65,20 @@ enum Command {
         /// Audit log of every enforcement decision and signal (JSON lines).
         #[arg(long, value_name = "PATH", default_value = policy::audit::DEFAULT_AUDIT_LOG)]
         audit_log: PathBuf,
+        /// Record incidents in this SQLite database (default $DAX_PROBE_HISTORY_DB, else
+        /// /var/lib/dax-probe/incidents.db).
+        #[arg(long, value_name = "PATH")]
+        history_db: Option<PathBuf>,
+        /// Record no incident history.
+        #[arg(long, conflicts_with = "history_db")]
+        no_history: bool,
+        /// Prune incidents older than this at start (e.g. 90d, 2w, 12h).
+        #[arg(long, value_name = "AGE", default_value = history::DEFAULT_KEEP, value_parser = history::parse_age)]
+        history_keep: Duration,
+        /// Serve Prometheus metrics (OpenMetrics, GET /metrics) on [ADDR:]PORT; without an
+        /// address on 127.0.0.1 only (0.0.0.0:9464 for every interface).
+        #[arg(long, value_name = "[ADDR:]PORT")]
+        metrics: Option<String>,
     },
     /// Fence a device, signal its holders, wait, escalate, verify nobody maps it, and with
     /// --unbind unmount and unbind it.
@@ -89,6 +103,10 @@ enum Command {
         audit_log: PathBuf,
         #[arg(long)]
         json: bool,
+        /// A running monitor's control socket: the unbind is asked of it (its unbind guard
+        /// lets only the agent's own write through).
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Find page-table entries that still point into a departed device (exit 1 if any).
     Audit {
@@ -112,9 +130,43 @@ enum Command {
         /// Scan procfs even when a monitor is running.
         #[arg(long)]
         scan: bool,
+        /// Only processes whose cgroup matches: a glob (`*`, `?`) on the whole cgroup path,
+        /// else a substring of the path, the container id or the pod UID.
+        #[arg(long, value_name = "PATTERN")]
+        cgroup: Option<String>,
         /// The monitor's control socket.
         #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
+    },
+    /// Known-bad media of every pmem/dax device (the kernel's badblocks lists): physical
+    /// range, the files and offsets (or free space / metadata) on it, and who maps it now
+    /// (exit 65 if a list is unreadable, 66 for an unknown device).
+    Badblocks {
+        /// pmem0, dax1.0, namespace0.0 or region0; all devices when left out.
+        device: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// The monitor's control socket.
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Past incidents the monitor recorded (departures, memory failures, enforcement, stale
+    /// mappings), newest first, with their files and holders.
+    History {
+        /// Only incidents this recent (e.g. 7d, 2w, 12h).
+        #[arg(long, value_name = "AGE", value_parser = history::parse_age)]
+        since: Option<Duration>,
+        /// Only incidents of this device (pmem1, /dev/pmem1).
+        #[arg(long, value_name = "NAME")]
+        device: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Run SQLite's integrity check on the database instead (prints `ok`).
+        #[arg(long, conflicts_with_all = ["since", "device", "json"])]
+        check: bool,
+        /// The database (default $DAX_PROBE_HISTORY_DB, else /var/lib/dax-probe/incidents.db).
+        #[arg(long, value_name = "PATH")]
+        history_db: Option<PathBuf>,
     },
     /// Show what this kernel offers and which hooks the agent uses.
     Doctor {
@@ -150,7 +202,14 @@ enum Command {
         /// Replay only: print the final frame (e.g. 100x30) as text and exit.
         #[arg(long, value_name = "COLSxROWS", value_parser = parse_size, requires = "replay", hide = true)]
         print_frame: Option<(u16, u16)>,
+        /// Attach to the monitor answering on this socket; without one, the dashboard
+        /// starts an agent of its own.
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
+    /// Print the JSON Schema of every line `monitor --json`, `drain --json` and `audit
+    /// --json` print (also in docs/events.schema.json).
+    Schema,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -201,9 +260,11 @@ fn parse_then(s: &str) -> Result<Then, String> {
     parse_signal(s).map(|x| Then(Some(x)))
 }
 
+/// The longest `monitor --duration`.
+const MAX_RUN: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn parse_grace(s: &str) -> Result<Duration, String> {
     policy::signal::parse_duration(s)
-        .ok_or_else(|| format!("bad duration {s:?}: use e.g. 10s, 500ms, 2m"))
 }
 
 fn parse_size(s: &str) -> Result<(u16, u16), String> {
@@ -235,14 +296,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             enforce,
             policy,
             audit_log,
+            history_db,
+            no_history,
+            history_keep,
+            metrics,
         } => {
             let ring_bytes = probe::ring_bytes(ring_size_kib)?;
+            // Parsed here, not by clap: a bad address gets its own exit code.
+            let metrics = metrics
+                .as_deref()
+                .map(dax_probe::metrics::parse_addr)
+                .transpose()?;
             let policy = load_policy(policy.as_deref())?.unwrap_or_default();
             let duration = match duration {
-                Some(s) if !(s > 0.0 && s.is_finite()) => {
+                // Bounded so that `now + duration` is always representable.
+                Some(s) if !(s > 0.0 && s <= MAX_RUN.as_secs_f64()) => {
                     return Err(exit::Failure::new(
                         exit::Code::Usage,
-                        format!("--duration must be a positive number of seconds, not {s}"),
+                        format!(
+                            "--duration must be a positive number of seconds up to {} (a \
+                             year), not {s}",
+                            MAX_RUN.as_secs()
+                        ),
                     )
                     .into());
                 }
@@ -265,22 +340,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         policy,
                         audit_log,
                         departed: Some(PathBuf::from(incident::DEFAULT_DEPARTED)),
+                        history: (!no_history).then(|| history::Settings {
+                            path: history::db_path(history_db.as_deref()),
+                            keep: history_keep,
+                        }),
+                        metrics,
                     },
                 },
             ))
         }
         Command::Doctor { json } => ui::doctor::run(&src, json),
+        Command::History {
+            since,
+            device,
+            json,
+            check,
+            history_db,
+        } => ui::history::run(&ui::history::Options {
+            path: history::db_path(history_db.as_deref()),
+            since,
+            device: device.as_deref(),
+            json,
+            check,
+        }),
         Command::Holders {
             target,
             json,
             pages,
             scan,
+            cgroup,
             socket,
         } => ui::holders::run(&ui::holders::Options {
             target: &target,
             json,
             pages,
             scan,
+            cgroup: cgroup.as_deref(),
+            socket: &socket,
+            root: &cli.root,
+        }),
+        Command::Badblocks {
+            device,
+            json,
+            socket,
+        } => ui::badblocks::run(&ui::badblocks::Options {
+            device: device.as_deref(),
+            json,
             socket: &socket,
             root: &cli.root,
         }),
@@ -294,6 +399,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             policy,
             audit_log,
             json,
+            socket,
         } => ui::drain::run(
             &src,
             &ui::drain::Options {
@@ -306,6 +412,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 audit_log,
                 json,
                 ring_bytes: dax_probe_common::EVENTS_RING_BYTES,
+                socket,
             },
         ),
         Command::Audit { json, departed } => ui::audit::run(&src, json, &departed),
@@ -317,6 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ring_size_kib,
             reconcile_secs,
             print_frame,
+            socket,
         } => {
             let ring_bytes = probe::ring_bytes(ring_size_kib)?;
             let loaded = load_policy(policy.as_deref())?.unwrap_or_default();
@@ -329,6 +437,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     policy: loaded.clone(),
                     policy_path: policy,
                     print_frame,
+                    socket,
                     agent: dax_probe::agent::Options {
                         ring_bytes,
                         wait: true,
@@ -340,9 +449,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         policy: loaded,
                         audit_log: PathBuf::from(policy::audit::DEFAULT_AUDIT_LOG),
                         departed: None,
+                        history: None,
+                        metrics: None,
                     },
                 },
             )
+        }
+        Command::Schema => {
+            print!("{}", dax_probe::schema::json_schema());
+            Ok(())
         }
         Command::Completions { shell } => {
             clap_complete::generate(

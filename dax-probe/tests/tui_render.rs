@@ -152,3 +152,21 @@ fn filter_sort_and_pause_show_in_the_frame() {
     app.handle(Action::Pause);
     check("filtered_paused_80x24", &render(&app, 80, 24));
 }
+
+#[test]
+fn holder_detail_names_pod_and_container_when_known() {
+    let (_, mut app) = replayed();
+    app.handle(Action::Enter);
+    app.handle(Action::Down);
+    app.handle(Action::Enter);
+    // A replay has no /proc: the line is absent, as the snapshot above shows.
+    assert!(!render(&app, 100, 30).contains("│workload "));
+    for h in app.snap.holders.iter_mut().flatten() {
+        h.workload = Some("pod 1b2c3d4e-5f60 container containerd:0123456789ab".into());
+    }
+    let text = render(&app, 100, 30);
+    assert!(
+        text.contains("workload   pod 1b2c3d4e-5f60 container containerd:0123456789ab"),
+        "{text}"
+    );
+}

@@ -131,7 +131,7 @@ fn paced_replay_ends_in_the_same_state() {
             .recv_timeout(Duration::from_secs(10))
             .expect("replay stalled")
         {
-            FeedMsg::Line(l) => {
+            FeedMsg::Text(l) => {
                 let _ = m.ingest(&l);
             }
             FeedMsg::Clock(ns) => {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
+pub use dax_probe::schema::{ActionReport, Attached, Fault, HolderRow, Line, Reconcile, Summary};
 
 use crate::sys;
 
@@ -67,16 +67,14 @@ impl Monitor {
     /// (events reach the agent within its poll interval; the pagemap fallback also needs the
     /// process alive while the agent decodes).
     pub fn wait_for_faults(&self, tgid: u32, n: usize, timeout: Duration) -> bool {
-        let needle = format!("\"tgid\":{tgid},");
         sys::wait_for(timeout, || {
             fs::read_to_string(&self.out)
                 .map(|t| {
                     t.lines()
-                        .filter(|l| {
-                            l.contains("\"type\":\"fault\"")
-                                && l.contains(&needle)
-                                && l.contains("\"mapped\":true")
-                        })
+                        // A cheap filter first: this polls a growing file.
+                        .filter(|l| l.contains("\"type\":\"fault\""))
+                        .filter_map(|l| serde_json::from_str::<Line>(l).ok())
+                        .filter(|l| matches!(l, Line::Fault(f) if f.tgid == tgid && f.mapped))
                         .count()
                         >= n
                 })
@@ -124,12 +122,10 @@ impl Monitor {
 
     fn read(&self, exit_code: Option<i32>) -> Result<Output> {
         let text = fs::read_to_string(&self.out)?;
-        let lines: Vec<Value> = text
+        let lines: Vec<Line> = text
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                serde_json::from_str(l).with_context(|| format!("agent printed non-JSON: {l}"))
-            })
+            .map(parse_line)
             .collect::<Result<_>>()?;
         Ok(Output {
             lines,
@@ -148,18 +144,116 @@ impl Drop for Monitor {
     }
 }
 
+/// One line the agent printed, in the schema's type: a line that is not JSON, lacks a
+/// field of its type, or has a type the schema does not know fails the scenario.
+pub fn parse_line(l: &str) -> Result<Line> {
+    let line: Line = serde_json::from_str(l)
+        .with_context(|| format!("agent printed a line outside its schema: {l}"))?;
+    if line == Line::Unknown {
+        bail!("agent printed a line of a type its schema does not know: {l}");
+    }
+    Ok(line)
+}
+
+/// The `type` of a line, as printed.
+pub fn type_of(l: &Line) -> String {
+    serde_json::to_value(l)
+        .ok()
+        .and_then(|v| v["type"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 pub struct Output {
-    pub lines: Vec<Value>,
+    pub lines: Vec<Line>,
     pub stderr: String,
     pub exit_code: Option<i32>,
 }
 
+/// A `device_departing` report, borrowed from its line.
+#[derive(Debug, Clone, Copy)]
+pub struct Departing<'a> {
+    pub ts_ns: u64,
+    pub device: &'a str,
+    pub holders: &'a [HolderRow],
+}
+
+/// A `device_gone` report, borrowed from its line.
+#[derive(Debug, Clone, Copy)]
+pub struct Gone<'a> {
+    pub device: &'a str,
+    pub still_mapped: &'a [HolderRow],
+    pub took_ms: f64,
+}
+
 impl Output {
-    pub fn of_type<'a>(&'a self, t: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-        self.lines.iter().filter(move |l| l["type"] == t)
+    /// Lines of one `type` (for messages that show what the agent printed).
+    pub fn of_type<'a>(&'a self, t: &'a str) -> impl Iterator<Item = &'a Line> + 'a {
+        self.lines.iter().filter(move |l| type_of(l) == t)
     }
-    pub fn summary(&self) -> Option<&Value> {
-        self.of_type("summary").last()
+    pub fn summary(&self) -> Option<&Summary> {
+        self.lines.iter().rev().find_map(|l| match l {
+            Line::Summary(s) => Some(s),
+            _ => None,
+        })
+    }
+    pub fn attached(&self) -> Option<&Attached> {
+        self.lines.iter().find_map(|l| match l {
+            Line::Attached(a) => Some(a),
+            _ => None,
+        })
+    }
+    pub fn faults(&self) -> impl Iterator<Item = &Fault> {
+        self.lines.iter().filter_map(|l| match l {
+            Line::Fault(f) => Some(f),
+            _ => None,
+        })
+    }
+    pub fn enforcement(&self) -> impl Iterator<Item = &ActionReport> {
+        self.lines.iter().filter_map(|l| match l {
+            Line::Enforcement(a) => Some(a),
+            _ => None,
+        })
+    }
+    pub fn reconciles(&self) -> impl Iterator<Item = &Reconcile> {
+        self.lines.iter().filter_map(|l| match l {
+            Line::Reconcile(r) => Some(r),
+            _ => None,
+        })
+    }
+    pub fn departures(&self) -> impl Iterator<Item = Departing<'_>> {
+        self.lines.iter().filter_map(|l| match l {
+            Line::DeviceDeparting {
+                ts_ns,
+                device,
+                holders,
+                ..
+            } => Some(Departing {
+                ts_ns: *ts_ns,
+                device,
+                holders,
+            }),
+            _ => None,
+        })
+    }
+    /// The `device_departing` report of `device`.
+    pub fn departing(&self, device: &str) -> Option<Departing<'_>> {
+        self.departures().find(|d| d.device == device)
+    }
+    /// The `device_gone` report of `device`.
+    pub fn gone(&self, device: &str) -> Option<Gone<'_>> {
+        self.lines.iter().find_map(|l| match l {
+            Line::DeviceGone {
+                device: d,
+                still_mapped,
+                took_ms,
+                ..
+            } if d == device => Some(Gone {
+                device: d,
+                still_mapped,
+                took_ms: *took_ms,
+            }),
+            _ => None,
+        })
     }
 }
 

@@ -254,6 +254,45 @@ pub fn write_file(path: &Path, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// A new tenant's data: a file of `len` bytes whose every 4 KiB page begins with `marker`
+/// (the rest zero), synced. A process still mapping an earlier binding of the device reads
+/// these pages if the kernel hands it the new tenant's memory.
+pub fn fill_tenant(path: &Path, len: usize, marker: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let mut chunk = vec![0u8; 2 << 20];
+    for page in chunk.chunks_mut(4096) {
+        page[..marker.len()].copy_from_slice(marker.as_bytes());
+    }
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        f.write_all(&chunk[..n])
+            .with_context(|| format!("fill {}", path.display()))?;
+        left -= n;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Free bytes of the file system mounted at `mnt`.
+pub fn free_bytes(mnt: &str) -> Result<u64> {
+    let c = std::ffi::CString::new(mnt)?;
+    // SAFETY: valid path and out-pointer.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        bail!("statvfs {mnt}: {}", std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// The device number of a block device node (`/dev/pmem0` → 259:0), as "MAJ:MIN".
+pub fn block_devt(dev: &Fsdax) -> Option<String> {
+    fs::read_to_string(format!("/sys/class/block/{}/dev", dev.block))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 /// Unbinds an fsdax device from nd_pmem (what an operator's `echo pfn0.0 > unbind` does).
 /// Returns when the kernel finished the unbind.
 pub fn unbind_fsdax(dev: &Fsdax) -> Result<()> {
@@ -316,4 +355,16 @@ pub fn detach(mnt: &str) {
     let c = std::ffi::CString::new(mnt).unwrap();
     // SAFETY: valid path.
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+/// Set when an unbind in this boot never finished: every later namespace operation on the
+/// nvdimm bus would wait on it, so the guest runs nothing more that needs one.
+static BUS_WEDGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn mark_bus_wedged() {
+    BUS_WEDGED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn bus_wedged() -> bool {
+    BUS_WEDGED.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -29,7 +29,19 @@ pub enum Huge {
 
 impl Puppet {
     pub fn spawn() -> Result<Self> {
-        let mut child = Command::new(WORKLOAD)
+        Self::spawn_cmd(Command::new(WORKLOAD))
+    }
+
+    /// A puppet running as an unprivileged user (`uid`, and the same number as its group).
+    pub fn spawn_as(uid: u32) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
+        let mut c = Command::new(WORKLOAD);
+        c.uid(uid).gid(uid);
+        Self::spawn_cmd(c)
+    }
+
+    fn spawn_cmd(mut cmd: Command) -> Result<Self> {
+        let mut child = cmd
             .arg("puppet")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -83,6 +95,12 @@ impl Puppet {
         v["addr"].as_u64().context("map reply without addr")
     }
 
+    /// A read-only shared mapping of `len` bytes of `path` (may exceed the file).
+    pub fn map_readonly(&mut self, path: &str, len: u64) -> Result<u64> {
+        let v = self.cmd(&format!("map-ro {path} {len}"))?;
+        v["addr"].as_u64().context("map-ro reply without addr")
+    }
+
     /// Touches every `step` bytes of `[addr, addr+len)`; returns pages touched.
     pub fn touch(&mut self, addr: u64, len: u64, write: bool, step: u64) -> Result<u64> {
         let v = self.cmd(&format!(
@@ -90,6 +108,17 @@ impl Puppet {
             if write { "write" } else { "read" }
         ))?;
         v["pages"].as_u64().context("touch reply without pages")
+    }
+
+    /// Reads the first bytes of each 4 KiB page of a mapping of a file at offset 0: (pages,
+    /// pages beginning with `marker`, pages still holding what `pmem::write_file` wrote).
+    pub fn content(&mut self, addr: u64, len: u64, marker: &str) -> Result<(u64, u64, u64)> {
+        let v = self.cmd(&format!("content {addr} {len} {marker}"))?;
+        let n = |k: &str| {
+            v[k].as_u64()
+                .with_context(|| format!("content reply without {k}"))
+        };
+        Ok((n("pages")?, n("marker")?, n("own")?))
     }
 
     pub fn unmap(&mut self, addr: u64, len: u64) -> Result<()> {
@@ -114,12 +143,28 @@ impl Puppet {
             .context("fork reply without child")
     }
 
+    /// `clone(CLONE_VM)` without CLONE_THREAD: a child process sharing the puppet's address
+    /// space (every page it maps) that idles until signalled, outliving the puppet.
+    pub fn clone_vm(&mut self) -> Result<u32> {
+        let v = self.cmd("clone-vm")?;
+        v["child"]
+            .as_u64()
+            .map(|p| p as u32)
+            .context("clone-vm reply without child")
+    }
+
     /// Opens a file and keeps it open without mapping it.
     pub fn open(&mut self, path: &str) -> Result<()> {
         self.cmd(&format!("open {path}")).map(|_| ())
     }
 
     /// Ignores a signal from now on.
+    /// Drops the page table entries of `[addr, addr + len)` (MADV_DONTNEED): the mapping
+    /// stays, the next access faults again.
+    pub fn dontneed(&mut self, addr: u64, len: u64) -> Result<()> {
+        self.cmd(&format!("dontneed {addr} {len}")).map(|_| ())
+    }
+
     pub fn ignore(&mut self, sig: i32) -> Result<()> {
         self.cmd(&format!("ignore {sig}")).map(|_| ())
     }

@@ -11,6 +11,29 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 
+/// Bind-mounts `src` on `target`: a second mount of the same file system.
+pub fn bind_mount(src: &str, target: &str) -> Result<()> {
+    fs::create_dir_all(target).ok();
+    let (s, t) = (CString::new(src)?, CString::new(target)?);
+    // SAFETY: valid NUL-terminated strings; MS_BIND ignores fstype and data.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(anyhow!(
+            "bind mount {src} on {target}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 pub fn mount(src: &str, target: &str, fstype: &str, data: &str) -> Result<()> {
     fs::create_dir_all(target).ok();
     let c = |s: &str| CString::new(s).unwrap();

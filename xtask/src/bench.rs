@@ -1,14 +1,13 @@
 //! `cargo xtask bench …`: measurements printed side by side from one run, never asserted.
 
-use std::{fs, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::{
-    initramfs, kernels, paths,
-    qemu::{self, VmConfig},
-    setup,
+    harness::{self, Boot},
+    paths,
 };
 
 fn median(v: &mut [f64]) -> f64 {
@@ -25,27 +24,16 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn vm_bench(name: &str, kernel: &str, verbose: bool) -> Result<Value> {
-    setup::ensure(verbose)?;
-    let ws = paths::workspace();
-    let bin = initramfs::build_binaries(&ws)?;
-    let k = kernels::fetch(kernel, false)?;
-    let dir = paths::run_dir(&format!("bench-{name}"));
-    fs::create_dir_all(&dir)?;
-    let initrd = dir.join("initrd.cpio");
-    initramfs::write(
-        &initrd,
-        &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?],
-    )?;
+    let payload = harness::payload(verbose)?;
+    let guest = harness::guest(kernel, &format!("bench-{name}"), &payload, false)?;
+    let k = &guest.kernel;
     eprintln!("bench: booting {} for {name}", k.release);
-    let vm = qemu::run(&VmConfig {
-        kernel: &k,
-        initrd,
-        append: format!("daxprobe.mode=bench daxprobe.bench={name}"),
-        nvdimms: 13,
+    let append = format!("daxprobe.mode=bench daxprobe.bench={name}");
+    let vm = guest.boot(&Boot {
+        append: &append,
         timeout: Duration::from_secs(30 * 60),
         echo: verbose,
-        interactive: false,
-        dir,
+        ..Boot::default()
     })?;
     if let Some(f) = vm.of_event("fatal").next() {
         bail!("benchmark failed in the guest: {}", f["error"]);

@@ -8,9 +8,8 @@ use anyhow::Result;
 
 use crate::{
     cmd::{is_root, run_visible},
-    initramfs, kernels, paths,
-    qemu::{self, VmConfig},
-    setup,
+    harness::{self, Boot},
+    paths, setup,
 };
 
 /// Does this machine have a pmem namespace or a device-dax device?
@@ -57,24 +56,13 @@ pub fn run(kernel: &str, force_vm: bool, verbose: bool) -> Result<()> {
     eprintln!(
         "demo: no persistent memory here: booting Debian {kernel} in QEMU with emulated nvdimms"
     );
-    let bin = initramfs::build_binaries(&ws)?;
-    let k = kernels::fetch(kernel, false)?;
-    let dir = paths::run_dir("demo");
-    fs::create_dir_all(&dir)?;
-    let initrd = dir.join("initrd.cpio");
-    initramfs::write(
-        &initrd,
-        &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?],
-    )?;
-    let vm = qemu::run(&VmConfig {
-        kernel: &k,
-        initrd,
-        append: "daxprobe.mode=demo".into(),
-        nvdimms: 13,
+    let payload = harness::payload(verbose)?;
+    let guest = harness::guest(kernel, "demo", &payload, false)?;
+    let vm = guest.boot(&Boot {
+        append: "daxprobe.mode=demo",
         timeout: Duration::from_secs(15 * 60),
         echo: true,
-        interactive: false,
-        dir,
+        ..Boot::default()
     })?;
     if let Some(f) = vm.of_event("fatal").next() {
         anyhow::bail!("demo VM failed: {}", f["error"]);
@@ -87,26 +75,14 @@ pub fn run(kernel: &str, force_vm: bool, verbose: bool) -> Result<()> {
 
 /// `cargo xtask vm --shell`: a root shell in the VM for poking around by hand.
 pub fn shell(kernel: &str, verbose: bool) -> Result<()> {
-    setup::ensure(verbose)?;
-    let ws = paths::workspace();
-    let bin = initramfs::build_binaries(&ws)?;
-    let k = kernels::fetch(kernel, false)?;
-    let dir = paths::run_dir("shell");
-    fs::create_dir_all(&dir)?;
-    let initrd = dir.join("initrd.cpio");
-    initramfs::write(
-        &initrd,
-        &[&initramfs::payload(&bin)?, &initramfs::modules(&k)?],
-    )?;
-    qemu::run(&VmConfig {
-        kernel: &k,
-        initrd,
-        append: "daxprobe.mode=shell".into(),
-        nvdimms: 13,
+    let payload = harness::payload(verbose)?;
+    let guest = harness::guest(kernel, "shell", &payload, false)?;
+    guest.boot(&Boot {
+        append: "daxprobe.mode=shell",
         timeout: Duration::from_secs(24 * 3600),
         echo: true,
         interactive: true,
-        dir,
+        ..Boot::default()
     })?;
     Ok(())
 }

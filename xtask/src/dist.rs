@@ -1,6 +1,7 @@
 //! `cargo xtask dist`: the release binary with what a package needs beside it, generated
 //! from the binary's own clap definition so they never drift: target/dist/{dax-probe,
-//! dax-probe.1, man/ (one page per subcommand), completions/, contrib/}.
+//! dax-probe.1, man/ (one page per subcommand), completions/, contrib/}, and a Debian
+//! package of all of it (target/dist/dax-probe_VERSION_amd64.deb, see [`deb`]).
 
 use std::{fs, process::Command};
 
@@ -15,7 +16,8 @@ const SHELLS: &[(&str, &str)] = &[
     ("fish", "dax-probe.fish"),
 ];
 
-pub fn run() -> Result<()> {
+/// Builds target/dist; returns the .deb's path.
+pub fn run() -> Result<std::path::PathBuf> {
     let ws = paths::workspace();
     cmd::run_visible(Command::new("cargo").current_dir(&ws).args([
         "build",
@@ -53,14 +55,23 @@ pub fn run() -> Result<()> {
             gen_out(&["completions", shell])?,
         )?;
     }
-    for f in ["policy.toml", "dax-probe.service"] {
-        fs::copy(ws.join("contrib").join(f), dist.join("contrib").join(f))?;
+    for f in [
+        "policy.toml",
+        "dax-probe.service",
+        "prometheus/alerts.yml",
+        "kubernetes/daemonset.yaml",
+    ] {
+        let to = dist.join("contrib").join(f);
+        fs::create_dir_all(to.parent().unwrap())?;
+        fs::copy(ws.join("contrib").join(f), to)?;
     }
+    let package = crate::deb::build(&dist)?;
     println!("dist: {}", dist.display());
     for e in walk(&dist)? {
         println!("  {e}");
     }
-    Ok(())
+    println!("dist: Debian package {}", package.display());
+    Ok(package)
 }
 
 fn walk(dir: &std::path::Path) -> Result<Vec<String>> {

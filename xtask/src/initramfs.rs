@@ -25,11 +25,20 @@ const MODULES: &[&str] = &[
     "dax_pmem",
     "dax_pmem_core",
     "device_dax",
+    // System RAM personality of device-dax (devdax-reconfigure).
+    "kmem",
     "crc32c_generic",
     "crc32c-intel",
     "crc32c_intel",
     "ext4",
     "xfs",
+    // device-mapper (linear and striped targets are part of dm_mod) for the stack scenarios.
+    "dm_mod",
+    // The NIC of a boot that forwards a port to the host (the metrics scenario's
+    // Prometheus); the guest's init loads these (and their dependencies) only then.
+    // virtio_pci is built into 6.12 and later, a module on 5.10 and 6.1.
+    "virtio_pci",
+    "virtio_net",
 ];
 
 /// An in-memory cpio archive.

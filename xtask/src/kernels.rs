@@ -118,11 +118,18 @@ fn refresh_lists(line: &Line, force: bool) -> Result<()> {
     let dir = apt_dir(line.suite);
     fs::create_dir_all(dir.join("lists/partial"))?;
     fs::create_dir_all(dir.join("cache/archives/partial"))?;
-    let mut sources = format!("deb http://deb.debian.org/debian {} main\n", line.suite);
-    if let Some(sec) = line.security {
-        sources.push_str(&format!(
-            "deb http://deb.debian.org/debian-security {sec} main\n"
-        ));
+    let m = crate::mirror::mirrors()?;
+    let mut sources = format!("deb {} {} main\n", m.archive, line.suite);
+    match (line.security, &m.security) {
+        (Some(sec), Some(uri)) => sources.push_str(&format!("deb {uri} {sec} main\n")),
+        // The newest builds of a stable line are often only in the security archive; the
+        // main archive still has the point release's build.
+        (Some(sec), None) => eprintln!(
+            "kernels: the host's apt sources name no security archive: {sec} is skipped \
+             (set {} to use one)",
+            crate::mirror::ENV_SECURITY
+        ),
+        (None, _) => {}
     }
     fs::write(dir.join("sources.list"), sources)?;
     let stamp = dir.join("updated");

@@ -2,12 +2,17 @@
 
 mod bench;
 mod cmd;
+mod deb;
 mod demo;
 mod dist;
+mod fuzz;
+mod harness;
 mod initramfs;
 mod kernels;
 mod matrix;
+mod mirror;
 mod paths;
+mod prom;
 mod qemu;
 mod setup;
 mod vmtest;
@@ -53,16 +58,32 @@ enum Cmd {
         /// Ask Debian's archive for newer kernels even if the cached lists are fresh.
         #[arg(long)]
         refresh: bool,
+        /// Only boot each kernel (modules, nvdimms) and count guests that die, no retry.
+        #[arg(long, conflicts_with = "scenario")]
+        boot_only: bool,
+        /// With --boot-only: boots per kernel.
+        #[arg(long, default_value_t = 5, requires = "boot_only")]
+        repeat: u32,
     },
     /// A root shell in the test VM.
     Vm {
         #[arg(long, default_value = "6.12")]
         kernel: String,
     },
-    /// Release binary, man page, shell completions and contrib files in target/dist.
+    /// Release binary, man pages, completions, contrib files and a lintian-checked .deb in
+    /// target/dist.
     Dist,
     /// Regenerate the README's support matrix from the last vm-test of every kernel line.
     Matrix,
+    /// Every cargo-fuzz target (fuzz/) for a bounded time; fails on a crash.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Benchmarks (printed ratios, never asserted).
     Bench {
         #[command(subcommand)]
@@ -115,26 +136,34 @@ fn run(cli: Cli) -> Result<()> {
                     .current_dir(paths::workspace())
                     .arg("test"), // default members: the eBPF crate only builds for BPF
             )?;
+            eprintln!("test: Prometheus alert rules and scrape (promtool)");
+            prom::check()?;
+            eprintln!("test: the Debian package (lintian, install into a scratch root)");
+            deb::check(&dist::run()?)?;
             eprintln!("test: VM scenarios on {}", vmtest::ALL.join(", "));
             vmtest::run(&vmtest::Options {
                 kernels: vmtest::kernel_list("all")?,
                 scenario: None,
                 verbose: v,
                 refresh: false,
+                boot_only: None,
             })
         }
         Cmd::VmTest {
             kernel,
             scenario,
             refresh,
+            boot_only,
+            repeat,
         } => vmtest::run(&vmtest::Options {
             kernels: vmtest::kernel_list(&kernel)?,
             scenario,
             verbose: v,
             refresh,
+            boot_only: boot_only.then_some(repeat),
         }),
         Cmd::Vm { kernel } => demo::shell(&kernel, v),
-        Cmd::Dist => dist::run(),
+        Cmd::Dist => dist::run().and_then(|deb| deb::check(&deb)),
         Cmd::Matrix => {
             let report = matrix::from_run_dirs(vmtest::ALL)?;
             let readme = paths::workspace().join("README.md");
@@ -148,6 +177,10 @@ fn run(cli: Cli) -> Result<()> {
                 }
             );
             Ok(())
+        }
+        Cmd::Fuzz { seconds, target } => {
+            setup::ensure(v)?;
+            fuzz::run(&fuzz::Options { seconds, target }).map(|_| ())
         }
         Cmd::Bench { which } => match which {
             BenchCmd::FaultOverhead { kernel } => bench::fault_overhead(&kernel, v),

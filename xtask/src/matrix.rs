@@ -14,6 +14,26 @@ const END: &str = "<!-- support-matrix:end -->";
 /// Human wording for the facts scenarios record (key → row label).
 const FACT_LABELS: &[(&str, &str)] = &[
     (
+        "badblocks_read_fault",
+        "a read of a page on a known-bad range fails as (the agent links only VM_FAULT_HWPOISON's SIGBUS)",
+    ),
+    (
+        "badblocks_xfs_free_space_in_fsmap",
+        "xfs GETFSMAP lists free space under a bad range",
+    ),
+    (
+        "badblocks_xfs_metadata_in_fsmap",
+        "xfs GETFSMAP names the metadata under a bad range",
+    ),
+    (
+        "devdax_reconfigure_reported",
+        "a device-dax device reconfigured to system-ram is reported (holders named)",
+    ),
+    (
+        "badblocks_ext4_free_space_in_fsmap",
+        "ext4 GETFSMAP lists free space under a bad range",
+    ),
+    (
         "xfs_reflink_dax_mount",
         "xfs with reflink+rmapbt mounts with `-o dax`",
     ),
@@ -42,6 +62,31 @@ const FACT_LABELS: &[(&str, &str)] = &[
         "unbind of xfs (explain scenario)",
     ),
     (
+        "rebind_ext4_old_holder_reads_new_tenant",
+        "ext4 unbound under a holder, bound again, new tenant's xfs filled: what the old \
+         holder reads",
+    ),
+    (
+        "rebind_new_ext4_mount",
+        "a new ext4 on the rebound device (the departed ext4 keeps /sys/fs/ext4/pmemN)",
+    ),
+    (
+        "rebind_block_devt",
+        "the rebound block device's number while the departed superblock holds the old one",
+    ),
+    (
+        "devdax_kmem_driver",
+        "device-dax's kmem (system-ram) personality available in the guest",
+    ),
+    (
+        "devdax_to_kmem_holder",
+        "a /dev/dax holder when its device is reconfigured to system-ram",
+    ),
+    (
+        "devdax_kmem_system_ram",
+        "the reconfigured device shows as System RAM (kmem) in /proc/iomem",
+    ),
+    (
         "stale_pagemap_read_safe",
         "reading pagemap of a stale DAX mapping is safe",
     ),
@@ -60,6 +105,26 @@ const FACT_LABELS: &[(&str, &str)] = &[
     (
         "hwpoison_xfs_left_mapped",
         "MADV_HWPOISON on xfs: holders left mapped",
+    ),
+    (
+        "dm_linear_ext4_dax_mount",
+        "ext4 `-o dax` on dm-linear over two fsdax pmem",
+    ),
+    (
+        "dm_striped_ext4_dax_mount",
+        "ext4 `-o dax` on dm-striped over two fsdax pmem",
+    ),
+    (
+        "dm_striped_ext4_unbind_member",
+        "dm-striped + ext4 (DAX): unbind of one member under its holders",
+    ),
+    (
+        "xfs_realtime_dax_mount",
+        "xfs `-o dax` with a pmem realtime device",
+    ),
+    (
+        "xfs_realtime_unbind",
+        "xfs: unbind of its pmem realtime device under a holder",
     ),
 ];
 

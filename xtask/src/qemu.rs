@@ -35,6 +35,10 @@ pub struct VmConfig<'a> {
     pub interactive: bool,
     /// Working directory for images, results and logs.
     pub dir: PathBuf,
+    /// (host port, guest port): a virtio NIC on QEMU's user network whose guest TCP port
+    /// is forwarded to the host's loopback (for a host-side Prometheus to scrape the
+    /// guest). None: the guest has no network device at all.
+    pub hostfwd: Option<(u16, u16)>,
 }
 
 pub struct VmRun {
@@ -45,6 +49,8 @@ pub struct VmRun {
     pub kernel_trouble: Option<String>,
     pub accel: &'static str,
     pub seconds: f64,
+    /// Why an earlier boot of the same run died before the guest was ready (it was retried).
+    pub retried: Option<String>,
 }
 
 impl VmRun {
@@ -54,7 +60,36 @@ impl VmRun {
     pub fn done(&self) -> bool {
         self.of_event("done").next().is_some()
     }
+
+    /// One phrase for why a guest stopped without `done`.
+    pub fn trouble_summary(&self) -> String {
+        if self.timed_out {
+            "timed out".to_string()
+        } else if let Some(t) = &self.kernel_trouble {
+            format!("kernel trouble: {t}")
+        } else if let Some(f) = self.of_event("fatal").next() {
+            format!("guest: {}", f["error"].as_str().unwrap_or("fatal"))
+        } else if self.records.is_empty() {
+            "never reported (did the kernel boot? see the console log)".to_string()
+        } else {
+            "stopped before reporting done".to_string()
+        }
+    }
 }
+
+/// The CPU model for TCG. Not `max`: QEMU 7.2's `max` turns on its then-new AVX/AVX2
+/// emulation and every other feature TCG knows, and guests died under it here (a 7.2 guest
+/// in `enqueue_task_fair` at boot, a 6.12 guest double-faulting in `kmem_cache_alloc`),
+/// as other eBPF projects saw in CI. A plain x86-64-v2 model has what Debian's kernels and
+/// the BPF JIT use. `DAX_PROBE_QEMU_CPU` overrides it (to measure, or to try `max`).
+pub fn tcg_cpu() -> String {
+    std::env::var("DAX_PROBE_QEMU_CPU")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| TCG_CPU.to_string())
+}
+
+pub const TCG_CPU: &str = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt";
 
 /// Whether KVM is worth trying: /dev/kvm usable and not known to hang on this host.
 fn kvm_verdict_file() -> PathBuf {
@@ -129,7 +164,8 @@ fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Op
     if kvm {
         c.args(["-accel", "kvm", "-cpu", "host"]);
     } else {
-        c.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+        c.args(["-accel", "tcg,thread=multi", "-cpu"])
+            .arg(tcg_cpu());
     }
     c.args(["-smp", "2", "-machine", "q35,nvdimm=on"])
         .arg("-m")
@@ -165,6 +201,7 @@ fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Op
         ])
         .arg("-serial")
         .arg(format!("file:{}", results.display()));
+    c.args(net_args(cfg.hostfwd));
     if cfg.interactive {
         c.stdin(Stdio::inherit()).stdout(Stdio::inherit());
     } else {
@@ -264,7 +301,22 @@ fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Op
         kernel_trouble,
         accel: if kvm { "kvm" } else { "tcg" },
         seconds: started.elapsed().as_secs_f64(),
+        retried: None,
     }))
+}
+
+/// The network part of the command line. Without a forward, `-nic none`: QEMU would
+/// otherwise add its default NIC. With one, the forward listens on the host's loopback only.
+fn net_args(hostfwd: Option<(u16, u16)>) -> Vec<String> {
+    match hostfwd {
+        None => vec!["-nic".into(), "none".into()],
+        Some((host, guest)) => vec![
+            "-netdev".into(),
+            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{host}-:{guest}"),
+            "-device".into(),
+            "virtio-net-pci,netdev=n0".into(),
+        ],
+    }
 }
 
 fn kill(child: &mut Child) {
@@ -327,4 +379,17 @@ pub fn read_records(path: &Path) -> Vec<Value> {
         .filter_map(|l| l.find(RESULT_MARK).map(|i| &l[i + RESULT_MARK.len()..]))
         .filter_map(|j| serde_json::from_str(j.trim()).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_only_with_a_forward_and_on_loopback() {
+        assert_eq!(net_args(None), ["-nic", "none"]);
+        let a = net_args(Some((40001, 9464)));
+        assert_eq!(a[1], "user,id=n0,hostfwd=tcp:127.0.0.1:40001-:9464");
+        assert_eq!(a[3], "virtio-net-pci,netdev=n0");
+    }
 }

@@ -37,6 +37,17 @@ const DEBIAN_TOOLS: &[(&str, &str, &str)] = &[
         "tmux",
         "the tui scenario runs the dashboard in a terminal",
     ),
+    ("lintian", "lintian", "checks the Debian package"),
+    (
+        "promtool",
+        "prometheus",
+        "checks metrics and alert rules; scrapes the VM in the metrics scenario",
+    ),
+    (
+        "dpkg-shlibdeps",
+        "dpkg-dev",
+        "computes the Debian package's library dependencies",
+    ),
 ];
 
 #[derive(Default)]
@@ -78,6 +89,7 @@ pub fn ensure(verbose: bool) -> Result<()> {
     let mut r = Report::default();
     ensure_nightly(&mut r)?;
     ensure_bpf_linker(&mut r)?;
+    ensure_cargo_fuzz(&mut r)?;
     ensure_host_tools(&mut r)?;
     if verbose {
         eprintln!("setup:");
@@ -167,6 +179,18 @@ fn ensure_bpf_linker(r: &mut Report) -> Result<()> {
             r.ok("bpf-linker", &format!("{BPF_LINKER} installed"));
         }
     }
+    Ok(())
+}
+
+/// cargo-fuzz drives the fuzz targets (`cargo xtask fuzz`).
+fn ensure_cargo_fuzz(r: &mut Report) -> Result<()> {
+    if have("cargo-fuzz") {
+        r.ok("cargo-fuzz", "present");
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz (for cargo xtask fuzz)");
+    run_visible(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    r.ok("cargo-fuzz", "installed");
     Ok(())
 }
 

@@ -15,7 +15,10 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::{
-    map::{F_HUGE, F_SHARED, F_WRITE, FileKey, HolderId, HolderMap, Run},
+    map::{
+        F_HUGE, F_SHARED, F_WRITE, FileKey, HolderId, HolderMap, Run, check_pages,
+        pages_of_page_size,
+    },
     query::HolderRow,
     scan::{Classifier, Paths, Procfs, dax_vranges, runs_in},
 };
@@ -45,6 +48,31 @@ pub struct WatchChanges {
     pub remove: Vec<u32>,
 }
 
+/// Why an event describes something no kernel can (a crafted or corrupt recording), if it
+/// does: such an event is refused whole, never applied in part.
+pub fn check_event(ev: &Event) -> Result<(), String> {
+    match ev {
+        Event::Fault(f) => {
+            let pages = pages_of_page_size(f.page_size).ok_or_else(|| {
+                format!(
+                    "page_size {} is not 4096, 2097152 or 1073741824",
+                    f.page_size
+                )
+            })?;
+            if let Some(pfn) = f.pfn {
+                check_pages(f.page_address >> 12, pfn, pages)?;
+            }
+            Ok(())
+        }
+        Event::Mremap(m) => m
+            .new_addr
+            .checked_add(m.new_len)
+            .map(|_| ())
+            .ok_or_else(|| format!("mremap to {:#x}+{:#x} wraps", m.new_addr, m.new_len)),
+        _ => Ok(()),
+    }
+}
+
 pub struct Applier {
     pub map: HolderMap,
     pub stats: Stats,
@@ -54,7 +82,18 @@ pub struct Applier {
     /// Names of the files held, learned from maps once per file.
     paths: Paths,
     watch: WatchChanges,
+    /// Processes found dead whose events may still be on their way (tgid → the tick they
+    /// were found on): hidden from every answer about now, but kept in the map until the
+    /// events stamped before their death are applied, so a memory failure or departure the
+    /// kernel saw while they lived still lists them.
+    dying: HashMap<u32, u64>,
+    /// Bumped by the agent's clock (`tick`).
+    ticks: u64,
 }
+
+/// Ticks a dead process stays after it was found dead: the reader hands events over
+/// within one tick (200 ms), so two leave room for one in flight.
+const DYING_TICKS: u64 = 2;
 
 impl Applier {
     pub fn new(proc: Box<dyn Procfs>) -> Self {
@@ -65,6 +104,8 @@ impl Applier {
             mm_owner: HashMap::new(),
             paths: Paths::new(),
             watch: WatchChanges::default(),
+            dying: HashMap::new(),
+            ticks: 0,
         }
     }
 
@@ -83,6 +124,185 @@ impl Applier {
             .holder(tgid, start, if comm.is_empty() { &c } else { comm })
     }
 
+    /// The holder of address space `mm` (0: not reported) that process `tgid` faulted in.
+    /// A process faulting in an address space another one holds shares it; a process new
+    /// to the map may share its address space with processes that never faulted (a
+    /// `clone(CLONE_VM)` made before the first fault): those are looked for once.
+    fn holder_in(&mut self, tgid: u32, mm: u64, comm: &str) -> HolderId {
+        if mm != 0
+            && let Some(&owner) = self.mm_owner.get(&mm)
+            && owner != tgid
+            && let Some(h) = self.map.holder_of(owner)
+            // An mm freed and reallocated to another process has the same address.
+            && self.proc.same_mm(owner, tgid) != Some(false)
+        {
+            if self.map.holder_of(tgid) != Some(h) {
+                self.join(h, tgid, comm);
+            }
+            return h;
+        }
+        let h = match self.map.holder_of(tgid) {
+            Some(h) => h,
+            // New to the map: an address space already held (found by a scan, which knows
+            // no mm), or a new one whose other users never faulted.
+            None => match self.sharing_holder(tgid) {
+                Some(h) => {
+                    self.join(h, tgid, comm);
+                    h
+                }
+                None => {
+                    let h = self.holder(tgid, comm);
+                    self.find_sharers(h, tgid);
+                    h
+                }
+            },
+        };
+        if mm != 0 {
+            self.mm_owner.insert(mm, tgid);
+        }
+        h
+    }
+
+    /// Process `tgid` uses holder `h`'s address space.
+    fn join(&mut self, h: HolderId, tgid: u32, comm: &str) {
+        let (start, c) = self.proc.stat(tgid).unwrap_or((0, comm.to_string()));
+        self.watch.add.push(tgid);
+        self.map
+            .add_sharer(h, tgid, start, if comm.is_empty() { &c } else { comm });
+    }
+
+    /// Adds every other process using `tgid`'s address space to `h` (one `kcmp` per
+    /// process, once per new address space). Processes with a holder of their own are
+    /// left there: moving them could drop pages only that holder lists.
+    fn find_sharers(&mut self, h: HolderId, tgid: u32) {
+        if self.proc.same_mm(tgid, tgid).is_none() {
+            return; // this procfs cannot tell
+        }
+        for pid in self.proc.pids() {
+            if pid != tgid
+                && self.map.holder_of(pid).is_none()
+                && self.proc.same_mm(tgid, pid) == Some(true)
+            {
+                self.join(h, pid, "");
+            }
+        }
+    }
+
+    /// The holder whose address space process `tgid` uses, if any (a process not in the
+    /// map found holding pages by a scan).
+    fn sharing_holder(&self, tgid: u32) -> Option<HolderId> {
+        self.map
+            .holders()
+            .find(|(_, info)| self.proc.same_mm(info.tgid, tgid) == Some(true))
+            .map(|(h, _)| h)
+    }
+
+    /// Process `tgid` is gone (or uses another address space now): it leaves its holder
+    /// (whose pages stay while a sharer uses them) and every per-process cache. Returns the
+    /// pages that went with it.
+    fn leave(&mut self, tgid: u32) -> u64 {
+        self.dying.remove(&tgid);
+        let mut pages = 0;
+        if let Some(h) = self.map.holder_of(tgid) {
+            let p = self.map.pages_of(h);
+            if self.map.remove_process(h, tgid) {
+                pages = p;
+            }
+        }
+        self.forget(tgid);
+        pages
+    }
+
+    /// Drops what the agent keeps about a process that is gone: its address spaces, and
+    /// its place in the kernel's WATCHED set.
+    fn forget(&mut self, tgid: u32) {
+        self.mm_owner.retain(|_, t| *t != tgid);
+        self.watch.remove.push(tgid);
+    }
+
+    /// Finds every process that has exited (or no longer shares the address space it was
+    /// listed with) and hides it: a dead pid is never an answer about now, and a sharer
+    /// outliving the process that faulted keeps the pages. It leaves the map at its exit
+    /// event, or `DYING_TICKS` ticks later when that event was lost: until then the events
+    /// the kernel stamped while it lived (a memory failure it was killed by) still find it.
+    /// Answers and departures call this first. Returns how many processes are hidden.
+    pub fn forget_gone(&mut self) -> usize {
+        // Leave now: dead sharers of an address space that lives on (its pages stay with
+        // the live ones, and so do its events) and processes gone to another one. Dying:
+        // the last processes of an address space.
+        let mut leave = Vec::new();
+        let mut dying = Vec::new();
+        for (_, info) in self.map.holders() {
+            let (dead, live): (Vec<_>, Vec<_>) = info
+                .processes()
+                .partition(|p| self.proc.gone(p.tgid, p.start_time));
+            let dead = dead.iter().map(|p| p.tgid);
+            if live.is_empty() {
+                dying.extend(dead);
+            } else {
+                leave.extend(dead);
+            }
+            // A vfork child that exec'd has an address space of its own now. Compared with
+            // a live process: an exited one (a zombie) has no address space at all.
+            if let Some((anchor, rest)) = live.split_first() {
+                for p in rest {
+                    if self.proc.same_mm(anchor.tgid, p.tgid) == Some(false) {
+                        leave.push(p.tgid);
+                    }
+                }
+            }
+        }
+        for t in leave {
+            self.leave(t);
+        }
+        for t in dying {
+            self.dying.entry(t).or_insert(self.ticks);
+        }
+        self.expire_dying();
+        self.trim_paths();
+        self.dying.len()
+    }
+
+    /// The agent's clock: dead processes whose events had time to arrive leave the map.
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        self.expire_dying();
+    }
+
+    fn expire_dying(&mut self) {
+        let due: Vec<u32> = self
+            .dying
+            .iter()
+            .filter(|&(_, &at)| self.ticks >= at + DYING_TICKS)
+            .map(|(&t, _)| t)
+            .collect();
+        if !due.is_empty() {
+            for t in due {
+                self.leave(t);
+            }
+            self.trim_paths();
+        }
+    }
+
+    /// Found dead (or gone to another address space) and kept only for the events still
+    /// on their way: never an answer about now.
+    pub fn is_dying(&self, tgid: u32) -> bool {
+        self.dying.contains_key(&tgid)
+    }
+
+    /// Drops the dying from rows answering a question about now.
+    pub fn only_live(&self, rows: &mut Vec<HolderRow>) {
+        if !self.dying.is_empty() {
+            rows.retain(|r| !self.is_dying(r.pid));
+        }
+    }
+
+    /// File names are kept for files some holder maps, no others.
+    fn trim_paths(&mut self) {
+        let held = self.map.files_held();
+        self.paths.retain(|f, _| held.contains(f));
+    }
+
     /// Drops holders left with no page. The kernel keeps watching a process that is still
     /// alive (it may fault again and fork: a stale "unwatch" would hide that fork); only a
     /// process that is gone is unwatched.
@@ -90,20 +310,21 @@ impl Applier {
         if self.map.pages_of(h) == 0
             && let Some(info) = self.map.info(h)
         {
-            let (tgid, start) = (info.tgid, info.start_time);
+            let procs: Vec<_> = info.processes().collect();
             self.map.remove_holder(h);
-            let alive = self
-                .proc
-                .stat(tgid)
-                .is_some_and(|(s, _)| s == start || start == 0);
-            if !alive {
-                self.mm_owner.retain(|_, t| *t != tgid);
-                self.watch.remove.push(tgid);
+            for p in procs {
+                if self.proc.gone(p.tgid, p.start_time) {
+                    self.forget(p.tgid);
+                }
             }
         }
     }
 
     pub fn apply(&mut self, ev: &Event, topo: &Topology) {
+        if let Err(e) = check_event(ev) {
+            log::warn!("event not applied: {e}");
+            return;
+        }
         match ev {
             Event::Fault(f) => self.fault(f, topo),
             Event::Zap(z) => self.zap(z, topo),
@@ -119,14 +340,13 @@ impl Applier {
         if !f.mapped {
             return;
         }
-        if f.mm != 0 {
-            self.mm_owner.insert(f.mm, f.tgid);
-        }
-        let pages = f.page_size >> 12;
+        let Some(pages) = pages_of_page_size(f.page_size) else {
+            return;
+        };
         let vpage = f.page_address >> 12;
         match f.pfn {
             Some(pfn) if topo.namespace_of_pfn(pfn).is_some() => {
-                let h = self.holder(f.tgid, &f.comm);
+                let h = self.holder_in(f.tgid, f.mm, &f.comm);
                 let mut flags = 0;
                 if f.shared {
                     flags |= F_SHARED;
@@ -166,7 +386,7 @@ impl Applier {
                 }
             }
             None => {
-                let h = self.holder(f.tgid, &f.comm);
+                let h = self.holder_in(f.tgid, f.mm, &f.comm);
                 self.resync(h, f.tgid, vpage, vpage + pages, topo);
                 self.gc(h);
             }
@@ -219,7 +439,20 @@ impl Applier {
     /// The kernel reports forks of watched processes only. The parent may have no pages
     /// left by the time we get here (later events already applied), but the child's copies
     /// were made at fork time: always read the child.
+    /// A child made with `CLONE_VM` (not a thread: another tgid) shares the parent's
+    /// address space: it joins the parent's holder, its pages are the parent's.
     fn fork(&mut self, f: &Fork, topo: &Topology) {
+        if let Some(h) = self.map.holder_of(f.parent_tgid) {
+            let same = match self.proc.same_mm(f.parent_tgid, f.child_tgid) {
+                Some(same) => same,
+                // Cannot ask the kernel: the mm the fault path reported for the parent.
+                None => f.child_mm != 0 && self.mm_owner.get(&f.child_mm) == Some(&f.parent_tgid),
+            };
+            if same {
+                self.join(h, f.child_tgid, "");
+                return;
+            }
+        }
         if f.child_mm != 0 {
             self.mm_owner.insert(f.child_mm, f.child_tgid);
         }
@@ -250,8 +483,10 @@ impl Applier {
             Ok(runs) => {
                 self.map.replace_vrange(h, vstart, vend, &runs);
             }
-            // Gone: its pages went with it.
-            Err(_) => self.map.remove_holder_pages(h),
+            // Gone: its pages went with it, unless a sharer still uses them.
+            Err(_) => {
+                self.leave(tgid);
+            }
         }
     }
 
@@ -275,17 +510,19 @@ impl Applier {
                 if runs.is_empty() && self.map.holder_of(tgid).is_none() {
                     return (0, 0);
                 }
-                let h = self.holder(tgid, "");
+                let h = match self.map.holder_of(tgid) {
+                    Some(h) => h,
+                    None => match self.sharing_holder(tgid) {
+                        Some(h) => {
+                            self.join(h, tgid, "");
+                            h
+                        }
+                        None => self.holder(tgid, ""),
+                    },
+                };
                 self.map.replace_vrange(h, 0, u64::MAX >> 12, &runs)
             }
-            Err(_) => match self.map.holder_of(tgid) {
-                Some(h) => {
-                    let extra = self.map.pages_of(h);
-                    self.map.remove_holder_pages(h);
-                    (0, extra)
-                }
-                None => (0, 0),
-            },
+            Err(_) => (0, self.leave(tgid)),
         };
         if let Some(h) = self.map.holder_of(tgid) {
             self.gc(h);
@@ -297,9 +534,20 @@ impl Applier {
     /// other process (holders the events missed). Returns the drift found.
     pub fn reconcile(&mut self, topo: &Topology) -> (u64, u64) {
         self.stats.reconciles += 1;
+        self.forget_gone();
         let mut total = (0, 0);
-        let known: Vec<u32> = self.map.holders().map(|(_, h)| h.tgid).collect();
-        for tgid in &known {
+        // One page-table read per address space: its sharers' are the same.
+        let named: Vec<u32> = self.map.holders().map(|(_, h)| h.tgid).collect();
+        let known: std::collections::HashSet<u32> = self
+            .map
+            .holders()
+            .flat_map(|(_, h)| h.processes().map(|p| p.tgid))
+            .collect();
+        for tgid in &named {
+            // A dying process's page tables are gone; it leaves on its own (`tick`).
+            if self.is_dying(*tgid) {
+                continue;
+            }
             let (m, e) = self.resync_process(*tgid, topo);
             total.0 += m;
             total.1 += e;
@@ -334,6 +582,33 @@ impl Applier {
         }
     }
 
+    /// The cgroup of holder `tgid` started at `start_time`: read from /proc once per
+    /// process and kept on its holder, so it goes when the holder goes (no per-pid cache to
+    /// outlive the process). Read after the holder was seen and checked against its start
+    /// time afterwards: a pid reused in between is another process, whose cgroup is not
+    /// this holder's.
+    pub fn cgroup_of(
+        &mut self,
+        tgid: u32,
+        start_time: u64,
+    ) -> Option<std::sync::Arc<crate::proc::cgroup::Cgroup>> {
+        let id = self.map.holder_of(tgid)?;
+        let h = self.map.info(id)?;
+        if h.start_time != start_time {
+            return None;
+        }
+        if let Some(c) = &h.cgroup {
+            return Some(c.clone());
+        }
+        let text = self.proc.cgroup(tgid).ok()?;
+        if self.proc.stat(tgid).map(|s| s.0) != Some(start_time) {
+            return None;
+        }
+        let c = std::sync::Arc::new(crate::proc::cgroup::parse(&text)?);
+        self.map.set_cgroup(id, c.clone());
+        Some(c)
+    }
+
     /// The name learned for a file, if any.
     pub fn path_of(&self, file: &FileKey) -> Option<&str> {
         self.paths.get(file).map(String::as_str)
@@ -346,18 +621,24 @@ impl Applier {
 
     /// One row per (process, file) mapping any pfn in `ranges`, with file names.
     pub fn rows_in_pfn_ranges(&mut self, topo: &Topology, ranges: &[(u64, u64)]) -> Vec<HolderRow> {
+        self.forget_gone();
         let sel: Vec<_> = ranges
             .iter()
             .flat_map(|&(s, e)| self.map.in_pfn_range(s, e))
             .collect();
         let mut r = super::query::rows(&self.map, &sel, false);
+        self.only_live(&mut r);
         self.name_files(&mut r, topo);
         r
     }
 
-    /// Fills in file names: from what we learned, else from the holder's maps.
+    /// Fills in file names (from what we learned, else from the holder's maps) and each
+    /// process's cgroup, container and pod.
     pub fn name_files(&mut self, rows: &mut [HolderRow], topo: &Topology) {
         for r in rows {
+            if let Some(c) = self.cgroup_of(r.pid, r.start_time) {
+                r.set_cgroup(&c);
+            }
             let key = FileKey {
                 dev: r.dev,
                 ino: r.ino,
@@ -374,5 +655,388 @@ impl HolderMap {
     /// Drops every page of a holder (keeps nothing: used when its process is gone).
     pub fn remove_holder_pages(&mut self, h: HolderId) {
         self.remove_vrange(h, 0, u64::MAX >> 12);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::PfnSource,
+        os::fake::{DEV, END_PFN, FIRST_PFN, FakeOs, FakeProc, topology},
+    };
+
+    const VADDR: u64 = 0x7f00_0000_0000;
+
+    /// `tgid` faults page `i` of the fake file in address space `mm`, where the fake
+    /// machine has address space `space`'s pages.
+    fn fault(tgid: u32, mm: u64, space: u32, i: u64) -> Event {
+        Event::Fault(Fault {
+            ts_ns: 1,
+            tgid,
+            tid: tgid,
+            comm: String::new(),
+            dev: DEV,
+            ino: 12,
+            offset: i << 12,
+            address: VADDR + (i << 12),
+            page_address: VADDR + (i << 12),
+            pfn: Some(FIRST_PFN + space as u64 * 4 + i),
+            pfn_source: Some(PfnSource::Kernel),
+            page_size: 4096,
+            write: true,
+            mapped: true,
+            zero_page: false,
+            result: "NOPAGE".into(),
+            result_raw: 0x100,
+            vma_start: VADDR,
+            vma_end: VADDR + 4 * 4096,
+            shared: true,
+            device: Some("pmem0".into()),
+            devdax: false,
+            mm,
+        })
+    }
+
+    fn pids(app: &mut Applier) -> Vec<u32> {
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut p: Vec<u32> = app
+            .rows_in_pfn_ranges(&topo, &[(FIRST_PFN, END_PFN)])
+            .iter()
+            .map(|r| r.pid)
+            .collect();
+        p.dedup();
+        p
+    }
+
+    #[test]
+    fn a_process_sharing_the_address_space_before_the_first_fault_is_a_holder() {
+        // 101 was cloned with CLONE_VM (no CLONE_THREAD) before 100 faulted: no fork event.
+        let os = FakeOs::new(
+            &[
+                (100, FakeProc::holder("parent", 7)),
+                (101, FakeProc::sharer("child", 8, 100)),
+                (102, FakeProc::holder("other", 9)),
+            ],
+            &["/mnt/pmem0"],
+        );
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut app = Applier::new(os.procfs_box());
+        app.apply(&fault(100, 0xa000, 100, 0), &topo);
+        assert_eq!(pids(&mut app), [100, 101]);
+        assert_eq!(app.map.holder_count(), 2);
+        let w = app.take_watch_changes();
+        assert!(w.add.contains(&101), "the sharer's forks are reported too");
+        // The sharer faults next: the same address space, no second copy of the pages.
+        app.apply(&fault(101, 0xa000, 100, 1), &topo);
+        assert_eq!(app.map.extent_count(), 1);
+        assert_eq!(app.map.pages_of(app.map.holder_of(101).unwrap()), 2);
+    }
+
+    #[test]
+    fn the_faulting_process_exits_and_its_sharer_stays_listed() {
+        let os = FakeOs::new(
+            &[
+                (100, FakeProc::holder("parent", 7)),
+                (101, FakeProc::sharer("child", 8, 100)),
+            ],
+            &["/mnt/pmem0"],
+        );
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut app = Applier::new(os.procfs_box());
+        app.apply(&fault(100, 0xa000, 100, 0), &topo);
+        // The parent exits; the mm lives on in the child, so the kernel zaps nothing.
+        os.state.borrow_mut().procs.remove(&100);
+        assert_eq!(pids(&mut app), [101], "the dead pid is never reported");
+        let h = app.map.holder_of(101).unwrap();
+        assert_eq!(app.map.pages_of(h), 1);
+        assert!(app.take_watch_changes().remove.contains(&100));
+        // A reconcile keeps it and reads the address space once, through the sharer (the
+        // fake page tables hold all 4 pages; 1 was faulted).
+        app.reconcile(&topo);
+        assert_eq!(pids(&mut app), [101]);
+        assert_eq!((app.stats.drift_missing, app.stats.drift_extra), (3, 0));
+        assert_eq!(app.map.pages_of(app.map.holder_of(101).unwrap()), 4);
+    }
+
+    #[test]
+    fn a_clone_vm_child_of_a_holder_joins_its_address_space() {
+        let os = FakeOs::new(&[(100, FakeProc::holder("parent", 7))], &["/mnt/pmem0"]);
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut app = Applier::new(os.procfs_box());
+        app.apply(&fault(100, 0xa000, 100, 0), &topo);
+        os.state
+            .borrow_mut()
+            .procs
+            .insert(101, FakeProc::sharer("child", 8, 100));
+        app.apply(
+            &Event::Fork(Fork {
+                ts_ns: 2,
+                parent_tgid: 100,
+                comm: "parent".into(),
+                child_tgid: 101,
+                child_mm: 0xa000,
+            }),
+            &topo,
+        );
+        assert_eq!(pids(&mut app), [100, 101]);
+        assert_eq!(
+            app.map.extent_count(),
+            1,
+            "one address space, its pages once"
+        );
+        // A zap by the child (munmap in the shared mm) removes the pages for both.
+        app.apply(
+            &Event::Zap(Zap {
+                ts_ns: 3,
+                tgid: 101,
+                tid: 101,
+                comm: "child".into(),
+                start: VADDR,
+                end: VADDR + 4 * 4096,
+                vma_start: VADDR,
+                vma_end: VADDR + 4 * 4096,
+                offset: 0,
+                dev: DEV,
+                ino: 12,
+                devdax: false,
+                own_mm: true,
+                exiting: false,
+                cow: false,
+                owner_tgid: None,
+                mm: 0xa000,
+            }),
+            &topo,
+        );
+        assert!(pids(&mut app).is_empty());
+    }
+
+    #[test]
+    fn a_sharer_of_a_scanned_holder_joins_it_without_losing_its_pages() {
+        // 100 was found by the start-up scan (no mm known); its CLONE_VM child faults.
+        let os = FakeOs::new(
+            &[
+                (100, FakeProc::holder("parent", 7)),
+                (101, FakeProc::sharer("child", 8, 100)),
+            ],
+            &["/mnt/pmem0"],
+        );
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut app = Applier::new(os.procfs_box());
+        app.resync_process(100, &topo);
+        assert_eq!(app.map.pages_of(app.map.holder_of(100).unwrap()), 4);
+        app.apply(&fault(101, 0xa000, 100, 2), &topo);
+        assert_eq!(app.map.holder_of(100), app.map.holder_of(101));
+        assert_eq!(app.map.pages_of(app.map.holder_of(101).unwrap()), 4);
+        assert_eq!(pids(&mut app), [100, 101]);
+    }
+
+    #[test]
+    fn a_reused_mm_address_is_not_a_sharer() {
+        // 100's mm was freed and the same address now is 102's own.
+        let os = FakeOs::new(
+            &[
+                (100, FakeProc::holder("first", 7)),
+                (102, FakeProc::holder("second", 9)),
+            ],
+            &["/mnt/pmem0"],
+        );
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut app = Applier::new(os.procfs_box());
+        app.apply(&fault(100, 0xa000, 100, 0), &topo);
+        app.apply(&fault(102, 0xa000, 102, 0), &topo);
+        assert_eq!(pids(&mut app), [100, 102]);
+        assert_ne!(app.map.holder_of(100), app.map.holder_of(102));
+    }
+
+    /// history/ext4 on 6.12: a process killed by the memory failure it triggered was found
+    /// dead (an answer's forget_gone) before the agent applied that failure's record, and
+    /// the stored failure listed the other holder only. A dead process is hidden from
+    /// answers at once and leaves the map only when its events had time to arrive.
+    #[test]
+    fn a_process_found_dead_is_still_found_by_its_in_flight_events() {
+        let os = FakeOs::new(&[], &["/mnt/pmem0"]);
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut app = Applier::new(os.procfs_box());
+        for pid in [261, 262] {
+            os.state
+                .borrow_mut()
+                .procs
+                .insert(pid, FakeProc::holder("puppet", pid as u64));
+            app.apply(&fault(pid, pid as u64, pid, 1), &topo);
+        }
+        // 262's page, poisoned by 262 itself, which the kernel then killed.
+        let pfn = FIRST_PFN + 262 * 4 + 1;
+        os.state.borrow_mut().procs.remove(&262);
+        app.forget_gone();
+        let who = |app: &Applier| -> Vec<u32> {
+            app.map
+                .who_maps(pfn)
+                .iter()
+                .filter_map(|v| app.map.info(v.holder).map(|h| h.tgid))
+                .collect()
+        };
+        assert_eq!(
+            who(&app),
+            [262],
+            "the failure's record, applied now, finds it"
+        );
+        assert_eq!(pids(&mut app), [261], "a dead pid is never an answer");
+        // A reconcile in between does not drop it early either.
+        app.reconcile(&topo);
+        assert_eq!(who(&app), [262]);
+        for _ in 0..DYING_TICKS {
+            app.tick();
+        }
+        assert!(
+            who(&app).is_empty(),
+            "gone once its events had time to arrive"
+        );
+        assert!(app.map.holder_of(262).is_none());
+        assert!(app.take_watch_changes().remove.contains(&262));
+        assert_eq!(pids(&mut app), [261]);
+    }
+
+    #[test]
+    fn exited_processes_leave_every_cache() {
+        let os = FakeOs::new(&[], &["/mnt/pmem0"]);
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut app = Applier::new(os.procfs_box());
+        for n in 0..1000u32 {
+            let pid = 1000 + n;
+            os.state
+                .borrow_mut()
+                .procs
+                .insert(pid, FakeProc::holder("short", n as u64 + 1));
+            app.apply(&fault(pid, 0x10_0000 + n as u64, pid, 0), &topo);
+            os.state.borrow_mut().procs.remove(&pid);
+            app.forget_gone();
+        }
+        for _ in 0..DYING_TICKS {
+            app.tick();
+        }
+        assert_eq!(app.map.holder_count(), 0);
+        assert!(
+            app.mm_owner.is_empty(),
+            "{} mm entries left",
+            app.mm_owner.len()
+        );
+        assert!(app.paths.is_empty(), "{} file names left", app.paths.len());
+        let w = app.take_watch_changes();
+        assert_eq!(w.remove.len(), 1000, "every exited process is unwatched");
+    }
+}
+
+#[cfg(test)]
+mod cgroup_tests {
+    use super::*;
+    use crate::{
+        os::fake::{FakeOs, FakeProc, topology},
+        proc::cgroup::Runtime,
+    };
+
+    const POD: &str = "0::/kubepods.slice/kubepods-besteffort.slice/\
+        kubepods-besteffort-pod1b2c3d4e_5f60_4a7b_8c9d_0e1f2a3b4c5d.slice/\
+        cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n";
+
+    fn rows_of(a: &mut Applier, topo: &Topology) -> Vec<HolderRow> {
+        let sel = a.map.all();
+        let mut r = super::super::query::rows(&a.map, &sel, false);
+        a.name_files(&mut r, topo);
+        r
+    }
+
+    #[test]
+    fn rows_name_cgroup_container_and_pod_read_once_per_process() {
+        let pod = FakeProc {
+            cgroup: Some(POD.into()),
+            ..FakeProc::holder("db", 10)
+        };
+        let unreadable = FakeProc {
+            cgroup: None,
+            ..FakeProc::holder("gone", 11)
+        };
+        let os = FakeOs::new(
+            &[
+                (100, pod),
+                (101, FakeProc::holder("plain", 12)),
+                (102, unreadable),
+            ],
+            &["/mnt/pmem0"],
+        );
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut a = Applier::new(os.procfs_box());
+        a.reconcile(&topo);
+        let r = rows_of(&mut a, &topo);
+        assert_eq!(r.len(), 3);
+        assert_eq!(
+            r[0].pod_uid.as_deref(),
+            Some("1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d")
+        );
+        let c = r[0].container.as_ref().unwrap();
+        assert_eq!((c.runtime, &c.id[..4]), (Runtime::Containerd, "0123"));
+        assert!(r[0].in_cgroup("1b2c3d4e-5f60"));
+        // No layout: the plain path, no container, no pod.
+        assert_eq!(r[1].cgroup.as_deref(), Some("/dax.slice/plain.scope"));
+        assert_eq!((&r[1].container, &r[1].pod_uid), (&None, &None));
+        assert!(!r[1].in_cgroup("1b2c3d4e-5f60"));
+        // Unreadable: nothing claimed, and the row is still listed.
+        assert_eq!(r[2].cgroup, None);
+        assert!(!r[2].in_cgroup("/"));
+
+        // Read once: a later change of the process's cgroup file is not re-read...
+        os.state.borrow_mut().procs.get_mut(&100).unwrap().cgroup = Some("0::/moved\n".into());
+        assert!(rows_of(&mut a, &topo)[0].pod_uid.is_some());
+        // ...but a new process on the same pid is another holder, read afresh: the old
+        // one's cgroup went with its holder.
+        os.state.borrow_mut().procs.remove(&100);
+        a.reconcile(&topo);
+        for _ in 0..DYING_TICKS {
+            a.tick();
+        }
+        assert!(a.map.holder_of(100).is_none());
+        os.state.borrow_mut().procs.insert(
+            100,
+            FakeProc {
+                cgroup: Some("0::/moved\n".into()),
+                ..FakeProc::holder("db2", 20)
+            },
+        );
+        a.reconcile(&topo);
+        let r = rows_of(&mut a, &topo);
+        assert_eq!(
+            (r[0].start_time, r[0].cgroup.as_deref()),
+            (20, Some("/moved"))
+        );
+        assert_eq!(r[0].pod_uid, None);
+        // A process that left takes its cache entry with it: no holder, nothing kept.
+        os.state.borrow_mut().procs.remove(&101);
+        a.reconcile(&topo);
+        for _ in 0..DYING_TICKS {
+            a.tick();
+        }
+        assert!(a.map.holder_of(101).is_none());
+        assert_eq!(
+            a.map.holders().filter(|(_, h)| h.cgroup.is_some()).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_pid_reused_between_the_reads_is_not_believed() {
+        let os = FakeOs::new(&[(100, FakeProc::holder("db", 10))], &["/mnt/pmem0"]);
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut a = Applier::new(os.procfs_box());
+        a.reconcile(&topo);
+        // The holder's process left and its pid now names another one (start time 99).
+        os.state
+            .borrow_mut()
+            .procs
+            .get_mut(&100)
+            .unwrap()
+            .start_time = 99;
+        let r = rows_of(&mut a, &topo);
+        assert_eq!((r[0].start_time, &r[0].cgroup), (10, &None));
+        assert!(a.map.holders().all(|(_, h)| h.cgroup.is_none()));
     }
 }

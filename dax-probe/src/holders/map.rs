@@ -22,7 +22,44 @@ use crate::topology::DevId;
 
 /// log2 of pages per chunk (2 MiB of 4 KiB pages).
 const CHUNK_SHIFT: u32 = 9;
+
+/// No pfn reaches this: physical addresses have at most 52 bits.
+pub const PFN_LIMIT: u64 = 1 << 40;
+/// The longest extent the map holds (and so the longest a `holders` row can list): extents
+/// never cross a chunk.
+pub const MAX_EXTENT_PAGES: u64 = 1 << CHUNK_SHIFT;
+
+/// 4 KiB pages in one page of `bytes`: the kernel maps DAX with 4 KiB PTEs, 2 MiB PMDs and
+/// 1 GiB PUDs, nothing else.
+pub fn pages_of_page_size(bytes: u64) -> Option<u64> {
+    match bytes {
+        4096 => Some(1),
+        0x20_0000 => Some(512),
+        0x4000_0000 => Some(1 << 18),
+        _ => None,
+    }
+}
+
+/// Why pages `[pfn, pfn + npages)` at virtual page `vpage` cannot exist, if they cannot.
+pub fn check_pages(vpage: u64, pfn: u64, npages: u64) -> Result<(), String> {
+    if pfn.checked_add(npages).is_none_or(|e| e > PFN_LIMIT) {
+        return Err(format!(
+            "pfns {pfn:#x}+{npages} go beyond the largest possible pfn {PFN_LIMIT:#x}"
+        ));
+    }
+    if vpage.checked_add(npages).is_none_or(|e| e > u64::MAX >> 12) {
+        return Err(format!(
+            "virtual pages {vpage:#x}+{npages} go beyond the address space"
+        ));
+    }
+    Ok(())
+}
 const NONE: u32 = u32::MAX;
+
+/// Two start times name the same process (0: not known, matches any).
+fn same_start(a: u64, b: u64) -> bool {
+    a == b || a == 0 || b == 0
+}
 
 /// What file (or device) an extent maps. Device-dax: `dev` is the character device, `ino` 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -39,7 +76,10 @@ impl FileKey {
 
 pub type HolderId = u32;
 
-/// A process holding DAX pages.
+/// An address space (a kernel mm) holding DAX pages, named by a process that uses it. Page
+/// tables belong to the mm, not to a process: every process sharing it without being a
+/// thread of `tgid` (`clone(CLONE_VM)` without `CLONE_THREAD`, a vfork child before its exec)
+/// holds every page too, and is in `sharers`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Holder {
     pub tgid: u32,
@@ -47,6 +87,31 @@ pub struct Holder {
     /// process's identity (tgids are reused).
     pub start_time: u64,
     pub comm: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sharers: Vec<Process>,
+    /// The process's cgroup, read once per (tgid, start time) and dropped with the holder.
+    #[serde(skip)]
+    pub cgroup: Option<std::sync::Arc<crate::proc::cgroup::Cgroup>>,
+}
+
+/// One process, as a holder's identity or one of its sharers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Process {
+    pub tgid: u32,
+    pub start_time: u64,
+    pub comm: String,
+}
+
+impl Holder {
+    /// Every process using the address space: the one it is named by, then its sharers.
+    pub fn processes(&self) -> impl Iterator<Item = Process> + '_ {
+        std::iter::once(Process {
+            tgid: self.tgid,
+            start_time: self.start_time,
+            comm: self.comm.clone(),
+        })
+        .chain(self.sharers.iter().cloned())
+    }
 }
 
 /// A run of pages as events and scans produce it.
@@ -145,7 +210,20 @@ impl HolderMap {
     pub fn holder(&mut self, tgid: u32, start_time: u64, comm: &str) -> HolderId {
         if let Some(&id) = self.by_tgid.get(&tgid) {
             let h = self.holders[id as usize].as_mut().expect("live holder");
-            if h.start_time == start_time || start_time == 0 || h.start_time == 0 {
+            if let Some(i) = h.sharers.iter().position(|p| p.tgid == tgid) {
+                let p = &mut h.sharers[i];
+                if same_start(p.start_time, start_time) {
+                    if p.start_time == 0 {
+                        p.start_time = start_time;
+                    }
+                    return id;
+                }
+                // A reused tgid: the process that shared the address space is gone.
+                h.sharers.remove(i);
+                self.by_tgid.remove(&tgid);
+                return self.holder(tgid, start_time, comm);
+            }
+            if same_start(h.start_time, start_time) {
                 if h.start_time == 0 {
                     h.start_time = start_time;
                 }
@@ -154,12 +232,16 @@ impl HolderMap {
                 }
                 return id;
             }
-            self.remove_holder(id);
+            // A reused tgid: the old process is gone; its address space stays while a
+            // sharer uses it.
+            self.remove_process(id, tgid);
         }
         let info = Holder {
             tgid,
             start_time,
             comm: comm.to_string(),
+            sharers: Vec::new(),
+            cgroup: None,
         };
         let id = match self.free_holders.pop() {
             Some(id) => {
@@ -177,6 +259,13 @@ impl HolderMap {
         id
     }
 
+    /// Caches what the holder's process's cgroup says (see [`Holder::cgroup`]).
+    pub fn set_cgroup(&mut self, id: HolderId, c: std::sync::Arc<crate::proc::cgroup::Cgroup>) {
+        if let Some(Some(h)) = self.holders.get_mut(id as usize) {
+            h.cgroup = Some(c);
+        }
+    }
+
     pub fn holder_of(&self, tgid: u32) -> Option<HolderId> {
         self.by_tgid.get(&tgid).copied()
     }
@@ -192,8 +281,59 @@ impl HolderMap {
             .filter_map(|(i, h)| h.as_ref().map(|h| (i as HolderId, h)))
     }
 
+    /// Processes holding pages (every sharer of an address space counts).
     pub fn holder_count(&self) -> usize {
         self.by_tgid.len()
+    }
+
+    /// Records that process `tgid` uses address space `id` too (learned from a fork with
+    /// `CLONE_VM`, a fault in the same mm, or `kcmp(KCMP_VM)`). A holder the process had
+    /// on its own is dropped: its pages are the address space's, recorded once.
+    pub fn add_sharer(&mut self, id: HolderId, tgid: u32, start_time: u64, comm: &str) {
+        match self.by_tgid.get(&tgid) {
+            Some(&cur) if cur == id => return,
+            Some(&cur) => {
+                self.remove_process(cur, tgid);
+            }
+            None => {}
+        }
+        let Some(h) = self.holders.get_mut(id as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        h.sharers.push(Process {
+            tgid,
+            start_time,
+            comm: comm.to_string(),
+        });
+        self.by_tgid.insert(tgid, id);
+    }
+
+    /// Process `tgid` no longer uses address space `id` (it exited, or exec'd a new one).
+    /// The pages stay while another process uses it; with the last one they go. Returns
+    /// whether the holder (and its pages) went.
+    pub fn remove_process(&mut self, id: HolderId, tgid: u32) -> bool {
+        let Some(h) = self.holders.get_mut(id as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        if let Some(i) = h.sharers.iter().position(|p| p.tgid == tgid) {
+            h.sharers.remove(i);
+        } else if h.tgid == tgid {
+            if h.sharers.is_empty() {
+                self.remove_holder(id);
+                return true;
+            }
+            // The next sharer names the address space now.
+            let p = h.sharers.remove(0);
+            h.tgid = p.tgid;
+            h.start_time = p.start_time;
+            h.comm = p.comm;
+        } else {
+            return false;
+        }
+        if self.by_tgid.get(&tgid) == Some(&id) {
+            self.by_tgid.remove(&tgid);
+        }
+        false
     }
 
     /// Drops a holder and every page it maps.
@@ -205,7 +345,9 @@ impl HolderMap {
         }
         self.holder_last[id as usize] = NONE;
         if let Some(h) = self.holders[id as usize].take() {
-            self.by_tgid.remove(&h.tgid);
+            for p in h.processes() {
+                self.by_tgid.remove(&p.tgid);
+            }
             self.free_holders.push(id);
         }
     }
@@ -236,6 +378,11 @@ impl HolderMap {
     /// virtual page with the same pfn are not duplicated (a write fault after a read fault);
     /// flags accumulate.
     pub fn add(&mut self, h: HolderId, file: FileKey, run: Run) {
+        // Callers check their input; pages that cannot exist would otherwise wrap below.
+        if check_pages(run.vpage, run.pfn, run.npages).is_err() {
+            debug_assert!(false, "impossible run {run:?}");
+            return;
+        }
         let fid = self.file_id(file);
         let mut done = 0;
         while done < run.npages {
@@ -290,14 +437,36 @@ impl HolderMap {
         while cur != NONE {
             let e = &mut self.extents[cur as usize];
             let n = e.npages();
+            let (es, ee) = (e.vpage, e.vpage + n);
             if e.holder == h
                 && e.file == fid
-                && r.vpage >= e.vpage
-                && r.vpage + r.npages <= e.vpage + n
-                && r.pfn == e.pfn + (r.vpage - e.vpage)
+                && r.vpage < ee
+                && es < r.vpage + r.npages
+                && r.pfn.wrapping_sub(r.vpage) == e.pfn.wrapping_sub(es)
             {
+                // The same pages at the same addresses, at least in part: only what lies
+                // outside this extent is new (a page is never listed twice).
                 let f = e.flags();
                 e.set(n, f | r.flags);
+                if r.vpage < es {
+                    let k = es - r.vpage;
+                    self.add_piece(h, fid, Run { npages: k, ..r });
+                }
+                let re = r.vpage + r.npages;
+                if ee < re {
+                    let k = ee - r.vpage;
+                    self.add_piece(
+                        h,
+                        fid,
+                        Run {
+                            vpage: ee,
+                            pfn: r.pfn + k,
+                            pgoff: r.pgoff + k,
+                            npages: re - ee,
+                            flags: r.flags,
+                        },
+                    );
+                }
                 return;
             }
             cur = e.next;
@@ -437,40 +606,42 @@ impl HolderMap {
         vend: u64,
         runs: &[(FileKey, Run)],
     ) -> (u64, u64) {
-        let before: std::collections::HashSet<(u64, u64)> =
-            self.pages_in(h, vstart, vend).collect();
+        // Diffed extent by extent (never page by page: a range may be terabytes). Extents
+        // of one holder do not overlap in virtual pages, nor do the runs of one read.
+        let before = self.mappings_in(h, vstart, vend);
         self.remove_vrange(h, vstart, vend);
-        let mut missing = 0;
-        let mut seen = 0;
         for (f, r) in runs {
-            for i in 0..r.npages {
-                if before.contains(&(r.vpage + i, r.pfn + i)) {
-                    seen += 1;
-                } else {
-                    missing += 1;
-                }
-            }
             self.add(h, *f, *r);
         }
-        let extra = before.len() as u64 - seen;
-        (missing, extra)
+        // Counted on what the map holds, not on the runs given: runs of a crafted or racing
+        // read may overlap each other, and then their sum is no count of pages.
+        let after = self.mappings_in(h, vstart, vend);
+        let same = common_pages(&before, &after);
+        (total_pages(&after) - same, total_pages(&before) - same)
     }
 
-    /// (virtual page, pfn) of every page holder `h` maps in `[vstart, vend)`.
-    pub fn pages_in(
-        &self,
-        h: HolderId,
-        vstart: u64,
-        vend: u64,
-    ) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.holder_extents[h as usize]
+    /// Holder `h`'s (virtual page, pfn) mappings inside `[vstart, vend)`, as disjoint runs
+    /// `(delta, first vpage, end vpage)` sorted, where `pfn = vpage + delta` (wrapping):
+    /// a page listed twice by overlapping extents counts once.
+    fn mappings_in(&self, h: HolderId, vstart: u64, vend: u64) -> Vec<(u64, u64, u64)> {
+        let mut v: Vec<(u64, u64, u64)> = self.holder_extents[h as usize]
             .iter()
-            .flat_map(move |&idx| {
+            .filter_map(|&idx| {
                 let e = self.extents[idx as usize];
                 let s = e.vpage.max(vstart);
                 let end = (e.vpage + e.npages()).min(vend);
-                (s..end.max(s)).map(move |v| (v, e.pfn + (v - e.vpage)))
+                (s < end).then(|| (e.pfn.wrapping_sub(e.vpage), s, end))
             })
+            .collect();
+        v.sort_unstable();
+        let mut out: Vec<(u64, u64, u64)> = Vec::with_capacity(v.len());
+        for (d, s, e) in v {
+            match out.last_mut() {
+                Some(last) if last.0 == d && s <= last.2 => last.2 = last.2.max(e),
+                _ => out.push((d, s, e)),
+            }
+        }
+        out
     }
 
     // ---- queries --------------------------------------------------------------------------
@@ -520,10 +691,13 @@ impl HolderMap {
 
     /// Every extent overlapping pfns `[start, end)`, clipped to it.
     pub fn in_pfn_range(&self, start: u64, end: u64) -> Vec<ExtentView> {
-        let (cs, ce) = (
-            start >> CHUNK_SHIFT,
-            (end + (1 << CHUNK_SHIFT) - 1) >> CHUNK_SHIFT,
-        );
+        // An inverted range (a crafted recording's topology) holds nothing; the chunk count
+        // below would underflow.
+        if end <= start {
+            return Vec::new();
+        }
+        // div_ceil: `end + 511` wrapped for end near 2^64 and the range came out empty.
+        let (cs, ce) = (start >> CHUNK_SHIFT, end.div_ceil(1 << CHUNK_SHIFT));
         let mut out = Vec::new();
         let mut visit = |head: u32| {
             let mut cur = head;
@@ -560,6 +734,33 @@ impl HolderMap {
         out
     }
 
+    /// Does any extent overlap pfns `[start, end)`? Stops at the first (the unbind guard
+    /// asks this of every guarded device after each event).
+    pub fn holds_any(&self, start: u64, end: u64) -> bool {
+        if end <= start {
+            return false;
+        }
+        let (cs, ce) = (start >> CHUNK_SHIFT, end.div_ceil(1 << CHUNK_SHIFT));
+        let hit = |head: u32| {
+            let mut cur = head;
+            while cur != NONE {
+                let e = self.extents[cur as usize];
+                if e.pfn < end && e.pfn + e.npages() > start {
+                    return true;
+                }
+                cur = e.next;
+            }
+            false
+        };
+        if ce - cs <= self.chunks.len() as u64 {
+            (cs..ce).any(|c| self.chunks.get(&c).is_some_and(|&h| hit(h)))
+        } else {
+            self.chunks
+                .iter()
+                .any(|(&c, &h)| c >= cs && c < ce && hit(h))
+        }
+    }
+
     /// Every extent of one holder.
     pub fn of_holder(&self, h: HolderId) -> Vec<ExtentView> {
         self.holder_extents
@@ -572,6 +773,15 @@ impl HolderMap {
     pub fn all(&self) -> Vec<ExtentView> {
         self.holders()
             .flat_map(|(h, _)| self.of_holder(h))
+            .collect()
+    }
+
+    /// Every file some holder maps a page of.
+    pub fn files_held(&self) -> std::collections::HashSet<FileKey> {
+        self.holder_extents
+            .iter()
+            .flatten()
+            .map(|&i| self.files[self.extents[i as usize].file as usize])
             .collect()
     }
 
@@ -594,9 +804,104 @@ impl HolderMap {
     }
 }
 
+/// Pages of `r` that `before` (sorted (vpage, pfn, pages), not overlapping) maps to the
+/// same pfns.
+fn total_pages(m: &[(u64, u64, u64)]) -> u64 {
+    m.iter().map(|&(_, s, e)| e - s).sum()
+}
+
+/// Pages mapped to the same pfn in both (each disjoint and sorted, as `mappings_in` gives).
+fn common_pages(a: &[(u64, u64, u64)], b: &[(u64, u64, u64)]) -> u64 {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        let (x, y) = (a[i], b[j]);
+        if x.0 == y.0 {
+            let (s, e) = (x.1.max(y.1), x.2.min(y.2));
+            if s < e {
+                n += e - s;
+            }
+            if x.2 <= y.2 {
+                i += 1;
+            } else {
+                j += 1;
+            }
+        } else if x.0 < y.0 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzz smoke test: a recording whose topology has a data range ending
+    /// before it starts made the dashboard's snapshot underflow here.
+    #[test]
+    fn an_inverted_pfn_range_holds_nothing() {
+        let mut m = HolderMap::new();
+        let h = m.holder(100, 1, "app");
+        m.add(
+            h,
+            file(12),
+            Run {
+                vpage: 0x7f000,
+                pfn: 0x100800,
+                pgoff: 0,
+                npages: 4,
+                flags: F_SHARED,
+            },
+        );
+        assert!(m.in_pfn_range(0x200000, 0x100800).is_empty());
+        assert!(m.in_pfn_range(0x100800, 0x100800).is_empty());
+        assert_eq!(m.in_pfn_range(0x100800, 0x100802).len(), 1);
+    }
+
+    /// A run that overlaps pages already held (same address, same pfn) in part: before,
+    /// only a run wholly inside an extent was recognised, and the overlap was listed twice.
+    #[test]
+    fn a_partly_known_run_adds_only_its_new_pages() {
+        let mut m = HolderMap::new();
+        let h = m.holder(100, 5, "app");
+        m.add(h, file(12), run(0x1002, 0x100002, 4));
+        // Another holder's extent in between, so the fast path cannot extend the last one.
+        let o = m.holder(200, 5, "other");
+        m.add(o, file(12), run(0x1000, 0x100100, 1));
+        m.add(h, file(12), run(0x1000, 0x100000, 8));
+        assert_eq!(m.pages_of(h), 8, "pages 0x1000..0x1008 once each");
+        for pfn in 0x100000..0x100008 {
+            assert_eq!(m.who_maps(pfn).len(), 1, "pfn {pfn:#x}");
+        }
+    }
+
+    /// Found by the fuzz smoke test (a crafted recording's overlapping vmas): a resync whose
+    /// runs overlap each other made the drift count underflow ("attempt to subtract with
+    /// overflow" in replace_vrange).
+    #[test]
+    fn a_resync_with_overlapping_runs_counts_each_page_once() {
+        let mut m = HolderMap::new();
+        let h = m.holder(100, 5, "app");
+        m.add(h, file(12), run(0x1000, 0x100000, 4));
+        let runs = [
+            (file(12), run(0x1000, 0x100000, 4)),
+            (file(12), run(0x1002, 0x100002, 4)),
+        ];
+        let (missing, extra) = m.replace_vrange(h, 0, u64::MAX >> 12, &runs);
+        assert_eq!((missing, extra), (2, 0));
+        assert_eq!(m.pages_of(h), 6);
+        // And back: every page it held and no longer does is counted once.
+        let (missing, extra) = m.replace_vrange(
+            h,
+            0,
+            u64::MAX >> 12,
+            &[(file(12), run(0x1005, 0x100005, 1))],
+        );
+        assert_eq!((missing, extra), (0, 5));
+        assert_eq!(m.pages_of(h), 1);
+    }
 
     fn file(ino: u64) -> FileKey {
         FileKey {
@@ -722,6 +1027,40 @@ mod tests {
             (0x5010, 16, 0x1010 << 12)
         );
         assert!(m.in_pfn_range(0x6000, 0x7000).is_empty());
+        // The widest range: used to wrap and answer "nobody".
+        assert_eq!(m.in_pfn_range(0, u64::MAX).len(), 1);
+        assert_eq!(m.in_pfn_range(0x5000, u64::MAX)[0].pages, 100);
+        // holds_any agrees with in_pfn_range on every one of these.
+        for (s, e) in [
+            (0x5010, 0x5020),
+            (0x6000, 0x7000),
+            (0, u64::MAX),
+            (0x5000, u64::MAX),
+            (0x5063, 0x5064),
+            (0x5064, 0x5065),
+            (0x4fff, 0x5000),
+            (0x5020, 0x5010),
+        ] {
+            assert_eq!(
+                m.holds_any(s, e),
+                !m.in_pfn_range(s, e).is_empty(),
+                "{s:#x}..{e:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_real_page_sizes_and_pages_are_accepted() {
+        assert_eq!(pages_of_page_size(4096), Some(1));
+        assert_eq!(pages_of_page_size(2 << 20), Some(512));
+        assert_eq!(pages_of_page_size(1 << 30), Some(1 << 18));
+        for bad in [0, 1, 8192, 1 << 40, u64::MAX] {
+            assert_eq!(pages_of_page_size(bad), None);
+        }
+        assert!(check_pages(0x1000, 0x5000, 512).is_ok());
+        assert!(check_pages(0x1000, u64::MAX, 2).is_err());
+        assert!(check_pages(0x1000, PFN_LIMIT - 1, 2).is_err());
+        assert!(check_pages(u64::MAX >> 12, 0x5000, 1).is_err());
     }
 
     #[test]
@@ -737,5 +1076,23 @@ mod tests {
         let h = m.holder(2, 1, "b");
         m.add(h, file(1), run(0x1000, 0x5000, 1));
         assert_eq!(m.extent_count(), 1);
+    }
+
+    #[test]
+    fn replacing_a_terabyte_range_diffs_extents_not_pages() {
+        // 256 GiB mapped contiguously: the old per-page set held 2^26 entries (1.5 GiB).
+        let mut m = HolderMap::new();
+        let h = m.holder(1, 1, "a");
+        let pages = 1u64 << 26;
+        m.add(h, file(1), run(0x1000, 0x100_0000, pages));
+        // Truth: the same, except the first page moved to another pfn and one more page.
+        let truth = [
+            (file(1), run(0x1000, 0x900_0000, 1)),
+            (file(1), run(0x1001, 0x100_0001, pages - 1)),
+            (file(1), run(0x1000 + pages + 10, 0x900_0100, 1)),
+        ];
+        let (missing, extra) = m.replace_vrange(h, 0, u64::MAX >> 12, &truth);
+        assert_eq!((missing, extra), (2, 1));
+        assert_eq!(m.pages_of(h), pages + 1);
     }
 }

@@ -3,10 +3,14 @@
 
 use std::{os::unix::fs::MetadataExt, path::Path};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::map::{ExtentView, FileKey, HolderMap};
-use crate::topology::{DevId, Mode, Topology};
+use super::map::{ExtentView, FileKey, HolderMap, Process};
+use crate::{
+    proc::cgroup::{Cgroup, Container},
+    topology::{DevId, Mode, Topology},
+};
 
 /// What the operator asked about, resolved against the topology.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +45,12 @@ pub enum TargetError {
     NotDaxDevice(String, String, String),
     #[error("bad pfn range {0:?}: use 0xSTART, 0xSTART-0xEND or 0xSTART+PAGES")]
     BadPfn(String),
+    #[error(
+        "pfn range {0:?} goes beyond the largest possible pfn {limit:#x} (52-bit physical \
+         addresses)",
+        limit = super::map::PFN_LIMIT
+    )]
+    PfnTooLarge(String),
 }
 
 fn parse_num(s: &str) -> Option<u64> {
@@ -59,17 +69,22 @@ pub fn resolve(arg: &str, topo: &Topology, root: &Path) -> Result<Target, Target
     // pfn or pfn range
     if arg.starts_with("0x") || arg.chars().all(|c| c.is_ascii_digit()) {
         let bad = || TargetError::BadPfn(arg.to_string());
+        let too_large = || TargetError::PfnTooLarge(arg.to_string());
         let (first, end) = if let Some((a, b)) = arg.split_once('-') {
             (parse_num(a).ok_or_else(bad)?, parse_num(b).ok_or_else(bad)?)
         } else if let Some((a, n)) = arg.split_once('+') {
             let a = parse_num(a).ok_or_else(bad)?;
-            (a, a + parse_num(n).ok_or_else(bad)?)
+            let n = parse_num(n).ok_or_else(bad)?;
+            (a, a.checked_add(n).ok_or_else(too_large)?)
         } else {
             let a = parse_num(arg).ok_or_else(bad)?;
-            (a, a + 1)
+            (a, a.checked_add(1).ok_or_else(too_large)?)
         };
         if end <= first {
             return Err(bad());
+        }
+        if end > super::map::PFN_LIMIT {
+            return Err(too_large());
         }
         return Ok(Target::Pfns { first, end });
     }
@@ -131,7 +146,7 @@ pub fn select(map: &HolderMap, t: &Target) -> Vec<ExtentView> {
             first_pfn, end_pfn, ..
         } => map.in_pfn_range(*first_pfn, *end_pfn),
         Target::Pfns { first, end } => {
-            if *end == first + 1 {
+            if *end - *first == 1 {
                 map.who_maps(*first)
                     .into_iter()
                     .map(|mut v| {
@@ -163,7 +178,7 @@ pub fn select(map: &HolderMap, t: &Target) -> Vec<ExtentView> {
 }
 
 /// One holder of one file, as `holders` prints it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct HolderRow {
     pub pid: u32,
     pub start_time: u64,
@@ -176,11 +191,42 @@ pub struct HolderRow {
     /// Byte ranges of the file (or device) held: `[start, end)`.
     pub offsets: Vec<(u64, u64)>,
     /// Every extent, when asked for (`--pages`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extents: Option<Vec<RowExtent>>,
+    /// The process's cgroup path (/proc/PID/cgroup), when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The container the cgroup path names, when it follows a known runtime's layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
+    /// The Kubernetes pod UID the cgroup path names (with dashes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+impl HolderRow {
+    /// Copies what the process's cgroup says into the row.
+    pub fn set_cgroup(&mut self, c: &Cgroup) {
+        self.cgroup = Some(c.path.clone());
+        self.container = c.container.clone();
+        self.pod_uid = c.pod_uid.clone();
+    }
+
+    /// Is the row's process selected by `holders --cgroup PATTERN` (see
+    /// [`crate::proc::cgroup::matches`])? A row whose cgroup is unknown never is.
+    pub fn in_cgroup(&self, pattern: &str) -> bool {
+        self.cgroup.as_deref().is_some_and(|path| {
+            crate::proc::cgroup::matches(
+                pattern,
+                path,
+                self.container.as_ref().map(|c| c.id.as_str()),
+                self.pod_uid.as_deref(),
+            )
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RowExtent {
     pub vaddr: u64,
     pub pfn: u64,
@@ -188,19 +234,51 @@ pub struct RowExtent {
     pub pages: u64,
 }
 
-/// Groups extents into one row per (process, file), sorted by pid.
+/// Why a row (from a recording) lists pages no agent could have reported, if it does.
+pub fn check_row(r: &HolderRow) -> Result<(), String> {
+    for e in r.extents.iter().flatten() {
+        if e.pages == 0 || e.pages > super::map::MAX_EXTENT_PAGES {
+            return Err(format!(
+                "pid {}: an extent of {} pages (1 to {} in a row)",
+                r.pid,
+                e.pages,
+                super::map::MAX_EXTENT_PAGES
+            ));
+        }
+        super::map::check_pages(e.vaddr >> 12, e.pfn, e.pages)
+            .map_err(|m| format!("pid {}: {m}", r.pid))?;
+        if e.offset.checked_add(e.pages << 12).is_none() {
+            return Err(format!("pid {}: file offset {:#x} wraps", r.pid, e.offset));
+        }
+    }
+    Ok(())
+}
+
+/// Groups extents into one row per (process, file), sorted by pid. Every process sharing
+/// an address space gets a row of its own: each holds every page of it.
 pub fn rows(map: &HolderMap, extents: &[ExtentView], with_extents: bool) -> Vec<HolderRow> {
-    let mut groups: std::collections::BTreeMap<(u32, FileKey), Vec<&ExtentView>> =
+    let mut groups: std::collections::BTreeMap<(u32, FileKey), (Process, Vec<&ExtentView>)> =
         Default::default();
     for v in extents {
         if let Some(h) = map.info(v.holder) {
-            groups.entry((h.tgid, v.file)).or_default().push(v);
+            for p in h.processes() {
+                groups
+                    .entry((p.tgid, v.file))
+                    .or_insert_with(|| (p, Vec::new()))
+                    .1
+                    .push(v);
+            }
         }
     }
     groups
         .into_iter()
-        .map(|((tgid, file), mut vs)| {
-            let h = map.info(vs[0].holder).expect("grouped by live holder");
+        .map(|((tgid, file), (h, mut vs))| {
+            // The cgroup is known for the process an address space is named by (sharers:
+            // not read, never guessed).
+            let cg = map
+                .info(vs[0].holder)
+                .filter(|a| a.tgid == tgid && a.start_time == h.start_time)
+                .and_then(|a| a.cgroup.as_deref());
             vs.sort_by_key(|v| v.offset);
             let mut offsets: Vec<(u64, u64)> = Vec::new();
             for v in &vs {
@@ -229,18 +307,23 @@ pub fn rows(map: &HolderMap, extents: &[ExtentView], with_extents: bool) -> Vec<
                         })
                         .collect()
                 }),
+                cgroup: cg.map(|c| c.path.clone()),
+                container: cg.and_then(|c| c.container.clone()),
+                pod_uid: cg.and_then(|c| c.pod_uid.clone()),
             }
         })
         .collect()
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::topology::{DaxOption, Mount, Namespace, PhysRange};
 
-    fn topo() -> Topology {
+    /// pmem0: pfns 0x100800..0x120000, ext4 with dax=always on /mnt/ext4.
+    pub(crate) fn topo() -> Topology {
         Topology {
+            dm: Vec::new(),
             namespaces: vec![Namespace {
                 name: "namespace0.0".into(),
                 region: "region0".into(),
@@ -275,6 +358,7 @@ mod tests {
                 fstype: "ext4".into(),
                 source: "/dev/pmem0".into(),
                 dax: DaxOption::Always,
+                rtdev: None,
             }],
         }
     }
@@ -294,6 +378,53 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn pfn_targets_beyond_physical_memory_are_refused_not_wrapped() {
+        let t = topo();
+        let root = Path::new("/");
+        for arg in [
+            "0x0-0xffffffffffffffff",
+            "0xffffffffffffffff",
+            "0xffffffffffffffff+2",
+            "0x10000000000",
+        ] {
+            assert_eq!(
+                resolve(arg, &t, root),
+                Err(TargetError::PfnTooLarge(arg.into())),
+                "{arg}"
+            );
+        }
+        assert!(resolve("0x0-0x10000000000", &t, root).is_ok());
+    }
+
+    #[test]
+    fn crafted_rows_are_refused() {
+        let row = |pages, pfn, vaddr| HolderRow {
+            pid: 9,
+            start_time: 1,
+            comm: "x".into(),
+            dev: DevId { major: 1, minor: 2 },
+            ino: 3,
+            file: None,
+            pages,
+            offsets: vec![],
+            extents: Some(vec![RowExtent {
+                vaddr,
+                pfn,
+                offset: 0,
+                pages,
+            }]),
+            cgroup: None,
+            container: None,
+            pod_uid: None,
+        };
+        assert!(check_row(&row(512, 0x100800, 0x7000_0000)).is_ok());
+        assert!(check_row(&row(1 << 40, 0x100800, 0x7000_0000)).is_err());
+        assert!(check_row(&row(0, 0x100800, 0x7000_0000)).is_err());
+        assert!(check_row(&row(1, u64::MAX, 0x7000_0000)).is_err());
+        assert!(check_row(&row(2, 0x100800, u64::MAX - 4095)).is_err());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! grace = "10s"             # time to leave before escalating
 //! escalate = "KILL"         # optional second signal
 //! exclude = ["sshd", "pid:1234"]
+//! guard = "off"             # or "refuse-unbind": while the device has holders, a sysfs
+//!                           # unbind of it fails with EBUSY (BPF LSM; see unbind_guard.rs)
 //!
 //! [device.pmem1]            # by device name (pmem1, dax0.0, namespace1.0, pfn1.0)
 //! action = "signal"
@@ -32,6 +34,17 @@ pub enum Action {
     Signal,
 }
 
+/// The unbind guard for a device (`guard = ...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Guard {
+    /// Unbinds go through as the kernel does them (the default).
+    #[default]
+    Off,
+    /// While the device has holders, a write to an nd/dax driver's `unbind` file naming it
+    /// fails with EBUSY (the agent's own, from `drain --unbind`, passes).
+    RefuseUnbind,
+}
+
 /// Who must never be signalled by policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Exclusion {
@@ -55,6 +68,11 @@ pub struct Rule {
     pub grace: Duration,
     pub escalate: Option<Signal>,
     pub exclude: Vec<Exclusion>,
+    /// What a newly known bad media range does to the processes that map it
+    /// (`on_media_error`): report them (the default), or signal them as `signal`, `grace`
+    /// and `escalate` say, through the same pipeline as a departure.
+    pub on_media_error: Action,
+    pub guard: Guard,
 }
 
 impl Default for Rule {
@@ -65,6 +83,8 @@ impl Default for Rule {
             grace: Duration::from_secs(10),
             escalate: Some(Signal(libc::SIGKILL)),
             exclude: Vec::new(),
+            on_media_error: Action::Report,
+            guard: Guard::Off,
         }
     }
 }
@@ -83,6 +103,29 @@ impl Policy {
             .iter()
             .find_map(|n| self.devices.get(*n))
             .unwrap_or(&self.default)
+    }
+
+    /// Does any rule ask for the unbind guard?
+    pub fn wants_guard(&self) -> bool {
+        self.default.guard != Guard::Off || self.devices.values().any(|r| r.guard != Guard::Off)
+    }
+
+    /// `[device.X]` sections naming no device of `topo` (by any of its names): the rule
+    /// would never apply. Warned about, not refused: a device may be created later.
+    pub fn unknown_devices(&self, topo: &crate::topology::Topology) -> Vec<&str> {
+        self.devices
+            .keys()
+            .map(String::as_str)
+            .filter(|name| {
+                !topo.namespaces.iter().any(|n| {
+                    n.name == *name
+                        || n.device_name() == *name
+                        || n.holder.as_deref() == Some(name)
+                        || n.region == *name
+                        || n.chardev.as_ref().is_some_and(|(c, _)| c == name)
+                })
+            })
+            .collect()
     }
 }
 
@@ -112,6 +155,8 @@ struct RawRule {
     grace: Option<Spanned<String>>,
     escalate: Option<Spanned<String>>,
     exclude: Option<Vec<Spanned<String>>>,
+    on_media_error: Option<Spanned<String>>,
+    guard: Option<Spanned<String>>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -179,6 +224,19 @@ fn rule(
             }
         };
     }
+    if let Some(a) = &r.on_media_error {
+        out.on_media_error = match a.get_ref().as_str() {
+            "report" => Action::Report,
+            "signal" => Action::Signal,
+            other => {
+                return Err(err(
+                    a,
+                    "on_media_error",
+                    format!("unknown action {other:?}: use \"report\" or \"signal\""),
+                ));
+            }
+        };
+    }
     if let Some(s) = &r.signal {
         out.signal = s
             .get_ref()
@@ -186,16 +244,7 @@ fn rule(
             .map_err(|e: super::signal::BadSignal| err(s, "signal", e.to_string()))?;
     }
     if let Some(g) = &r.grace {
-        out.grace = parse_duration(g.get_ref()).ok_or_else(|| {
-            err(
-                g,
-                "grace",
-                format!(
-                    "bad duration {:?}: use e.g. \"10s\", \"500ms\", \"2m\"",
-                    g.get_ref()
-                ),
-            )
-        })?;
+        out.grace = parse_duration(g.get_ref()).map_err(|e| err(g, "grace", e))?;
     }
     if let Some(e) = &r.escalate {
         out.escalate = match e.get_ref().as_str() {
@@ -218,8 +267,28 @@ fn rule(
             })
             .collect::<Result<_, _>>()?;
     }
-    if out.action == Action::Signal && out.grace.is_zero() && out.escalate.is_none() {
-        let at = r.grace.as_ref().or(r.action.as_ref());
+    if let Some(g) = &r.guard {
+        out.guard = match g.get_ref().as_str() {
+            "off" => Guard::Off,
+            "refuse-unbind" => Guard::RefuseUnbind,
+            other => {
+                return Err(err(
+                    g,
+                    "guard",
+                    format!("unknown guard {other:?}: use \"refuse-unbind\" or \"off\""),
+                ));
+            }
+        };
+    }
+    if (out.action == Action::Signal || out.on_media_error == Action::Signal)
+        && out.grace.is_zero()
+        && out.escalate.is_none()
+    {
+        let at = r
+            .grace
+            .as_ref()
+            .or(r.action.as_ref())
+            .or(r.on_media_error.as_ref());
         return Err(PolicyError {
             file: file.into(),
             line: at.map(|s| line_of(text, s.span().start)).unwrap_or(0),
@@ -235,6 +304,28 @@ fn rule(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_media_error_defaults_to_report_and_is_checked() {
+        let p = parse("[default]\n", "p.toml").unwrap();
+        assert_eq!(p.default.on_media_error, Action::Report);
+        let p = parse(
+            "[default]\non_media_error = \"signal\"\nsignal = \"BUS\"\n[device.pmem1]\naction = \"signal\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(p.default.on_media_error, Action::Signal);
+        assert_eq!(p.rule_for(&["pmem1"]).on_media_error, Action::Signal);
+        let e = parse("[default]\non_media_error = \"kill\"\n", "p.toml").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (2, "default.on_media_error"));
+        assert!(e.message.contains("\"report\" or \"signal\""), "{e}");
+        let e = parse(
+            "[default]\non_media_error = \"signal\"\ngrace = \"0s\"\nescalate = \"none\"\n",
+            "p.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "default.grace");
+    }
 
     #[test]
     fn defaults_and_per_device_rules() {
@@ -291,6 +382,63 @@ escalate = "KILL"
 
         let e = parse("[default\n", "p.toml").unwrap_err();
         assert_eq!(e.field, "syntax");
+    }
+
+    #[test]
+    fn a_grace_too_long_for_a_clock_is_refused_at_load() {
+        let e = parse("[default]\ngrace = \"1e19s\"\n", "p.toml").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (2, "default.grace"));
+        assert!(e.message.contains("too long"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_guard_is_off_by_default_and_set_per_device_or_default() {
+        let p = parse("[default]\naction = \"report\"\n", "p.toml").unwrap();
+        assert_eq!(p.default.guard, Guard::Off);
+        assert!(!p.wants_guard());
+
+        let p = parse(
+            "[device.pmem0]\nguard = \"refuse-unbind\"\n[device.pmem1]\naction = \"report\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(p.rule_for(&["pmem0"]).guard, Guard::RefuseUnbind);
+        assert_eq!(p.rule_for(&["pmem1"]).guard, Guard::Off);
+        assert_eq!(p.rule_for(&["pmem2"]).guard, Guard::Off);
+        assert!(p.wants_guard());
+
+        // From [default], inherited, and switched off again for one device.
+        let p = parse(
+            "[default]\nguard = \"refuse-unbind\"\n[device.pmem1]\nguard = \"off\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(p.rule_for(&["pmem0"]).guard, Guard::RefuseUnbind);
+        assert_eq!(p.rule_for(&["pmem1"]).guard, Guard::Off);
+    }
+
+    #[test]
+    fn a_bad_guard_names_its_line_and_field() {
+        let e = parse(
+            "[default]\naction = \"report\"\n\n[device.pmem0]\nguard = \"refuse\"\n",
+            "p.toml",
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (5, "device.pmem0.guard"));
+        assert!(e.message.contains("refuse-unbind"), "{e}");
+        let e = parse("[default]\nguard = true\n", "p.toml").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+    }
+
+    #[test]
+    fn sections_naming_no_device_are_listed() {
+        let topo = crate::os::fake::topology(&["/mnt/pmem0"]);
+        let p = parse(
+            "[device.pmem0]\nguard = \"refuse-unbind\"\n[device.pmem7]\nguard = \"refuse-unbind\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(p.unknown_devices(&topo), vec!["pmem7"]);
     }
 
     #[test]

@@ -1,36 +1,68 @@
 //! Carrying out a rule against the holders of a device: signal each (after the guard's checks
 //! and an audit record), then, after the grace period, re-check and escalate.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::{
-    audit::{AuditLog, Record, now},
+    audit::{Record, now},
     config::{Action, Rule},
     guard::{Candidate, Refusal, admit},
     signal::Signal,
 };
-use crate::holders::{
-    query::HolderRow,
-    scan::{Classifier, Procfs},
+use crate::{
+    holders::{query::HolderRow, scan::Classifier},
+    os::{AuditSink, Os},
+    proc::cgroup::Container,
 };
 
 /// One thing enforcement did (or refused to do), as reported.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ActionReport {
     pub device: String,
     pub pid: u32,
     pub comm: String,
     /// `signal`, `escalate`, `skip`, `report-only`.
-    pub action: &'static str,
+    pub action: Cow<'static, str>,
     pub signal: Option<String>,
     pub reason: String,
     /// Microseconds from the kernel reporting the departure to this action (CLOCK_BOOTTIME).
     pub since_departure_us: Option<u64>,
+    /// The process's cgroup, container and pod, as its holder row has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+}
+
+/// A process enforcement acts on: its identity, and its workload for the reports.
+#[derive(Clone, Debug)]
+struct Whom {
+    pid: u32,
+    start: u64,
+    comm: String,
+    cgroup: Option<String>,
+    container: Option<Container>,
+    pod_uid: Option<String>,
+}
+
+impl Whom {
+    fn of(h: &HolderRow) -> Self {
+        Self {
+            pid: h.pid,
+            start: h.start_time,
+            comm: h.comm.clone(),
+            cgroup: h.cgroup.clone(),
+            container: h.container.clone(),
+            pod_uid: h.pod_uid.clone(),
+        }
+    }
 }
 
 /// Nanoseconds since boot, comparable with kernel event timestamps.
@@ -49,33 +81,34 @@ struct Pending {
     device: String,
     pfn_ranges: Vec<(u64, u64)>,
     rule: Rule,
-    targets: Vec<(u32, u64, String)>,
+    targets: Vec<Whom>,
     since_ns: u64,
 }
 
 pub struct Enforcer {
-    pub audit: AuditLog,
+    pub audit: Box<dyn AuditSink>,
     pending: Vec<Pending>,
-    proc_root: PathBuf,
 }
 
 impl Enforcer {
-    pub fn new(audit: AuditLog, root: &Path) -> Self {
+    pub fn new(audit: impl AuditSink + 'static) -> Self {
         Self {
-            audit,
+            audit: Box::new(audit),
             pending: Vec::new(),
-            proc_root: root.join("proc"),
         }
     }
 
-    fn log(&mut self, r: Record) {
-        if let Err(e) = self.audit.write(&r) {
-            // Without the audit trail nothing may be signalled: the caller checks
-            // `audit_ok` before every signal.
-            log::error!(
-                "cannot write the audit log {}: {e}",
-                self.audit.path.display()
-            );
+    /// Writes a record; false (and an error logged) when it could not be made durable.
+    pub fn log(&mut self, r: Record) -> bool {
+        match self.audit.write(&r) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!(
+                    "cannot write the audit log {}: {e}",
+                    self.audit.path().display()
+                );
+                false
+            }
         }
     }
 
@@ -88,17 +121,14 @@ impl Enforcer {
         holders: &[HolderRow],
         rule: &Rule,
         since_ns: u64,
-        proc: &dyn Procfs,
+        os: &dyn Os,
         class: &Classifier,
         why: &str,
     ) -> Vec<ActionReport> {
         let mut out = Vec::new();
-        let mut targets: Vec<(u32, u64, String)> = holders
-            .iter()
-            .map(|h| (h.pid, h.start_time, h.comm.clone()))
-            .collect();
-        targets.sort();
-        targets.dedup_by_key(|t| t.0);
+        let mut targets: Vec<Whom> = holders.iter().map(Whom::of).collect();
+        targets.sort_by(|a, b| (a.pid, a.start, &a.comm).cmp(&(b.pid, b.start, &b.comm)));
+        targets.dedup_by_key(|t| t.pid);
         self.log(Record {
             time: now(),
             action: "decide",
@@ -107,6 +137,9 @@ impl Enforcer {
             start_time: None,
             comm: None,
             signal: (rule.action == Action::Signal).then(|| rule.signal.name()),
+            cgroup: None,
+            container: None,
+            pod_uid: None,
             detail: format!(
                 "{why}: {} holder(s); policy {}",
                 targets.len(),
@@ -124,15 +157,19 @@ impl Enforcer {
             ),
         });
         if rule.action == Action::Report {
-            for (pid, _, comm) in &targets {
+            for w in &targets {
+                let (pid, comm) = (&w.pid, &w.comm);
                 out.push(ActionReport {
                     device: device.into(),
                     pid: *pid,
                     comm: comm.clone(),
-                    action: "report-only",
+                    action: "report-only".into(),
                     signal: None,
                     reason: "policy action is report".into(),
                     since_departure_us: None,
+                    cgroup: w.cgroup.clone(),
+                    container: w.container.clone(),
+                    pod_uid: w.pod_uid.clone(),
                 });
             }
             return out;
@@ -145,13 +182,13 @@ impl Enforcer {
             rule.signal,
             "signal",
             since_ns,
-            proc,
+            os,
             class,
             &mut out,
         );
         if rule.escalate.is_some() && !signalled.is_empty() {
             self.pending.push(Pending {
-                due: Instant::now() + rule.grace,
+                due: os.now() + rule.grace,
                 device: device.into(),
                 pfn_ranges: pfn_ranges.to_vec(),
                 rule: rule.clone(),
@@ -167,23 +204,24 @@ impl Enforcer {
         &mut self,
         device: &str,
         pfn_ranges: &[(u64, u64)],
-        targets: &[(u32, u64, String)],
+        targets: &[Whom],
         rule: &Rule,
         sig: Signal,
         action: &'static str,
         since_ns: u64,
-        proc: &dyn Procfs,
+        os: &dyn Os,
         class: &Classifier,
         out: &mut Vec<ActionReport>,
-    ) -> Vec<(u32, u64, String)> {
+    ) -> Vec<Whom> {
         let mut sent = Vec::new();
-        for (pid, start, comm) in targets {
+        for w in targets {
+            let (pid, start, comm) = (&w.pid, &w.start, &w.comm);
             let c = Candidate {
                 pid: *pid,
                 start_time: *start,
                 comm,
             };
-            match admit(&c, rule, pfn_ranges, proc, &self.proc_root, class) {
+            match admit(&c, rule, pfn_ranges, os, class) {
                 Err(refusal) => {
                     self.log(Record {
                         time: now(),
@@ -193,6 +231,9 @@ impl Enforcer {
                         start_time: Some(*start),
                         comm: Some(comm),
                         signal: Some(sig.name()),
+                        cgroup: w.cgroup.as_deref(),
+                        container: w.container.as_ref(),
+                        pod_uid: w.pod_uid.as_deref(),
                         detail: refusal.to_string(),
                     });
                     // A holder that left in time is the good outcome, not worth a line per
@@ -204,66 +245,84 @@ impl Enforcer {
                             device: device.into(),
                             pid: *pid,
                             comm: comm.clone(),
-                            action: "skip",
+                            action: "skip".into(),
                             signal: Some(sig.name()),
                             reason: refusal.to_string(),
                             since_departure_us: None,
+                            cgroup: w.cgroup.clone(),
+                            container: w.container.clone(),
+                            pod_uid: w.pod_uid.clone(),
                         });
                     }
                 }
                 Ok(fd) => {
                     // The record is on disk before the signal leaves.
-                    let audit_ok = self
-                        .audit
-                        .write(&Record {
-                            time: now(),
-                            action,
-                            device,
-                            pid: Some(*pid),
-                            start_time: Some(*start),
-                            comm: Some(comm),
-                            signal: Some(sig.name()),
-                            detail: "verified through a pidfd: maps the device".into(),
-                        })
-                        .is_ok();
+                    let audit_ok = self.log(Record {
+                        time: now(),
+                        action,
+                        device,
+                        pid: Some(*pid),
+                        start_time: Some(*start),
+                        comm: Some(comm),
+                        signal: Some(sig.name()),
+                        cgroup: w.cgroup.as_deref(),
+                        container: w.container.as_ref(),
+                        pod_uid: w.pod_uid.as_deref(),
+                        detail: "verified through a pidfd: maps the device".into(),
+                    });
                     if !audit_ok {
                         out.push(ActionReport {
                             device: device.into(),
                             pid: *pid,
                             comm: comm.clone(),
-                            action: "skip",
+                            action: "skip".into(),
                             signal: Some(sig.name()),
                             reason: "the audit log cannot be written: nothing is signalled".into(),
                             since_departure_us: None,
+                            cgroup: w.cgroup.clone(),
+                            container: w.container.clone(),
+                            pod_uid: w.pod_uid.clone(),
                         });
                         continue;
                     }
                     let result = fd.send(sig);
                     let since = boottime_ns().saturating_sub(since_ns) / 1000;
+                    // What happened to the signal: a record that only announced it would
+                    // leave "sent?" open after a crash or an error.
+                    self.log(Record {
+                        time: now(),
+                        action: "result",
+                        device,
+                        pid: Some(*pid),
+                        start_time: Some(*start),
+                        comm: Some(comm),
+                        signal: Some(sig.name()),
+                        cgroup: w.cgroup.as_deref(),
+                        container: w.container.as_ref(),
+                        pod_uid: w.pod_uid.as_deref(),
+                        detail: match &result {
+                            Ok(()) => format!("{action}: delivered"),
+                            Err(e) => format!("{action}: not delivered: {e}"),
+                        },
+                    });
                     match result {
                         Ok(()) => {
-                            sent.push((*pid, *start, comm.clone()));
+                            sent.push(w.clone());
                             out.push(ActionReport {
                                 device: device.into(),
                                 pid: *pid,
                                 comm: comm.clone(),
-                                action,
+                                action: action.into(),
                                 signal: Some(sig.name()),
                                 reason: "maps the device".into(),
                                 since_departure_us: (since_ns != 0).then_some(since),
+                                cgroup: w.cgroup.clone(),
+                                container: w.container.clone(),
+                                pod_uid: w.pod_uid.clone(),
                             });
                         }
                         Err(e) => {
-                            self.log(Record {
-                                time: now(),
-                                action: "skip",
-                                device,
-                                pid: Some(*pid),
-                                start_time: Some(*start),
-                                comm: Some(comm),
-                                signal: Some(sig.name()),
-                                detail: format!("signal failed: {e}"),
-                            });
+                            log::warn!("cannot signal {pid} ({comm}): {e}");
                         }
                     }
                 }
@@ -278,8 +337,8 @@ impl Enforcer {
     }
 
     /// Runs the escalations that are due.
-    pub fn tick(&mut self, proc: &dyn Procfs, class: &Classifier) -> Vec<ActionReport> {
-        let now_i = Instant::now();
+    pub fn tick(&mut self, os: &dyn Os, class: &Classifier) -> Vec<ActionReport> {
+        let now_i = os.now();
         let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|p| p.due <= now_i);
@@ -295,7 +354,7 @@ impl Enforcer {
                 sig,
                 "escalate",
                 p.since_ns,
-                proc,
+                os,
                 class,
                 &mut out,
             );

@@ -8,6 +8,8 @@ pub mod audit;
 pub mod config;
 pub mod enforce;
 pub mod guard;
+pub mod pipeline;
 pub mod signal;
+pub mod unbind_guard;
 
 pub use config::{Action, Policy, Rule};

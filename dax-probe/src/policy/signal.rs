@@ -106,7 +106,24 @@ impl Drop for PidFd {
 }
 
 /// Parses `10s`, `500ms`, `2m`, `0`.
-pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+/// The longest duration a policy or the command line may give: `Instant::now() + d` is then
+/// always representable (a grace of "1e19s" used to pass here and panic mid-departure).
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// `10s`, `500ms`, `2m` or plain seconds, from 0 to [`MAX_DURATION`]; the error says why.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("bad duration {s:?}: use e.g. \"10s\", \"500ms\", \"2m\"");
+    let secs = duration_secs(s).ok_or_else(bad)?;
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(format!(
+            "duration {s:?} is too long: at most {}s (one day)",
+            MAX_DURATION.as_secs()
+        ));
+    }
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+fn duration_secs(s: &str) -> Option<f64> {
     let t = s.trim();
     let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
         (n, 0.001)
@@ -118,7 +135,7 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
         (t, 1.0)
     };
     let v: f64 = num.trim().parse().ok()?;
-    (v >= 0.0 && v.is_finite()).then(|| std::time::Duration::from_secs_f64(v * mult))
+    (v >= 0.0 && v.is_finite()).then_some(v * mult)
 }
 
 #[cfg(test)]
@@ -139,11 +156,22 @@ mod tests {
     #[test]
     fn durations() {
         use std::time::Duration;
-        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
-        assert_eq!(parse_duration("-1s"), None);
-        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("soon").unwrap_err().contains("bad duration"));
+        // Passed validation and overflowed `Instant::now() + grace` mid-departure.
+        for huge in ["1e19s", "1e300", "86401s", "1441m"] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(e.contains("too long"), "{huge}: {e}");
+        }
+        assert_eq!(parse_duration("1440m"), Ok(MAX_DURATION));
+        assert!(
+            std::time::Instant::now()
+                .checked_add(MAX_DURATION)
+                .is_some()
+        );
     }
 }

@@ -2,16 +2,17 @@
 
 use dax_probe_common::{
     DAX_ENTRY_ZERO_PAGE, DEV_DAX_KILLED, DEV_DEPARTING, DEV_GONE, DeviceEvent, Event as RawEvent,
-    EventKind, FAULT_DEVDAX, FAULT_FLAG_WRITE, FAULT_PFN_VALID, FaultEvent, ForkEvent,
-    KernelSignalEvent, MF_MEM_PRE_REMOVE, MF_RESULT, MemoryFailureEvent, MmapDeniedEvent,
-    MremapEvent, ZAP_COW, ZAP_DEVDAX, ZAP_EXITING, ZAP_OWN_MM, ZapEvent, header_of,
+    EventKind, FAULT_DEVDAX, FAULT_FLAG_WRITE, FAULT_PFN_VALID, FaultEvent, FenceSignalEvent,
+    ForkEvent, GUARD_AGENT_PASSED, GUARD_REFUSED_UNREAD, KernelSignalEvent, MF_MEM_PRE_REMOVE,
+    MF_RESULT, MemoryFailureEvent, MmapDeniedEvent, MremapEvent, UnbindGuardEvent, ZAP_COW,
+    ZAP_DEVDAX, ZAP_EXITING, ZAP_OWN_MM, ZapEvent, header_of,
 };
 
 use crate::{
     event::{
-        DeviceChange, DevicePhase, Event, Fault, Fork, KernelSigbus, MemoryFailure, MmapDenied,
-        Mremap, PfnSource, VM_FAULT_ERROR_BITS, Zap, mf_page_type_name, mf_result_name,
-        vm_fault_name,
+        DeviceChange, DevicePhase, Event, Fault, FenceSignal, Fork, GuardVerdict, KernelSigbus,
+        MemoryFailure, MmapDenied, Mremap, PfnSource, UnbindGuarded, VM_FAULT_ERROR_BITS, Zap,
+        mf_page_type_name, mf_result_name, vm_fault_name,
     },
     topology::{DevId, Topology},
 };
@@ -147,6 +148,38 @@ impl<L: PfnLookup> Decoder<'_, L> {
                     ino: m.ino,
                 }))
             }
+            Some(EventKind::FenceSignal) => {
+                let f = raw::<FenceSignalEvent>(bytes)?;
+                Ok(Event::FenceSignal(FenceSignal {
+                    ts_ns: f.hdr.ts_ns,
+                    pid: f.hdr.tgid,
+                    tid: f.hdr.tid,
+                    comm: comm_string(&f.hdr.comm),
+                    signal: crate::policy::signal::Signal(f.signal as i32).name(),
+                    dev: DevId::from_kernel(f.dev),
+                    ino: f.ino,
+                    error: errno_of(f.ret),
+                }))
+            }
+            Some(EventKind::UnbindGuard) => {
+                let g = raw::<UnbindGuardEvent>(bytes)?;
+                Ok(Event::UnbindGuard(UnbindGuarded {
+                    ts_ns: g.hdr.ts_ns,
+                    pid: g.hdr.tgid,
+                    tid: g.hdr.tid,
+                    comm: comm_string(&g.hdr.comm),
+                    written: comm_string(&g.name),
+                    driver: comm_string(&g.drv_name),
+                    bus: comm_string(&g.bus_name),
+                    syscall: g.syscall,
+                    verdict: match g.verdict {
+                        GUARD_AGENT_PASSED => GuardVerdict::AgentPassed,
+                        GUARD_REFUSED_UNREAD => GuardVerdict::RefusedUnreadable,
+                        _ => GuardVerdict::Refused,
+                    },
+                    errno: errno_of(g.ret),
+                }))
+            }
             None => Err(DecodeError::UnknownKind(hdr.kind)),
         }
     }
@@ -224,7 +257,8 @@ fn zap(z: &ZapEvent) -> Zap {
         end: z.end,
         vma_start: z.vm_start,
         vma_end: z.vm_end,
-        offset: (z.vm_pgoff << 12) + z.start.saturating_sub(z.vm_start),
+        // Saturating: a corrupt record must not overflow (found by the decode fuzz target).
+        offset: (z.vm_pgoff << 12).saturating_add(z.start.saturating_sub(z.vm_start)),
         dev: DevId::from_kernel(z.dev),
         ino: z.ino,
         devdax: z.flags & ZAP_DEVDAX != 0,
@@ -239,6 +273,13 @@ fn zap(z: &ZapEvent) -> Zap {
 pub fn comm_string(comm: &[u8]) -> String {
     let end = comm.iter().position(|&c| c == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// The errno of a kernel helper's result (0, or a negative errno), as the records carry it.
+/// A corrupted record may hold i32::MIN, which has no negation: a number to print, never a
+/// panic of the agent.
+fn errno_of(ret: i32) -> Option<i32> {
+    (ret != 0).then(|| ret.wrapping_neg())
 }
 
 #[cfg(test)]
@@ -281,6 +322,38 @@ mod tests {
         }
     }
 
+    /// Found by the fuzz smoke test: a fence record whose result is i32::MIN made the
+    /// decoder's negation overflow (a panic in the agent on one corrupted ring record).
+    #[test]
+    fn a_fence_record_with_any_result_decodes() {
+        let topo = Topology::default();
+        let d = Decoder {
+            topology: &topo,
+            lookup: NoLookup,
+        };
+        for ret in [i32::MIN, -3, 0] {
+            let raw = FenceSignalEvent {
+                hdr: EventHeader {
+                    kind: EventKind::FenceSignal as u32,
+                    size: core::mem::size_of::<FenceSignalEvent>() as u32,
+                    ts_ns: 5,
+                    tgid: 100,
+                    tid: 100,
+                    comm: *b"dax-workload\0\0\0\0",
+                },
+                dev: 259 << 20,
+                signal: 15,
+                ino: 12,
+                ret,
+                _pad: 0,
+            };
+            let Event::FenceSignal(f) = d.decode(raw.as_bytes()).unwrap() else {
+                panic!()
+            };
+            assert_eq!(f.error, (ret != 0).then(|| ret.wrapping_neg()));
+        }
+    }
+
     #[test]
     fn decodes_a_pte_fault() {
         let topo = Topology::default();
@@ -307,6 +380,77 @@ mod tests {
         assert!(f.write && f.mapped && f.shared && !f.zero_page);
         assert_eq!(f.page_size, 4096);
         assert_eq!(f.result, "NOPAGE");
+    }
+
+    #[test]
+    fn decodes_the_unbind_guards_reports() {
+        use dax_probe_common::{GUARD_REFUSED, guard_key_of};
+        let topo = Topology::default();
+        let d = Decoder {
+            topology: &topo,
+            lookup: NoLookup,
+        };
+        let mut drv = [0u8; 16];
+        drv[..7].copy_from_slice(b"nd_pmem");
+        let raw = UnbindGuardEvent {
+            hdr: EventHeader {
+                kind: EventKind::UnbindGuard as u32,
+                size: core::mem::size_of::<UnbindGuardEvent>() as u32,
+                ts_ns: 5,
+                tgid: 77,
+                tid: 78,
+                comm: *b"sh\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            },
+            name: guard_key_of("pfn0.0").unwrap().name,
+            drv_name: drv,
+            bus_name: *b"nd\0\0\0\0\0\0",
+            syscall: 1,
+            verdict: GUARD_REFUSED,
+            ret: -16,
+            _pad: 0,
+        };
+        let Event::UnbindGuard(g) = d.decode(raw.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!((g.pid, g.tid, g.comm.as_str()), (77, 78, "sh"));
+        assert_eq!(
+            (g.written.as_str(), g.driver.as_str(), g.bus.as_str()),
+            ("pfn0.0", "nd_pmem", "nd")
+        );
+        assert_eq!((g.verdict, g.errno), (GuardVerdict::Refused, Some(16)));
+        let passed = UnbindGuardEvent {
+            verdict: GUARD_AGENT_PASSED,
+            ret: 0,
+            ..raw
+        };
+        let Event::UnbindGuard(g) = d.decode(passed.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!((g.verdict, g.errno), (GuardVerdict::AgentPassed, None));
+        let unread = UnbindGuardEvent {
+            verdict: GUARD_REFUSED_UNREAD,
+            name: [0; 32],
+            ..raw
+        };
+        let Event::UnbindGuard(g) = d.decode(unread.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (g.verdict, g.written.as_str()),
+            (GuardVerdict::RefusedUnreadable, "")
+        );
+        // Cut short: refused, not misread.
+        assert!(d.decode(&raw.as_bytes()[..100]).is_err());
+        // Found by the fuzz smoke test: any result a record holds decodes (i32::MIN had no
+        // negation).
+        let odd = UnbindGuardEvent {
+            ret: i32::MIN,
+            ..raw
+        };
+        let Event::UnbindGuard(g) = d.decode(odd.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(g.errno, Some(i32::MIN));
     }
 
     #[test]
@@ -387,5 +531,58 @@ mod tests {
             d.decode(&raw.as_bytes()[..60]),
             Err(DecodeError::Truncated { .. })
         ));
+    }
+
+    #[test]
+    fn decodes_the_fences_signal_with_its_device_and_failure() {
+        let topo = Topology::default();
+        let d = Decoder {
+            topology: &topo,
+            lookup: NoLookup,
+        };
+        let mut raw = FenceSignalEvent {
+            hdr: EventHeader {
+                kind: EventKind::FenceSignal as u32,
+                size: 64,
+                ts_ns: 9,
+                tgid: 300,
+                tid: 301,
+                comm: *b"victim\0\0\0\0\0\0\0\0\0\0",
+            },
+            dev: (259 << 20) | 1,
+            signal: libc::SIGTERM as u32,
+            ino: 12,
+            ret: 0,
+            _pad: 0,
+        };
+        let Event::FenceSignal(f) = d.decode(raw.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!((f.pid, f.tid, f.comm.as_str()), (300, 301, "victim"));
+        assert_eq!(f.signal, "SIGTERM");
+        assert_eq!(
+            f.dev,
+            DevId {
+                major: 259,
+                minor: 1
+            }
+        );
+        assert_eq!((f.ino, f.error), (12, None));
+        raw.ret = -libc::EPERM;
+        let Event::FenceSignal(f) = d.decode(raw.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.error, Some(libc::EPERM));
+    }
+
+    #[test]
+    fn a_zap_with_an_impossible_offset_does_not_overflow() {
+        let z = dax_probe_common::ZapEvent {
+            vm_pgoff: u64::MAX >> 12,
+            start: u64::MAX,
+            vm_start: 0,
+            ..Default::default()
+        };
+        assert_eq!(zap(&z).offset, u64::MAX);
     }
 }

@@ -4,6 +4,20 @@ use dax_probe_common::KernelLayout;
 
 use super::{btf::Btf, facts::KernelFacts, plan::insert_args};
 
+/// Did BTF give every offset the unbind guard reads? (All are non-zero on every kernel:
+/// none of these members is the first of its struct.)
+pub fn guard_ready(l: &KernelLayout) -> bool {
+    [
+        l.file_dentry,
+        l.dentry_parent,
+        l.dentry_name,
+        l.sb_magic,
+        l.regs_nr,
+    ]
+    .iter()
+    .all(|&o| o != 0)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error(
     "this kernel's BTF has no {what}: dax-probe cannot read DAX mappings on it \
@@ -82,6 +96,18 @@ pub fn compute(
         // 5.10/6.1 pass `enum page_entry_size`, 6.12+ a page order.
         devdax_size_is_enum: u32::from(btf.enum_value("page_entry_size", "PE_SIZE_PMD").is_some()),
         wakeup_bytes: 0,
+        // The unbind guard's: absent members leave them 0 and the guard refuses to run
+        // (`guard_ready`), the rest of the layout stays valid.
+        file_dentry: btf
+            .member_offset("file", &["f_path", "dentry"])
+            .unwrap_or(0),
+        dentry_parent: btf.member_offset("dentry", &["d_parent"]).unwrap_or(0),
+        dentry_name: btf
+            .member_offset("dentry", &["d_name", "name"])
+            .unwrap_or(0),
+        sb_magic: btf.member_offset("super_block", &["s_magic"]).unwrap_or(0),
+        regs_nr: btf.member_offset("pt_regs", &["orig_ax"]).unwrap_or(0),
+        _pad1: 0,
         pfn_mask: u64::MAX,
     };
     // Absent insert function: the pfn concern falls back to userspace, layout stays valid.

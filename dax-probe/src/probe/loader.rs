@@ -13,7 +13,10 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, KProbe, Lsm, Program, RawTracePoint},
 };
 use dax_probe_common::{
-    COUNTERS_MAP, Counter, EVENTS_MAP, FENCED_MAP, KernelLayout, LAYOUT_GLOBAL, WATCHED_MAP,
+    COUNTERS_MAP, Counter, DEVICE_EVENTS_MAP, EVENTS_MAP, FENCE_EXCLUDE_COMM_MAP,
+    FENCE_EXCLUDE_PID_MAP, FENCED_MAP, FenceCommKey, FencePidKey, GUARD_CONF_MAP,
+    GUARD_SLOT_ACTIVE, GUARD_SLOT_AGENT, GUARDED_MAP, GuardKey, KernelLayout, LAYOUT_GLOBAL,
+    TASK_COMM_LEN, WATCHED_MAP, guard_key_of,
 };
 use serde::Serialize;
 
@@ -22,12 +25,17 @@ use super::plan::{Attach, AttachKind, Candidate, Concern, Plan};
 /// The eBPF object, built by build.rs through aya-build.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dax-probe"));
 
+/// The embedded object's bytes (empty in a placeholder build).
+pub fn object_bytes() -> &'static [u8] {
+    OBJECT
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot parse the kernel BTF for loading: {0}")]
     Btf(#[from] aya::BtfError),
     #[error("cannot load the eBPF object: {0}")]
-    Object(#[from] aya::EbpfError),
+    Load(#[from] aya::EbpfError),
     #[error(
         "no way to observe {concern} on this kernel: {tried}. \
          Run `dax-probe doctor` for what this kernel offers"
@@ -36,6 +44,8 @@ pub enum LoadError {
         concern: &'static str,
         tried: String,
     },
+    #[error("{0}")]
+    Object(#[from] super::object::ObjectError),
     #[error("eBPF map {0} missing from the object (stale build?)")]
     MissingMap(&'static str),
     #[error("eBPF map error: {0}")]
@@ -72,6 +82,15 @@ impl Probe {
         Ok(RingBuf::try_from(map)?)
     }
 
+    /// Takes the device event ring buffer (once).
+    pub fn take_device_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(DEVICE_EVENTS_MAP)
+            .ok_or(LoadError::MissingMap("DEVICE_EVENTS"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
     /// Takes the WATCHED set (once).
     pub fn take_watched(&mut self) -> Result<Watched, LoadError> {
         let map = self
@@ -91,10 +110,38 @@ impl Probe {
             .ebpf
             .take_map("FENCE_ACTIVE")
             .ok_or(LoadError::MissingMap("FENCE_ACTIVE"))?;
+        let comms = self
+            .ebpf
+            .take_map(FENCE_EXCLUDE_COMM_MAP)
+            .ok_or(LoadError::MissingMap("FENCE_EXCLUDE_COMM"))?;
+        let pids = self
+            .ebpf
+            .take_map(FENCE_EXCLUDE_PID_MAP)
+            .ok_or(LoadError::MissingMap("FENCE_EXCLUDE_PID"))?;
         Ok(Fenced {
             map: BpfHashMap::try_from(map)?,
             active: Array::try_from(active)?,
+            comms: BpfHashMap::try_from(comms)?,
+            pids: BpfHashMap::try_from(pids)?,
+            excluded: std::collections::HashMap::new(),
             count: 0,
+        })
+    }
+
+    /// Takes the unbind guard's maps (once).
+    pub fn take_guarded(&mut self) -> Result<Guarded, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(GUARDED_MAP)
+            .ok_or(LoadError::MissingMap("GUARDED"))?;
+        let conf = self
+            .ebpf
+            .take_map(GUARD_CONF_MAP)
+            .ok_or(LoadError::MissingMap("GUARD_CONF"))?;
+        Ok(Guarded {
+            map: BpfHashMap::try_from(map)?,
+            conf: Array::try_from(conf)?,
+            listed: std::collections::BTreeSet::new(),
         })
     }
 
@@ -104,7 +151,7 @@ impl Probe {
             .ebpf
             .take_map(COUNTERS_MAP)
             .ok_or(LoadError::MissingMap("COUNTERS"))?;
-        Ok(Counters(PerCpuArray::try_from(map)?))
+        Ok(Counters(PerCpuArray::try_from(map)?, Default::default()))
     }
 }
 
@@ -120,20 +167,94 @@ impl Watched {
     pub fn remove(&mut self, tgid: u32) {
         let _ = self.0.remove(&tgid);
     }
+
+    /// Drops every watched process for which `alive` is false; returns how many. The fault
+    /// program adds holders itself and nothing in the kernel removes a process that exits
+    /// after it unmapped: without this the 65,536-entry map fills and new holders' forks
+    /// and mremaps go unreported.
+    pub fn sweep(&mut self, alive: impl Fn(u32) -> bool) -> usize {
+        let keys: Vec<u32> = self.0.keys().filter_map(Result::ok).collect();
+        let dead = dead_of(&keys, alive);
+        for t in &dead {
+            let _ = self.0.remove(t);
+        }
+        dead.len()
+    }
 }
 
-/// Fenced devices, kernel side: the fault program signals tasks faulting on them and the
-/// LSM program (when loaded) refuses new mappings.
+/// The tgids of `keys` that are no longer alive.
+fn dead_of(keys: &[u32], alive: impl Fn(u32) -> bool) -> Vec<u32> {
+    keys.iter().copied().filter(|t| !alive(*t)).collect()
+}
+
+#[cfg(test)]
+mod watched_tests {
+    #[test]
+    fn sweep_keeps_the_living_and_drops_the_dead() {
+        let living = [10, 30];
+        assert_eq!(
+            super::dead_of(&[10, 20, 30, 40], |t| living.contains(&t)),
+            vec![20, 40]
+        );
+    }
+}
+
+/// Fenced devices, kernel side: the fault program signals tasks faulting on them (except
+/// the excluded ones) and the LSM program (when loaded) refuses new mappings.
 pub struct Fenced {
     map: BpfHashMap<MapData, u32, u32>,
     active: Array<MapData, u32>,
+    comms: BpfHashMap<MapData, FenceCommKey, u32>,
+    pids: BpfHashMap<MapData, FencePidKey, u32>,
+    /// The exclusion keys written for each fenced device, to remove with its fence.
+    excluded: std::collections::HashMap<u32, (Vec<FenceCommKey>, Vec<FencePidKey>)>,
     count: usize,
 }
 
+/// `comm` as the kernel compares it: the first 15 bytes, NUL padded.
+pub fn kernel_comm(comm: &str) -> [u8; TASK_COMM_LEN] {
+    let mut out = [0u8; TASK_COMM_LEN];
+    let b = comm.as_bytes();
+    let n = b.len().min(TASK_COMM_LEN - 1);
+    out[..n].copy_from_slice(&b[..n]);
+    out
+}
+
 impl Fenced {
-    /// Fences `dev` (kernel encoding); `fault_signal` 0 means no signal on faults.
-    pub fn add(&mut self, dev: u32, fault_signal: i32) -> Result<(), aya::maps::MapError> {
-        self.map.insert(dev, fault_signal as u32, 0)?;
+    /// Fences `dev` (kernel encoding); `fault_signal` 0 means no signal on faults. The
+    /// exclusions are written first: the fault program must never see the device fenced
+    /// without them. When one cannot be written the device is not fenced at all.
+    pub fn add(
+        &mut self,
+        dev: u32,
+        fault_signal: i32,
+        comms: &[String],
+        pids: &[u32],
+    ) -> Result<(), aya::maps::MapError> {
+        self.remove(dev);
+        let comm_keys: Vec<FenceCommKey> = comms
+            .iter()
+            .map(|c| FenceCommKey {
+                dev,
+                comm: kernel_comm(c),
+            })
+            .collect();
+        let pid_keys: Vec<FencePidKey> =
+            pids.iter().map(|&tgid| FencePidKey { dev, tgid }).collect();
+        self.excluded
+            .insert(dev, (comm_keys.clone(), pid_keys.clone()));
+        let written = comm_keys
+            .iter()
+            .try_for_each(|k| self.comms.insert(k, 1, 0))
+            .and_then(|()| pid_keys.iter().try_for_each(|k| self.pids.insert(k, 1, 0)));
+        if let Err(e) = written {
+            self.drop_exclusions(dev);
+            return Err(e);
+        }
+        if let Err(e) = self.map.insert(dev, fault_signal as u32, 0) {
+            self.drop_exclusions(dev);
+            return Err(e);
+        }
         self.count += 1;
         self.active.set(0, 1, 0)
     }
@@ -145,14 +266,91 @@ impl Fenced {
         if self.count == 0 {
             let _ = self.active.set(0, 0, 0);
         }
+        // After the fence itself: a fault in between finds the device unfenced.
+        self.drop_exclusions(dev);
+    }
+
+    fn drop_exclusions(&mut self, dev: u32) {
+        if let Some((comms, pids)) = self.excluded.remove(&dev) {
+            for k in &comms {
+                let _ = self.comms.remove(k);
+            }
+            for k in &pids {
+                let _ = self.pids.remove(k);
+            }
+        }
     }
 }
 
-/// Sums of the kernel programs' per-CPU counters.
-pub struct Counters(PerCpuArray<MapData, u64>);
+#[cfg(test)]
+mod fence_tests {
+    #[test]
+    fn comms_are_cut_to_what_the_kernel_keeps() {
+        assert_eq!(&super::kernel_comm("sshd")[..5], b"sshd\0");
+        let long = super::kernel_comm("a-very-long-command-name");
+        assert_eq!(&long[..15], b"a-very-long-com");
+        assert_eq!(long[15], 0);
+    }
+}
+
+/// The unbind guard's kernel side: the device names it refuses unbinds of, and who the
+/// agent is (its own writes pass).
+pub struct Guarded {
+    map: BpfHashMap<MapData, GuardKey, u32>,
+    conf: Array<MapData, u32>,
+    listed: std::collections::BTreeSet<String>,
+}
+
+impl Guarded {
+    /// Lets `tgid`'s writes through (reported, so the agent audits them).
+    pub fn set_agent(&mut self, tgid: u32) -> Result<(), aya::maps::MapError> {
+        self.conf.set(GUARD_SLOT_AGENT, tgid, 0)
+    }
+
+    /// Makes the kernel's list `names`: new names first, then the switch, then the names
+    /// that left (a write in between is refused for a name on either list, never let
+    /// through for one on both). A name the guard cannot hold is logged and skipped.
+    pub fn set(&mut self, names: &std::collections::BTreeSet<String>) {
+        for n in names.difference(&self.listed.clone()) {
+            let Some(k) = guard_key_of(n) else {
+                log::warn!("unbind guard: cannot guard the device name {n:?}");
+                continue;
+            };
+            match self.map.insert(k, 1, 0) {
+                Ok(()) => {
+                    self.listed.insert(n.clone());
+                }
+                Err(e) => log::error!("unbind guard: cannot guard {n}: {e}"),
+            }
+        }
+        let active = u32::from(!names.is_empty());
+        if let Err(e) = self.conf.set(GUARD_SLOT_ACTIVE, active, 0) {
+            log::error!(
+                "unbind guard: cannot switch it {}: {e}",
+                if active == 1 { "on" } else { "off" }
+            );
+        }
+        for n in self.listed.clone().difference(names) {
+            if let Some(k) = guard_key_of(n) {
+                let _ = self.map.remove(&k);
+            }
+            self.listed.remove(n);
+        }
+    }
+}
+
+/// Sums of the kernel programs' per-CPU counters, and the agent's own
+/// ([`Counter::ChannelFull`]).
+pub struct Counters(
+    PerCpuArray<MapData, u64>,
+    pub(crate) std::sync::Arc<std::sync::atomic::AtomicU64>,
+);
 
 impl Counters {
     pub fn get(&self, c: Counter) -> u64 {
+        if c == Counter::ChannelFull {
+            return self.1.load(std::sync::atomic::Ordering::Relaxed);
+        }
         self.0
             .get(&(c as u32), 0)
             .map(|v| v.iter().sum())
@@ -185,6 +383,7 @@ pub fn load(
     ring_bytes: u32,
     on_demand: bool,
 ) -> Result<Probe, LoadError> {
+    super::object::check_abi(OBJECT, dax_probe_common::ABI_VERSION)?;
     raise_memlock();
     let btf = Btf::parse_file(btf_path, Endianness::default())?;
     // Wake the reader early only when an eighth of the ring is waiting; otherwise its poll
@@ -249,11 +448,11 @@ pub fn load(
 }
 
 /// A concern that moved to a better way after the kernel changed (a module loaded).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Upgrade {
     pub concern: Concern,
-    pub was: Option<&'static str>,
-    pub chosen: &'static str,
+    pub was: Option<std::borrow::Cow<'static, str>>,
+    pub chosen: std::borrow::Cow<'static, str>,
 }
 
 impl Probe {
@@ -277,8 +476,8 @@ impl Probe {
                     Ok(()) => {
                         ups.push(Upgrade {
                             concern: choice.concern,
-                            was: choice.chosen,
-                            chosen: cand.label,
+                            was: choice.chosen.map(Into::into),
+                            chosen: cand.label.into(),
                         });
                         choice.chosen = Some(cand.label);
                         choice.userspace = false;

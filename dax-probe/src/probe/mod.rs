@@ -6,12 +6,13 @@ pub mod decode;
 pub mod facts;
 pub mod layout;
 pub mod loader;
+pub mod object;
 pub mod plan;
 pub mod reader;
 
 use std::path::{Path, PathBuf};
 
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::{Receiver, channel};
 
 use crate::exit::{Code, Failure};
 
@@ -46,10 +47,12 @@ pub struct Session {
     pub plan: plan::Plan,
     pub probe: Probe,
     pub counters: Counters,
-    pub records: UnboundedReceiver<Vec<u8>>,
+    pub records: Receiver<Vec<u8>>,
     /// The kernel's set of DAX-holding processes (forks and mremaps of these are reported).
     pub watched: loader::Watched,
     pub fenced: loader::Fenced,
+    /// The unbind guard's maps (policy `guard`); used only when its program is attached.
+    pub guarded: loader::Guarded,
     reader: Option<reader::Reader>,
     /// Loaded modules when last looked at.
     modules: Vec<String>,
@@ -58,7 +61,9 @@ pub struct Session {
 impl Session {
     /// Collects facts, plans, loads and attaches, and starts the reader. Fails with an exit
     /// code the operator can act on; on failure nothing stays attached.
-    /// `fence`: also load the on-demand mmap fence (drain, `monitor --enforce`).
+    /// `fence`: also load the on-demand concerns: the mmap fence (drain, `monitor
+    /// --enforce`) and the unbind guard (a policy with `guard`; it stays idle while the
+    /// agent lists nothing).
     pub fn start(src: &KernelSource, ring_bytes: u32, fence: bool) -> anyhow::Result<Self> {
         // Before the facts: a module loading meanwhile is then noticed at the first check.
         let modules = loaded_modules(&src.root);
@@ -72,17 +77,22 @@ impl Session {
         let mut probe =
             loader::load(&plan, &layout, &facts.btf_path, ring_bytes, fence).map_err(|e| {
                 let code = match e {
-                    loader::LoadError::MissingHook { .. } => Code::Unavailable,
+                    loader::LoadError::MissingHook { .. }
+                    | loader::LoadError::Object(object::ObjectError::Placeholder) => {
+                        Code::Unavailable
+                    }
                     _ => Code::Software,
                 };
                 Failure::new(code, e.to_string())
             })?;
         let ring = probe.take_events()?;
+        let device_ring = probe.take_device_events()?;
         let counters = probe.take_counters()?;
         let watched = probe.take_watched()?;
         let fenced = probe.take_fenced()?;
-        let (tx, records) = unbounded_channel();
-        let reader = reader::Reader::spawn(ring, tx);
+        let guarded = probe.take_guarded()?;
+        let (tx, records) = channel(reader::CHANNEL_RECORDS);
+        let reader = reader::Reader::spawn(ring, device_ring, tx, counters.1.clone());
         Ok(Self {
             facts,
             plan,
@@ -91,6 +101,7 @@ impl Session {
             records,
             watched,
             fenced,
+            guarded,
             reader: Some(reader),
             modules,
         })
@@ -117,11 +128,27 @@ impl Session {
         ups
     }
 
-    /// Makes sure every event the kernel submitted so far is in `records`.
-    pub fn sync(&self) {
-        if let Some(r) = &self.reader {
-            r.sync();
-        }
+    /// Unwatches processes that exited (see [`loader::Watched::sweep`]); returns how many.
+    pub fn sweep_watched(&mut self, root: &Path) -> usize {
+        self.watched
+            .sweep(|tgid| root.join(format!("proc/{tgid}")).exists())
+    }
+
+    /// Events lost on their way to the map: in the kernel's ring, or in the agent's queue.
+    pub fn lost_events(&self) -> u64 {
+        use dax_probe_common::Counter;
+        self.counters.get(Counter::RingFull) + self.counters.get(Counter::ChannelFull)
+    }
+
+    /// Makes sure every event the kernel submitted so far is in `records`; false when the
+    /// reader could not within `wait` (without a reader there is nothing to wait for).
+    pub fn sync(&self, wait: std::time::Duration) -> bool {
+        self.reader.as_ref().is_none_or(|r| r.sync(wait))
+    }
+
+    /// Why the reader thread stopped by itself, if it did (the agent is blind then).
+    pub fn reader_failure(&self) -> Option<String> {
+        self.reader.as_ref().and_then(reader::Reader::failure)
     }
 
     /// Stops the reader after it drained what the kernel already submitted.
@@ -136,6 +163,31 @@ impl Session {
         self.probe
             .choice(plan::Concern::Fence)
             .is_some_and(|c| c.chosen.is_some())
+    }
+
+    /// Is the unbind guard attached (BPF LSM `file_permission`)?
+    pub fn guard_attached(&self) -> bool {
+        self.probe
+            .choice(plan::Concern::UnbindGuard)
+            .is_some_and(|c| c.chosen.is_some())
+    }
+
+    /// Why the unbind guard is not attached: the plan's verdicts and the load failures.
+    pub fn guard_unavailable(&self) -> String {
+        let mut why: Vec<String> = self
+            .plan
+            .verdicts(plan::Concern::UnbindGuard)
+            .iter()
+            .filter_map(|v| v.missing.clone())
+            .collect();
+        if let Some(c) = self.probe.choice(plan::Concern::UnbindGuard) {
+            why.extend(c.failed.iter().map(|(l, e)| format!("{l}: {e}")));
+        }
+        if why.is_empty() {
+            "no candidate".into()
+        } else {
+            why.join("; ")
+        }
     }
 
     /// True when pfns must be looked up in userspace (no insert hook attached).

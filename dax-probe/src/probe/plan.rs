@@ -10,7 +10,9 @@ use serde::Serialize;
 use super::facts::KernelFacts;
 
 /// What a group of programs is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Concern {
     /// A DAX fault completed: who, which file/offset, which address, result.
@@ -40,10 +42,12 @@ pub enum Concern {
     KernelSigbus,
     /// Refusing new mappings of a fenced device (drain, enforcement).
     Fence,
+    /// Refusing a sysfs unbind of a guarded device that has holders (policy `guard`).
+    UnbindGuard,
 }
 
 impl Concern {
-    pub const ALL: [Concern; 14] = [
+    pub const ALL: [Concern; 15] = [
         Concern::FaultDone,
         Concern::FaultPfn,
         Concern::DevdaxFault,
@@ -58,6 +62,7 @@ impl Concern {
         Concern::MemoryFailureResult,
         Concern::KernelSigbus,
         Concern::Fence,
+        Concern::UnbindGuard,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +81,7 @@ impl Concern {
             Concern::MemoryFailureResult => "failure verdict",
             Concern::KernelSigbus => "kernel SIGBUS",
             Concern::Fence => "mmap fence",
+            Concern::UnbindGuard => "unbind guard",
         }
     }
 
@@ -84,9 +90,9 @@ impl Concern {
         matches!(self, Concern::FaultDone)
     }
 
-    /// Loaded only when asked for (enforcement).
+    /// Loaded only when asked for (enforcement, drain, a guard policy).
     pub fn on_demand(self) -> bool {
-        matches!(self, Concern::Fence)
+        matches!(self, Concern::Fence | Concern::UnbindGuard)
     }
 }
 
@@ -426,6 +432,17 @@ pub const CANDIDATES: &[Candidate] = &[
         Fence,
         "lsm mmap_file",
         &[attach("fence_mmap", Lsm, "mmap_file")],
+    ),
+    // file_permission runs before the written bytes are copied, so the program reads the
+    // device name from the writer's syscall registers (bpf_task_pt_regs, 5.15+) and the
+    // target file from its dentry chain (<bus>/drivers/<drv>/unbind on sysfs): no kernfs
+    // internals (kernfs_node's parent became __parent in 6.15) and no hook on the unbind
+    // path itself (fmod_ret needs error injection, which no Debian kernel has). Same program
+    // on 6.1, 6.12 and 7.x; on 5.10 the BPF LSM is not in CONFIG_LSM (boot with lsm=...,bpf).
+    probes(
+        UnbindGuard,
+        "lsm file_permission + syscall registers",
+        &[attach("guard_unbind", Lsm, "file_permission")],
     ),
 ];
 

@@ -1,3 +1,5 @@
-//! Reading other processes through procfs: page tables (`pagemap`) and mappings (`maps`).
+//! Reading other processes through procfs: page tables (`pagemap`), mappings (`maps`) and
+//! cgroups (`cgroup`: container and pod).
 
+pub mod cgroup;
 pub mod pagemap;

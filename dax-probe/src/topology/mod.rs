@@ -4,17 +4,24 @@
 //! Everything is read below a root directory (normally `/`) so tests can point it at a
 //! fixture tree. Nothing here needs privileges.
 
+pub mod dm;
 mod mounts;
+pub mod personality;
+pub mod stack;
 mod sysfs;
 
 use std::{fmt, path::Path};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use mounts::{DaxOption, Mount};
+pub use mounts::{DaxOption, Mount, parse_mountinfo, read_mounts};
+pub use stack::{DmDevice, FsUser, Role, describe_dm};
 
 /// A device number as userspace sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 pub struct DevId {
     pub major: u32,
     pub minor: u32,
@@ -27,6 +34,12 @@ impl DevId {
             major: dev >> 20,
             minor: dev & 0xfffff,
         }
+    }
+
+    /// The kernel's internal `dev_t` (`MAJOR << 20 | MINOR`), the key of the BPF maps. The
+    /// only place that encodes it.
+    pub fn to_kernel(self) -> u32 {
+        (self.major << 20) | (self.minor & 0xfffff)
     }
 
     /// From userspace's `st_dev` / `st_rdev` encoding (glibc `gnu_dev_major/minor`).
@@ -54,7 +67,7 @@ impl fmt::Display for DevId {
 }
 
 /// A half-open physical address range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PhysRange {
     pub start: u64,
     pub end: u64,
@@ -80,7 +93,7 @@ impl PhysRange {
 }
 
 /// What a namespace is used as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Plain block device, no struct pages (`raw`): DAX mounts are refused by the kernel.
@@ -91,6 +104,11 @@ pub enum Mode {
     Devdax,
     /// BTT sector mode: no DAX.
     Sector,
+    /// A device-dax device handed to the kernel as System RAM (the `kmem` driver, what
+    /// `daxctl reconfigure-device -m system-ram` does): ordinary memory of a NUMA node, no
+    /// DAX mapping of it exists.
+    #[serde(rename = "system-ram")]
+    SystemRam,
     Unknown,
 }
 
@@ -101,13 +119,14 @@ impl fmt::Display for Mode {
             Mode::Fsdax => "fsdax",
             Mode::Devdax => "devdax",
             Mode::Sector => "sector",
+            Mode::SystemRam => "system-ram (kmem)",
             Mode::Unknown => "unknown",
         })
     }
 }
 
 /// One pmem namespace with everything an operator asks about it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Namespace {
     /// `namespace0.0`
     pub name: String,
@@ -142,13 +161,27 @@ impl Namespace {
             .or(self.chardev.as_ref().map(|(n, _)| n.as_str()))
             .unwrap_or(&self.name)
     }
+
+    /// The device numbers user space reaches this namespace through: its block device
+    /// (raw, fsdax, sector) and its character device (devdax). What a fence covers; the
+    /// only place that lists them.
+    pub fn devices(&self) -> Vec<DevId> {
+        self.block
+            .iter()
+            .chain(self.chardev.iter())
+            .map(|(_, d)| *d)
+            .collect()
+    }
 }
 
 /// A snapshot of the machine's pmem topology.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Topology {
     pub namespaces: Vec<Namespace>,
     pub mounts: Vec<Mount>,
+    /// device-mapper devices built on the namespaces' block devices (their kernel holders).
+    #[serde(default)]
+    pub dm: Vec<DmDevice>,
 }
 
 impl Topology {
@@ -156,7 +189,12 @@ impl Topology {
     pub fn read(root: &Path) -> Self {
         let namespaces = sysfs::read_namespaces(root);
         let mounts = mounts::read_mounts(root);
-        Self { namespaces, mounts }
+        let dm = stack::read_dm(root, &namespaces, &|name| dm::table(root, name));
+        Self {
+            namespaces,
+            mounts,
+            dm,
+        }
     }
 
     /// The namespace whose user-reachable range holds `pfn`.
@@ -183,6 +221,20 @@ impl Topology {
             .iter()
             .any(|n| matches!(n.mode, Mode::Fsdax | Mode::Devdax))
             || self.mounts.iter().any(|m| m.dax.is_dax())
+    }
+}
+
+/// Every nvdimm region (`region0`, …) with its physical range when readable (root-only).
+pub fn regions(root: &Path) -> Vec<(String, Option<PhysRange>)> {
+    sysfs::read_regions(root)
+}
+
+/// Fixture trees for other modules' tests.
+#[cfg(test)]
+pub(crate) mod tests_fixture {
+    /// The sysfs files of a Debian 6.1 guest's fsdax namespace (region0, pfn0.0, pmem0).
+    pub fn fsdax(root: &std::path::Path) {
+        super::sysfs::tests::fsdax_fixture(root)
     }
 }
 
@@ -216,6 +268,7 @@ mod tests {
     #[test]
     fn device_numbers_convert_both_encodings() {
         let k = DevId::from_kernel((259 << 20) | 3);
+        assert_eq!(k.to_kernel(), (259 << 20) | 3);
         assert_eq!(
             k,
             DevId {

@@ -72,6 +72,24 @@ fn has_driver(dir: &Path) -> bool {
     dir.join("driver").exists()
 }
 
+/// The driver a device is bound to (`dir/driver` links to `.../drivers/NAME`).
+pub(super) fn driver_name(dir: &Path) -> Option<String> {
+    fs::read_link(dir.join("driver"))
+        .ok()?
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+}
+
+/// The personality a device-dax device's driver on the dax bus gives it: `device_dax` makes
+/// `/dev/daxX.Y` mappable, `kmem` makes the memory System RAM. Any other driver (or none)
+/// leaves it devdax by mode; `doctor` says what is observable for each.
+fn dax_bus_mode(root: &Path, chardev: &str) -> Mode {
+    match driver_name(&root.join("sys/bus/dax/devices").join(chardev)).as_deref() {
+        Some("kmem") => Mode::SystemRam,
+        _ => Mode::Devdax,
+    }
+}
+
 pub(super) fn read_namespaces(root: &Path) -> Vec<Namespace> {
     let bus = root.join("sys/bus/nd/devices");
     let Ok(entries) = fs::read_dir(&bus) else {
@@ -142,6 +160,9 @@ pub(super) fn read_namespaces(root: &Path) -> Vec<Namespace> {
                     {
                         ns.data_range = r;
                     }
+                    if let Some((name, _)) = &ns.chardev {
+                        ns.mode = dax_bus_mode(root, name);
+                    }
                 } else if h.starts_with("btt") {
                     ns.mode = Mode::Sector;
                     ns.block = child_dev(&hdir, "block");
@@ -156,8 +177,27 @@ pub(super) fn read_namespaces(root: &Path) -> Vec<Namespace> {
     out
 }
 
+/// Every nvdimm region below `root` with its physical range (root-only: None without it).
+pub(super) fn read_regions(root: &Path) -> Vec<(String, Option<PhysRange>)> {
+    let bus = root.join("sys/bus/nd/devices");
+    let Ok(entries) = fs::read_dir(&bus) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, Option<PhysRange>)> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("region"))
+        .map(|n| {
+            let r = range(&bus.join(&n));
+            (n, r)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::topology::Topology;
 
@@ -254,6 +294,45 @@ mod tests {
         assert_eq!(ns.data_range.start, 0x1_4080_0000);
         assert_eq!(ns.device_name(), "dax2.0");
         assert_eq!(t.namespace_of_pfn(0x140800).unwrap().name, "namespace2.0");
+    }
+
+    /// `daxctl reconfigure-device -m system-ram`: dax2.0 unbound from device_dax and bound
+    /// to kmem. Its namespace stays; its personality is System RAM.
+    #[test]
+    fn a_device_dax_device_bound_to_kmem_is_system_ram() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let w = |p: &str, v: &str| {
+            let p = root.join(p);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, format!("{v}\n")).unwrap();
+        };
+        let nd = "sys/bus/nd/devices";
+        w(&format!("{nd}/namespace2.0/resource"), "0x140000000");
+        w(&format!("{nd}/namespace2.0/size"), "534773760");
+        w(&format!("{nd}/namespace2.0/mode"), "dax");
+        w(&format!("{nd}/namespace2.0/holder"), "dax2.0");
+        fs::create_dir_all(root.join(format!("{nd}/dax2.0/driver"))).unwrap();
+        w("sys/bus/dax/devices/dax2.0/dev", "252:0");
+        w("sys/bus/dax/devices/dax2.0/resource", "0x140800000");
+        w("sys/bus/dax/devices/dax2.0/size", "526385152");
+        let drivers = root.join("sys/bus/dax/drivers");
+        fs::create_dir_all(drivers.join("kmem")).unwrap();
+        fs::create_dir_all(drivers.join("device_dax")).unwrap();
+        let link = root.join("sys/bus/dax/devices/dax2.0/driver");
+        std::os::unix::fs::symlink(drivers.join("device_dax"), &link).unwrap();
+        assert_eq!(Topology::read(root).namespaces[0].mode, Mode::Devdax);
+        fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(drivers.join("kmem"), &link).unwrap();
+        let t = Topology::read(root);
+        let ns = &t.namespaces[0];
+        assert_eq!(ns.mode, Mode::SystemRam);
+        assert_eq!(ns.mode.to_string(), "system-ram (kmem)");
+        assert!(ns.enabled, "the namespace stays bound");
+        assert_eq!(ns.device_name(), "dax2.0");
+        // No driver on the dax bus: still devdax by mode (nothing can map it).
+        fs::remove_file(&link).unwrap();
+        assert_eq!(Topology::read(root).namespaces[0].mode, Mode::Devdax);
     }
 
     #[test]

@@ -6,7 +6,12 @@
 //! that no live namespace covers (a device removed altogether), and ranges a monitor
 //! recorded when it saw a device leave.
 
-use std::{collections::BTreeMap, io::Write, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+    ops::ControlFlow,
+    path::Path,
+};
 
 use serde::Serialize;
 
@@ -16,10 +21,12 @@ use crate::{
     incident::Departed,
     privilege,
     probe::{self, KernelSource},
-    topology::{Mode, Topology},
+    proc::pagemap::visit_present,
+    schema::{Audit, DepartedRange, Line},
+    topology::{DevId, Mode, Topology},
 };
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Stale {
     pub pid: u32,
     pub comm: String,
@@ -59,41 +66,23 @@ pub fn departed_ranges(
             ));
         }
     }
-    if let Ok(iomem) = std::fs::read_to_string(root.join("proc/iomem")) {
-        for l in iomem.lines().filter(|l| !l.starts_with(' ')) {
-            let Some((range, what)) = l.split_once(" : ") else {
-                continue;
-            };
-            if !what.starts_with("Persistent Memory") {
-                continue;
+    for (s, e) in iomem_pmem(root) {
+        // Carve out what live namespaces cover.
+        let mut cuts: Vec<(u64, u64)> = live
+            .iter()
+            .copied()
+            .filter(|&(ls, le)| ls < e && le > s)
+            .collect();
+        cuts.sort();
+        let mut cur = s;
+        for (ls, le) in cuts {
+            if ls > cur {
+                out.push((cur, ls, "persistent memory of no live device".into()));
             }
-            let Some((s, e)) = range.split_once('-') else {
-                continue;
-            };
-            let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else {
-                continue;
-            };
-            if e == 0 {
-                continue; // addresses hidden (not root)
-            }
-            let (s, e) = (s >> 12, (e + 1) >> 12);
-            // Carve out what live namespaces cover.
-            let mut cuts: Vec<(u64, u64)> = live
-                .iter()
-                .copied()
-                .filter(|&(ls, le)| ls < e && le > s)
-                .collect();
-            cuts.sort();
-            let mut cur = s;
-            for (ls, le) in cuts {
-                if ls > cur {
-                    out.push((cur, ls, "persistent memory of no live device".into()));
-                }
-                cur = cur.max(le);
-            }
-            if cur < e {
-                out.push((cur, e, "persistent memory of no live device".into()));
-            }
+            cur = cur.max(le);
+        }
+        if cur < e {
+            out.push((cur, e, "persistent memory of no live device".into()));
         }
     }
     for d in recorded {
@@ -106,24 +95,167 @@ pub fn departed_ranges(
     out
 }
 
-/// Devices of files that live on a departed device: a block device no live namespace owns
-/// under a DAX mount, or a device-dax node that is gone.
-fn departed_file(topo: &Topology, v: &crate::holders::scan::Vma) -> Option<String> {
-    if let Some(name) = v.path.strip_prefix("/dev/dax") {
+/// What a mapping is checked against besides departed ranges: which device numbers the
+/// kernel has now, which inode each live `/dev/daxX.Y` node is, and where persistent memory
+/// lies at all. A rebound device's pfns are live again; the mapping of its old binding is
+/// not, and these tell the two apart.
+#[derive(Clone, Debug, Default)]
+pub struct Bindings {
+    /// Block device numbers that exist now (`/sys/dev/block`). Empty when unreadable: the
+    /// check is then not made.
+    pub live_blocks: BTreeSet<DevId>,
+    /// `dax0.0` → (st_dev, st_ino) of `/dev/dax0.0` now.
+    pub dax_nodes: BTreeMap<String, (DevId, u64)>,
+    /// Every pfn range of persistent memory: each namespace's (bound or not) and /proc/iomem's.
+    pub pmem: Vec<(u64, u64)>,
+}
+
+impl Bindings {
+    pub fn read(root: &Path, topo: &Topology) -> Self {
+        let live_blocks = std::fs::read_dir(root.join("sys/dev/block"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| DevId::parse(&e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let dax_nodes = topo
+            .namespaces
+            .iter()
+            .filter(|n| n.enabled)
+            .filter_map(|n| n.chardev.as_ref())
+            .filter_map(|(name, _)| {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata(root.join("dev").join(name)).ok()?;
+                Some((name.clone(), (DevId::from_user(m.dev()), m.ino())))
+            })
+            .collect();
+        let mut pmem: Vec<(u64, u64)> = topo
+            .namespaces
+            .iter()
+            .filter(|n| n.range_known)
+            .map(|n| (n.namespace_range.first_pfn(), n.namespace_range.end_pfn()))
+            .collect();
+        pmem.extend(iomem_pmem(root));
+        Self {
+            live_blocks,
+            dax_nodes,
+            pmem,
+        }
+    }
+
+    fn is_pmem(&self, pfn: u64) -> bool {
+        self.pmem.iter().any(|&(s, e)| pfn >= s && pfn < e)
+    }
+}
+
+/// Top-level "Persistent Memory" ranges of /proc/iomem, in pfns (none when the addresses
+/// are hidden: not root).
+fn iomem_pmem(root: &Path) -> Vec<(u64, u64)> {
+    let Ok(iomem) = std::fs::read_to_string(root.join("proc/iomem")) else {
+        return Vec::new();
+    };
+    iomem
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| {
+            let (range, what) = l.split_once(" : ")?;
+            if !what.starts_with("Persistent Memory") {
+                return None;
+            }
+            let (s, e) = range.split_once('-')?;
+            let (s, e) = (
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            );
+            (e != 0).then_some((s >> 12, (e + 1) >> 12))
+        })
+        .collect()
+}
+
+/// The device whose binding a mapping's file belonged to, when that binding is gone: a
+/// device-dax node that is gone or was replaced by a new binding's (another inode), or a
+/// file whose superblock's block device no longer exists. The last is the robust signal
+/// for a rebound fsdax device: the departed superblock keeps its block device open, so the
+/// kernel does not hand its number to the new binding, and /proc/PID/maps goes on naming
+/// it; the mount table may not (the mount can be detached).
+///
+/// `dax_evidence`: for a file whose device number is gone, whether it must also be under a
+/// DAX mount to count (true when the page tables are not read: a plain file on a pulled
+/// disk looks the same in /proc/PID/maps).
+fn departed_file(
+    topo: &Topology,
+    b: &Bindings,
+    v: &crate::holders::scan::Vma,
+    dax_evidence: bool,
+) -> Option<String> {
+    if let Some(rest) = v.path.strip_prefix("/dev/dax") {
+        let (name, deleted) = match rest.strip_suffix(" (deleted)") {
+            Some(n) => (format!("dax{n}"), true),
+            None => (format!("dax{rest}"), false),
+        };
         let live = topo.namespaces.iter().any(|n| {
             n.enabled
                 && n.chardev
                     .as_ref()
-                    .is_some_and(|(c, _)| c.strip_prefix("dax") == Some(name))
+                    .is_some_and(|(c, _)| c.strip_prefix("dax") == name.strip_prefix("dax"))
         });
-        return (!live).then(|| format!("dax{name}"));
+        if !live {
+            return Some(name);
+        }
+        let replaced = deleted
+            || b.dax_nodes
+                .get(&name)
+                .is_some_and(|&(dev, ino)| (dev, ino) != (v.dev, v.ino));
+        return replaced.then(|| format!("{name}, an earlier binding"));
     }
-    let m = topo.mount_of_dev(v.dev)?;
-    if !m.dax.is_dax() {
-        return None;
+    let mount = topo.mount_of_dev(v.dev).filter(|m| m.dax.is_dax());
+    let name = || {
+        mount
+            .map(|m| m.source.trim_start_matches("/dev/").to_string())
+            .unwrap_or_else(|| format!("device {}", v.dev))
+    };
+    if v.dev.major != 0 && !b.live_blocks.is_empty() && !b.live_blocks.contains(&v.dev) {
+        if dax_evidence && mount.is_none() {
+            return None;
+        }
+        return Some(format!("{} (its block device {} is gone)", name(), v.dev));
     }
-    let live = topo.namespace_of_block(v.dev).is_some_and(|n| n.enabled);
-    (!live).then(|| m.source.trim_start_matches("/dev/").to_string())
+    mount?;
+    // On dm over pmem: departed when any member did.
+    let live = topo.live_dax_block(v.dev);
+    (!live).then(name)
+}
+
+/// Every mapping of a binding of `device` (`pmem0`, `dax0.0`) that is gone, from
+/// /proc/PID/maps alone (no page table is read): what a monitor names when that device
+/// comes back. A file's old binding is named by its (DAX) mount's source, which keeps the
+/// device's name; mappings of other gone bindings are not this device's.
+pub fn old_binding_vmas(
+    proc: &dyn Procfs,
+    topo: &Topology,
+    b: &Bindings,
+    device: &str,
+) -> Vec<(u32, crate::holders::scan::Vma)> {
+    let of_device = |v: &crate::holders::scan::Vma| match v.path.strip_prefix("/dev/") {
+        Some(rest) if rest.starts_with("dax") => rest.trim_end_matches(" (deleted)") == device,
+        _ => topo
+            .mount_of_dev(v.dev)
+            .is_some_and(|m| m.source.trim_start_matches("/dev/") == device),
+    };
+    let mut out = Vec::new();
+    for pid in proc.pids() {
+        let Ok(maps) = proc.maps(pid) else { continue };
+        for v in maps
+            .into_iter()
+            .filter(|v| v.ino != 0 || v.path.starts_with("/dev/dax"))
+        {
+            if of_device(&v) && departed_file(topo, b, &v, true).is_some() {
+                out.push((pid, v));
+            }
+        }
+    }
+    out
 }
 
 /// `read_page_tables`: false on kernels where reading a stale DAX mapping's page tables
@@ -132,6 +264,7 @@ fn departed_file(topo: &Topology, v: &crate::holders::scan::Vma) -> Option<Strin
 pub fn scan(
     proc: &dyn Procfs,
     topo: &Topology,
+    bindings: &Bindings,
     ranges: &[(u64, u64, String)],
     read_page_tables: bool,
 ) -> Vec<Stale> {
@@ -144,7 +277,8 @@ pub fn scan(
             .filter(|v| v.ino != 0 || v.path.starts_with("/dev/dax"))
         {
             let (s, e) = (v.start >> 12, v.end >> 12);
-            if !read_page_tables && let Some(dev) = departed_file(topo, v) {
+            let gone = departed_file(topo, bindings, v, !read_page_tables);
+            if !read_page_tables && let Some(dev) = gone.clone() {
                 found.push(Stale {
                     pid,
                     comm: comm.clone(),
@@ -158,29 +292,36 @@ pub fn scan(
                 });
                 continue;
             }
-            let Ok(pm) = proc.pagemap(pid, s, e - s) else {
+            let Ok(mut pm) = proc.pagemap(pid) else {
                 continue;
             };
+            let (s, e) = crate::holders::scan::walk_range(proc, pid, v);
             let mut runs: BTreeMap<u64, (u64, u64, String)> = BTreeMap::new();
-            for (i, &ent) in pm.iter().enumerate() {
-                let pfn = ent & ((1 << 55) - 1);
-                if ent & (1 << 63) == 0 || pfn == 0 {
-                    continue;
-                }
-                if let Some((_, _, name)) =
-                    ranges.iter().find(|(rs, re, _)| pfn >= *rs && pfn < *re)
-                {
-                    let vpage = s + i as u64;
+            // A mapping of a binding that is gone: every page of it in persistent memory is
+            // stale, even where the pfn belongs to a live device again (a rebound device
+            // hands those pfns to its new tenant).
+            let old_binding = gone.as_ref().map(|g| format!("{g} (old binding)"));
+            let walked = visit_present(pm.as_mut(), s, e, |vpage, pfn| {
+                let hit = ranges
+                    .iter()
+                    .find(|(rs, re, _)| pfn >= *rs && pfn < *re)
+                    .map(|(_, _, name)| name)
+                    .or(old_binding.as_ref().filter(|_| bindings.is_pmem(pfn)));
+                if let Some(name) = hit {
                     // Extend the previous run when contiguous.
                     if let Some((&start, (n, first, _))) = runs.iter_mut().next_back()
                         && start + *n == vpage
                         && *first + *n == pfn
                     {
                         *n += 1;
-                        continue;
+                    } else {
+                        runs.insert(vpage, (1, pfn, name.clone()));
                     }
-                    runs.insert(vpage, (1, pfn, name.clone()));
                 }
+                ControlFlow::Continue(())
+            });
+            if walked.is_err() {
+                continue;
             }
             for (vpage, (n, pfn, name)) in runs {
                 found.push(Stale {
@@ -210,8 +351,10 @@ pub fn run(src: &KernelSource, json: bool, departed_file: &Path) -> anyhow::Resu
         .into());
     }
     let topo = Topology::read(root);
-    let recorded: Vec<Departed> = std::fs::read(departed_file)
+    let recorded: Vec<Departed> = crate::fsutil::read_root_owned(departed_file)
+        .map_err(|e| eprintln!("warning: departed devices: {e}"))
         .ok()
+        .flatten()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let ranges = departed_ranges(root, &topo, &recorded);
@@ -220,16 +363,30 @@ pub fn run(src: &KernelSource, json: bool, departed_file: &Path) -> anyhow::Resu
     let devmap = probe::collect_facts(src)
         .map(|f| f.btf.has_typedef("pfn_t"))
         .unwrap_or(false);
-    let stale = scan(&LiveProc::new(root), &topo, &ranges, devmap);
+    let bindings = Bindings::read(root, &topo);
+    let stale = scan(&LiveProc::new(root), &topo, &bindings, &ranges, devmap);
+    // Findings go to the incident history too; failing that is said, not fatal.
+    if !stale.is_empty() {
+        let path = crate::history::db_path(None);
+        let found = crate::history::stale_incidents(&stale);
+        if let Err(e) = crate::history::db::record_now(&path, &found) {
+            eprintln!("warning: incident history: not recorded: {e}");
+        }
+    }
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer(
-            &mut out,
-            &serde_json::json!({
-                "departed_ranges": ranges.iter().map(|(s, e, n)| serde_json::json!({"first_pfn": s, "end_pfn": e, "device": n})).collect::<Vec<_>>(),
-                "stale": stale,
-            }),
-        )?;
+        let line = Line::Audit(Audit {
+            departed_ranges: ranges
+                .iter()
+                .map(|(s, e, n)| DepartedRange {
+                    first_pfn: *s,
+                    end_pfn: *e,
+                    device: n.clone(),
+                })
+                .collect(),
+            stale: stale.clone(),
+        });
+        serde_json::to_writer(&mut out, &line)?;
         writeln!(out)?;
     } else if stale.is_empty() {
         writeln!(
@@ -264,4 +421,190 @@ pub fn run(src: &KernelSource, json: bool, departed_file: &Path) -> anyhow::Resu
         return Err(Failure::new(Code::Findings, String::new()).into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        holders::scan::Vma,
+        os::fake::{self, DEV, END_PFN, FIRST_PFN, FakeOs, FakeProc},
+    };
+
+    /// The new binding's block device number: the departed superblock still holds pmem0's
+    /// old one (259:0, which the fake holder's file is on).
+    const NEW: DevId = DevId {
+        major: 259,
+        minor: 1,
+    };
+
+    /// pmem0 unbound and bound again: live on the same range under a new device number,
+    /// the old ext4 still in the mount table.
+    fn rebound() -> (Topology, Bindings) {
+        let mut t = fake::topology(&["/mnt/pmem0"]);
+        t.namespaces[0].block = Some(("pmem0".into(), NEW));
+        let b = Bindings {
+            live_blocks: [NEW, DevId { major: 8, minor: 0 }].into(),
+            dax_nodes: BTreeMap::new(),
+            pmem: vec![(FIRST_PFN, END_PFN)],
+        };
+        (t, b)
+    }
+
+    fn holder() -> FakeOs {
+        FakeOs::new(&[(150, FakeProc::holder("db", 1000))], &["/mnt/pmem0"])
+    }
+
+    #[test]
+    fn a_mapping_into_a_rebound_device_is_stale_though_its_pfns_are_live() {
+        let (t, b) = rebound();
+        let os = holder();
+        let ranges = departed_ranges(Path::new("/nonexistent"), &t, &[]);
+        assert!(ranges.is_empty(), "the range is live again: {ranges:?}");
+        let found = scan(&os, &t, &b, &ranges, true);
+        assert_eq!(found.len(), 1, "{found:?}");
+        let s = &found[0];
+        assert_eq!((s.pid, s.pages, s.verified), (150, 4, true));
+        assert_eq!(s.first_pfn, FIRST_PFN + 150 * 4);
+        assert!(
+            s.former_device.contains("pmem0") && s.former_device.contains("old binding"),
+            "{s:?}"
+        );
+        // Without page tables (7.x): the whole mapping, from /proc/PID/maps.
+        let found = scan(&os, &t, &b, &ranges, false);
+        assert_eq!(found.len(), 1);
+        assert!(!found[0].verified);
+        // Even with the old mount detached, the device number alone says it when the page
+        // tables are read (the pfns are persistent memory).
+        let mut detached = t.clone();
+        detached.mounts.clear();
+        let found = scan(&os, &detached, &b, &ranges, true);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].former_device.contains("259:0 is gone"),
+            "{found:?}"
+        );
+        // ... but not from /proc/PID/maps alone (a file on a pulled plain disk looks alike).
+        assert!(scan(&os, &detached, &b, &ranges, false).is_empty());
+    }
+
+    #[test]
+    fn a_live_binding_and_plain_memory_are_not_stale() {
+        let (mut t, mut b) = rebound();
+        let os = holder();
+        // pmem0 never left: its device number is the holder's.
+        t.namespaces[0].block = Some(("pmem0".into(), DEV));
+        b.live_blocks.insert(DEV);
+        assert!(scan(&os, &t, &b, &[], true).is_empty());
+        // A file on a gone device whose pages are not persistent memory (page cache).
+        let (t, mut b) = rebound();
+        b.pmem.clear();
+        let mut detached = t.clone();
+        detached.mounts.clear();
+        assert!(scan(&os, &detached, &b, &[], true).is_empty());
+        // /sys/dev/block unreadable: no judgement on device numbers.
+        let (t, mut b) = rebound();
+        b.live_blocks.clear();
+        assert!(scan(&os, &detached_of(&t), &b, &[], true).is_empty());
+    }
+
+    /// What a monitor names when pmem0 comes back: the mappings of pmem0's old binding,
+    /// not those of another device's gone binding.
+    #[test]
+    fn the_old_binding_of_a_device_is_that_devices_alone() {
+        let (t, b) = rebound();
+        let os = holder();
+        let found = old_binding_vmas(&os, &t, &b, "pmem0");
+        assert_eq!(found.iter().map(|(p, _)| *p).collect::<Vec<_>>(), [150]);
+        assert!(old_binding_vmas(&os, &t, &b, "pmem1").is_empty());
+        // A live binding has no old mappings.
+        let (mut t, mut b) = (t, b);
+        t.namespaces[0].block = Some(("pmem0".into(), DEV));
+        b.live_blocks.insert(DEV);
+        assert!(old_binding_vmas(&os, &t, &b, "pmem0").is_empty());
+    }
+
+    fn detached_of(t: &Topology) -> Topology {
+        let mut d = t.clone();
+        d.mounts.clear();
+        d
+    }
+
+    fn devdax_vma(path: &str, dev: DevId, ino: u64) -> Vma {
+        Vma {
+            start: 0x7f00_0000_0000,
+            end: 0x7f00_0020_0000,
+            shared: true,
+            write: true,
+            offset: 0,
+            dev,
+            ino,
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn a_mapping_of_an_earlier_dev_dax_node_is_of_a_gone_binding() {
+        let tmpfs = DevId { major: 0, minor: 5 };
+        let mut t = fake::topology(&[]);
+        t.namespaces[0].mode = Mode::Devdax;
+        t.namespaces[0].block = None;
+        t.namespaces[0].chardev = Some((
+            "dax0.0".into(),
+            DevId {
+                major: 252,
+                minor: 0,
+            },
+        ));
+        let mut b = Bindings::default();
+        b.dax_nodes.insert("dax0.0".into(), (tmpfs, 400));
+        // The current node.
+        let v = devdax_vma("/dev/dax0.0", tmpfs, 400);
+        assert_eq!(departed_file(&t, &b, &v, true), None);
+        // The node of an earlier binding: another inode, or unlinked.
+        let v = devdax_vma("/dev/dax0.0", tmpfs, 399);
+        assert_eq!(
+            departed_file(&t, &b, &v, true).as_deref(),
+            Some("dax0.0, an earlier binding")
+        );
+        let v = devdax_vma("/dev/dax0.0 (deleted)", tmpfs, 399);
+        assert_eq!(
+            departed_file(&t, &b, &v, false).as_deref(),
+            Some("dax0.0, an earlier binding")
+        );
+        // Not bound at all.
+        t.namespaces[0].enabled = false;
+        assert_eq!(departed_file(&t, &b, &v, true).as_deref(), Some("dax0.0"));
+    }
+
+    #[test]
+    fn bindings_are_read_from_sysfs_dev_and_iomem() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("sys/dev/block/259:1")).unwrap();
+        std::fs::create_dir_all(root.join("sys/dev/block/8:0")).unwrap();
+        std::fs::create_dir_all(root.join("dev")).unwrap();
+        std::fs::write(root.join("dev/dax0.0"), "").unwrap();
+        std::fs::create_dir_all(root.join("proc")).unwrap();
+        std::fs::write(
+            root.join("proc/iomem"),
+            "00000000-00000fff : Reserved\n140000000-15fffffff : Persistent Memory\n  \
+             140000000-15fffffff : namespace1.0\n",
+        )
+        .unwrap();
+        let mut t = fake::topology(&[]);
+        t.namespaces[0].chardev = Some((
+            "dax0.0".into(),
+            DevId {
+                major: 252,
+                minor: 0,
+            },
+        ));
+        let b = Bindings::read(root, &t);
+        assert_eq!(b.live_blocks, [NEW, DevId { major: 8, minor: 0 }].into());
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(root.join("dev/dax0.0")).unwrap().ino();
+        assert_eq!(b.dax_nodes["dax0.0"].1, ino);
+        assert!(b.is_pmem(FIRST_PFN) && b.is_pmem(0x14_0000) && !b.is_pmem(0x16_0000));
+    }
 }

@@ -32,6 +32,8 @@ struct Report {
     concerns: Vec<ConcernReport>,
     dax_namespaces: usize,
     dax_mounts: usize,
+    /// Device-dax personalities this kernel offers, and what can be observed of each.
+    dax_personalities: Vec<crate::topology::personality::Personality>,
     /// What this kernel does, read off its BTF (scenario expectations and the README's
     /// support matrix use these).
     kernel_facts: KernelFactsReport,
@@ -100,7 +102,10 @@ pub fn run(src: &KernelSource, json: bool) -> anyhow::Result<()> {
         None
     };
 
-    let report = build(&facts, &plan, attempt.as_ref(), &Topology::read(&src.root));
+    let topo = Topology::read(&src.root);
+    let mut report = build(&facts, &plan, attempt.as_ref(), &topo);
+    report.dax_personalities =
+        crate::topology::personality::personalities(&src.root, &facts.release, &topo);
     let mut out = std::io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, &report)?;
@@ -203,6 +208,7 @@ fn build(
             })
             .count(),
         dax_mounts: topo.mounts.iter().filter(|m| m.dax.is_dax()).count(),
+        dax_personalities: Vec::new(),
         kernel_facts: KernelFactsReport {
             mf_mem_pre_remove: facts
                 .btf
@@ -251,11 +257,35 @@ fn write_text(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
             None => "unknown (securityfs not mounted)".to_string(),
         }
     )?;
+    writeln!(out, "unbind guard {}", guard_line(r))?;
     writeln!(
         out,
         "DAX         {} fsdax/devdax namespace(s), {} DAX mount(s)",
         r.dax_namespaces, r.dax_mounts
     )?;
+    if !r.dax_personalities.is_empty() {
+        writeln!(out, "\ndevice-dax personalities (dax bus drivers)")?;
+    }
+    for p in &r.dax_personalities {
+        writeln!(
+            out,
+            "  {:<14} {}{}{}",
+            p.driver,
+            p.mode,
+            if p.loaded { "" } else { " (module not loaded)" },
+            if p.devices.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", p.devices.join(", "))
+            }
+        )?;
+        for o in &p.observable {
+            writeln!(out, "     + {o}")?;
+        }
+        for o in &p.not_observable {
+            writeln!(out, "     - not observable: {o}")?;
+        }
+    }
     writeln!(
         out,
         "\n{}",
@@ -293,4 +323,32 @@ fn write_text(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
         out,
         "\n  * chosen   + available   ! failed to attach   - missing on this kernel"
     )
+}
+
+/// Whether policy `guard = "refuse-unbind"` can work here, and what it covers.
+fn guard_line(r: &Report) -> String {
+    let c = r
+        .concerns
+        .iter()
+        .find(|c| c.concern == crate::probe::plan::Concern::UnbindGuard);
+    let usable = c.and_then(|c| {
+        c.candidates
+            .iter()
+            .find(|x| matches!(x.status, "chosen" | "available"))
+    });
+    match (c, usable) {
+        (_, Some(x)) => format!(
+            "available ({}): guard = \"refuse-unbind\" refuses (EBUSY) writes to the nd/dax \
+             drivers' unbind files naming a guarded device with holders (echo > unbind, ndctl \
+             disable-namespace/disable-region, daxctl disable-device); not covered: rmmod of \
+             a driver, ndbus/nfit and DIMM unbinds, io_uring/splice writes are refused blind",
+            x.label
+        ),
+        (c, None) => format!(
+            "UNAVAILABLE: {}; a policy with guard = \"refuse-unbind\" only warns here and \
+             unbinds go through",
+            c.and_then(|c| c.candidates.iter().find_map(|x| x.reason.clone()))
+                .unwrap_or_else(|| "no candidate".into())
+        ),
+    }
 }

@@ -2,16 +2,19 @@
 
 use std::{
     io::{BufWriter, Write},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
     time::Duration,
 };
 
-use serde::Serialize;
-
 use crate::{
-    agent::{self, Agent, Output},
-    event::{Event, Fault},
-    incident::Report,
-    probe::{KernelSource, plan::Concern},
+    agent::{self, Agent},
+    event::Fault,
+    probe::KernelSource,
+    schema::Line,
 };
 
 pub struct Options {
@@ -21,50 +24,41 @@ pub struct Options {
     pub agent: agent::Options,
 }
 
-/// First line of `--json` output: what is attached.
-#[derive(Serialize)]
-struct Attached<'a> {
-    r#type: &'static str,
-    kernel: &'a str,
-    hooks: Vec<HookLine>,
-    holders: usize,
-    holder_pages: u64,
-}
-
-#[derive(Serialize)]
-struct HookLine {
-    concern: Concern,
-    chosen: Option<&'static str>,
-    userspace: bool,
-}
-
 pub async fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
     let mut agent = Agent::start(src, &opts.agent)?;
     announce(&agent, opts.json);
 
-    let mut out = BufWriter::new(std::io::stdout().lock());
+    let out = StdoutQueue::new(std::io::stdout(), STDOUT_QUEUE);
     let json = opts.json;
-    let mut sink = |o: Output| -> anyhow::Result<()> {
+    let enforce = opts.agent.enforce;
+    let mut sink = |o: Line| -> anyhow::Result<()> {
         if json {
-            serde_json::to_writer(&mut out, &o)?;
-            writeln!(out)?;
-        } else if o.is_state() {
-            return Ok(());
-        } else {
-            writeln!(out, "{}", format_output(&o))?;
+            out.push(o.to_json());
+        } else if !o.is_state() {
+            out.push(format_output(&o));
         }
-        // Whoever reads us (a pipe, a file, a terminal) sees each event promptly.
-        out.flush()?;
-        Ok(())
+        // Enforcement outlives a broken stdout; a plain monitor (`| head`) ends with it.
+        match out.failure() {
+            Some(e) if !enforce => anyhow::bail!("cannot write to stdout: {e}"),
+            _ => Ok(()),
+        }
     };
-    agent.run(opts.duration, &mut sink).await?;
+    let ran = agent.run(opts.duration, &mut sink).await;
     let summary = agent.summary();
-    if json {
-        serde_json::to_writer(&mut out, &summary)?;
-        writeln!(out)?;
+    if json && ran.is_ok() {
+        out.push(Line::Summary(summary.clone()).to_json());
     }
-    out.flush()?;
-    drop(out);
+    let (lost, failure) = out.finish(Duration::from_secs(5));
+    if lost > 0 {
+        eprintln!(
+            "dax-probe: warning: {lost} output line(s) were not printed: stdout did not keep              up{}",
+            failure
+                .as_deref()
+                .map(|e| format!(" (it failed: {e})"))
+                .unwrap_or_default()
+        );
+    }
+    ran?;
     if !json {
         eprintln!(
             "dax-probe: {} events ({} faults) in {:.1} s; {} dropped (ring buffer full), \
@@ -93,31 +87,94 @@ pub async fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Lines waiting for stdout: about a minute of a busy machine.
+const STDOUT_QUEUE: usize = 65536;
+
+/// Lines on their way to stdout. The agent hands them over without waiting and a thread
+/// writes them, so a stdout nobody drains (`monitor --enforce | sleep 1e6`) or one that
+/// fails (EPIPE, ENOSPC) never holds the event loop. A line that does not fit in the queue
+/// is counted as lost; after a write error the rest are discarded and counted.
+pub struct StdoutQueue {
+    tx: Option<SyncSender<String>>,
+    lost: Arc<AtomicU64>,
+    failed: Arc<Mutex<Option<String>>>,
+    done: Receiver<()>,
+}
+
+impl StdoutQueue {
+    pub fn new<W: Write + Send + 'static>(w: W, cap: usize) -> Self {
+        let (tx, rx) = sync_channel::<String>(cap);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let lost = Arc::new(AtomicU64::new(0));
+        let failed: Arc<Mutex<Option<String>>> = Arc::default();
+        let (lost2, failed2) = (lost.clone(), failed.clone());
+        std::thread::Builder::new()
+            .name("dax-probe-stdout".into())
+            .spawn(move || {
+                let mut w = BufWriter::new(w);
+                let mut broken = false;
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    if broken {
+                        lost2.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        continue;
+                    }
+                    let res = batch
+                        .iter()
+                        .try_for_each(|l| writeln!(w, "{l}"))
+                        // Whoever reads us (a pipe, a file, a terminal) sees each event
+                        // promptly: flushed whenever the queue is empty.
+                        .and_then(|()| w.flush());
+                    if let Err(e) = res {
+                        broken = true;
+                        lost2.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        *failed2.lock().unwrap() = Some(e.to_string());
+                    }
+                }
+                let _ = done_tx.send(());
+            })
+            .expect("spawn the stdout writer");
+        Self {
+            tx: Some(tx),
+            lost,
+            failed,
+            done,
+        }
+    }
+
+    /// Queues one line (without its newline); never waits.
+    pub fn push(&self, line: String) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                if self.lost.fetch_add(1, Ordering::Relaxed) == 0 {
+                    log::warn!("stdout does not keep up: output lines are being dropped");
+                }
+            }
+        }
+    }
+
+    /// Why writing failed, once it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap().clone()
+    }
+
+    /// Lets the writer empty the queue for at most `wait` (a stdout nobody reads must not
+    /// keep the agent from exiting); returns the lines lost and the write error, if any.
+    pub fn finish(mut self, wait: Duration) -> (u64, Option<String>) {
+        drop(self.tx.take());
+        let _ = self.done.recv_timeout(wait);
+        (self.lost.load(Ordering::Relaxed), self.failure())
+    }
+}
+
 fn announce(agent: &Agent, json: bool) {
     let session = &agent.session;
     let userspace_pfn = session.pfn_from_userspace();
     if json {
-        let line = Attached {
-            r#type: "attached",
-            kernel: &session.facts.release,
-            holders: agent.applier.map.holder_count(),
-            holder_pages: agent
-                .applier
-                .map
-                .holders()
-                .map(|(h, _)| agent.applier.map.pages_of(h))
-                .sum(),
-            hooks: session
-                .probe
-                .choices
-                .iter()
-                .map(|c| HookLine {
-                    concern: c.concern,
-                    chosen: c.chosen,
-                    userspace: c.userspace,
-                })
-                .collect(),
-        };
+        let line = agent.attached_line();
         // The attached line goes out before any event, so a reader knows we are live.
         let mut stdout = std::io::stdout().lock();
         let _ = serde_json::to_writer(&mut stdout, &line);
@@ -140,7 +197,7 @@ fn announce(agent: &Agent, json: bool) {
         "dax-probe: watching DAX mappings on {} ({}); {} holders found; Ctrl-C to stop",
         session.facts.release,
         hooks.join(", "),
-        agent.applier.map.holder_count()
+        agent.state().applier.map.holder_count()
     );
     for c in &session.probe.choices {
         for (label, why) in &c.failed {
@@ -160,10 +217,10 @@ fn announce(agent: &Agent, json: bool) {
 }
 
 /// One text line per output.
-pub fn format_output(o: &Output) -> String {
+pub fn format_output(o: &Line) -> String {
     match o {
-        Output::Event(Event::Fault(f)) => format_fault(f),
-        Output::Event(Event::Zap(z)) => format!(
+        Line::Fault(f) => format_fault(f),
+        Line::Zap(z) => format!(
             "{} {} {}/{} {:<15} dev={} ino={} addr={:#x}-{:#x} ({} pages){}",
             stamp(z.ts_ns),
             if z.cow { "cow  " } else { "unmap" },
@@ -183,14 +240,14 @@ pub fn format_output(o: &Output) -> String {
                 ""
             }
         ),
-        Output::Event(Event::Fork(f)) => format!(
+        Line::Fork(f) => format!(
             "{} fork  {} {:<15} child {}",
             stamp(f.ts_ns),
             f.parent_tgid,
             f.comm,
             f.child_tgid
         ),
-        Output::Event(Event::Mremap(m)) => format!(
+        Line::Mremap(m) => format!(
             "{} mremap {} {:<15} {:#x}+{:#x} -> {:#x}+{:#x}",
             stamp(m.ts_ns),
             m.tgid,
@@ -200,15 +257,14 @@ pub fn format_output(o: &Output) -> String {
             m.new_addr,
             m.new_len
         ),
-        Output::Report(r) => format_report(r),
-        Output::Action(a) => {
-            let a = &a.action;
+        Line::Enforcement(a) => {
             format!(
-                "enforce {} {} {} ({}) on {}: {}{}",
+                "enforce {} {} {} ({}{}) on {}: {}{}",
                 a.action,
                 a.signal.as_deref().unwrap_or("-"),
                 a.pid,
                 a.comm,
+                super::holders::in_workload(a.pod_uid.as_deref(), a.container.as_ref()),
                 a.device,
                 a.reason,
                 a.since_departure_us
@@ -216,7 +272,7 @@ pub fn format_output(o: &Output) -> String {
                     .unwrap_or_default()
             )
         }
-        Output::Event(Event::Device(d)) => format!(
+        Line::Device(d) => format!(
             "{} device {:?} {} driver {} bus {} by {} {}",
             stamp(d.ts_ns),
             d.phase,
@@ -226,25 +282,27 @@ pub fn format_output(o: &Output) -> String {
             d.tgid,
             d.comm
         ),
-        Output::Event(e) => format!("{e:?}"),
-        Output::Hooks(h) => format!(
+        Line::HooksChanged(h) => format!(
             "hooks: {}: now {} (was {}): a module loaded after the agent started",
-            h.upgrade.concern.name(),
-            h.upgrade.chosen,
-            h.upgrade.was.unwrap_or("unavailable")
+            h.concern.name(),
+            h.chosen,
+            h.was.as_deref().unwrap_or("unavailable")
         ),
-        Output::Topology(t) => format!(
+        Line::Topology(t) => format!(
             "topology: {} namespace(s), {} mount(s)",
-            t.topology.namespaces.len(),
-            t.topology.mounts.len()
+            t.namespaces.len(),
+            t.mounts.len()
         ),
-        Output::Holders(h) => format!("holders ({}): {} row(s)", h.reason, h.rows.len()),
-        Output::File(f) => format!("file {}:{} = {}", f.dev, f.ino, f.path),
-        Output::Dropped(d) => format!("{} events lost so far (ring buffer full)", d.dropped),
-        Output::Reconcile(r) => format!(
+        Line::Holders(h) => format!("holders ({}): {} row(s)", h.reason.as_str(), h.rows.len()),
+        Line::File(f) => format!("file {}:{} = {}", f.dev, f.ino, f.path),
+        Line::Dropped(d) => format!("{} events lost so far (ring buffer full)", d.dropped),
+        Line::Reconcile(r) => format!(
             "reconcile ({}): {} holders; corrected {} missing and {} extra pages",
-            r.reconcile.reason, r.reconcile.holders, r.reconcile.missing, r.reconcile.extra
+            r.reason, r.holders, r.missing, r.extra
         ),
+        // Lines the agent loop does not produce (the monitor prints `attached` and
+        // `summary` itself; drain and audit print theirs).
+        other => format_report(other).unwrap_or_else(|| other.to_json()),
     }
 }
 
@@ -255,20 +313,21 @@ fn holders_line(rows: &[crate::holders::query::HolderRow]) -> String {
     rows.iter()
         .map(|r| {
             format!(
-                "{} {} ({} pages of {})",
+                "{} {} ({} pages of {}){}",
                 r.pid,
                 r.comm,
                 r.pages,
-                r.file.as_deref().unwrap_or("?")
+                r.file.as_deref().unwrap_or("?"),
+                super::holders::in_workload(r.pod_uid.as_deref(), r.container.as_ref())
             )
         })
         .collect::<Vec<_>>()
         .join("; ")
 }
 
-fn format_report(r: &Report) -> String {
-    match r {
-        Report::DeviceDeparting {
+fn format_report(r: &Line) -> Option<String> {
+    Some(match r {
+        Line::DeviceDeparting {
             ts_ns,
             device,
             namespaces,
@@ -277,23 +336,36 @@ fn format_report(r: &Report) -> String {
             driver,
             holders,
             holder_pages,
+            synthesised,
             ..
         } => format!(
-            "{} DEVICE DEPARTING {device} ({}) unbound from {driver} by {by_pid} {by_comm}: \
-             {} holder(s), {holder_pages} pages: {}",
+            "{} DEVICE DEPARTING {device} ({}) {}: {} holder(s), {holder_pages} pages: {}",
             stamp(*ts_ns),
             namespaces.join(","),
+            if *synthesised {
+                "gone from sysfs without a departure event (seen by the agent's topology \
+                 re-read, after the fact)"
+                    .to_string()
+            } else {
+                format!("unbound from {driver} by {by_pid} {by_comm}")
+            },
             holders.len(),
             holders_line(holders)
         ),
-        Report::DeviceGone {
+        Line::DeviceGone {
             ts_ns,
             device,
             still_mapped,
             took_ms,
+            synthesised,
         } => format!(
-            "{} DEVICE GONE {device} after {took_ms:.1} ms{}",
+            "{} DEVICE GONE {device} after {took_ms:.1} ms{}{}",
             stamp(*ts_ns),
+            if *synthesised {
+                " (seen in sysfs: no kernel hook reported the end)"
+            } else {
+                ""
+            },
             if still_mapped.is_empty() {
                 String::new()
             } else {
@@ -303,23 +375,61 @@ fn format_report(r: &Report) -> String {
                 )
             }
         ),
-        Report::DaxShutOff { ts_ns, device } => format!(
+        Line::DeviceRebound {
+            ts_ns,
+            device,
+            namespace,
+            old_binding,
+            old_binding_pages,
+            ..
+        } => format!(
+            "{} DEVICE REBOUND {device} ({namespace}) while {} holder(s) map its old binding,              {old_binding_pages} pages (they read whatever the new binding stores there;              `dax-probe audit` names the pages): {}",
+            stamp(*ts_ns),
+            old_binding.len(),
+            holders_line(old_binding)
+        ),
+        Line::DeviceReconfiguring {
+            ts_ns,
+            device,
+            mode,
+            driver,
+            by_pid,
+            by_comm,
+            holders,
+            holder_pages,
+            ..
+        } => format!(
+            "{} DEVICE RECONFIGURING {device} ({mode}): {driver} unbound by {by_pid} {by_comm},              the namespace stays (a change of personality, not a departure){}",
+            stamp(*ts_ns),
+            if holders.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; the kernel zapped {} holder(s)' {holder_pages} pages, their next access                      faults: {}",
+                    holders.len(),
+                    holders_line(holders)
+                )
+            }
+        ),
+        Line::DaxShutOff { ts_ns, device } => format!(
             "{} DAX access shut off for {}",
             stamp(*ts_ns),
             device.as_deref().unwrap_or("a device")
         ),
-        Report::FsNotified { ts_ns, meaning, .. } => format!("{} {meaning}", stamp(*ts_ns)),
-        Report::MemoryFailure {
+        Line::FsNotified { ts_ns, meaning, .. } => format!("{} {meaning}", stamp(*ts_ns)),
+        Line::MemoryFailure {
             ts_ns,
             pfn,
             device,
             files,
             holders,
+            media_error,
             ..
         } => format!(
-            "{} MEMORY FAILURE pfn {pfn:#x} on {}: backs {}; held by {}",
+            "{} MEMORY FAILURE pfn {pfn:#x} on {}{}: backs {}; held by {}",
             stamp(*ts_ns),
             device.as_deref().unwrap_or("no known device"),
+            known_bad(media_error),
             files
                 .iter()
                 .map(|f| format!("{}@{:#x}", f.path.as_deref().unwrap_or("?"), f.offset))
@@ -327,7 +437,7 @@ fn format_report(r: &Report) -> String {
                 .join(", "),
             holders_line(holders)
         ),
-        Report::MemoryFailureResult {
+        Line::MemoryFailureResult {
             ts_ns,
             pfn,
             result,
@@ -342,22 +452,70 @@ fn format_report(r: &Report) -> String {
             signalled,
             not_signalled
         ),
-        Report::KernelSigbus { sigbus, cause } => format!(
-            "{} kernel SIGBUS {} to {} {} at {:#x}: {cause}",
+        Line::KernelSigbus {
+            sigbus,
+            cause,
+            media_error,
+        } => format!(
+            "{} kernel SIGBUS {} to {} {} at {:#x}: {cause}{}",
             stamp(sigbus.ts_ns),
             sigbus.code,
             sigbus.pid,
             sigbus.comm,
-            sigbus.addr
+            sigbus.addr,
+            known_bad(media_error)
         ),
-        Report::MmapDenied { denied, device } => format!(
+        Line::MediaError(m) => format!("{} {}", stamp(m.ts_ns), m.summary()),
+        Line::MmapDenied { denied, device } => format!(
             "{} mmap DENIED {} {} on fenced {}",
             stamp(denied.ts_ns),
             denied.pid,
             denied.comm,
             device.as_deref().unwrap_or("device")
         ),
-    }
+        Line::UnbindRefused {
+            refused,
+            device,
+            cmdline,
+            holders,
+        } => format!(
+            "{} unbind REFUSED (EBUSY): {} {} ({}) wrote {:?} to {}/drivers/{}/unbind; {} has \
+             {} holder(s)",
+            stamp(refused.ts_ns),
+            refused.pid,
+            refused.comm,
+            cmdline.as_deref().unwrap_or("command line unknown"),
+            refused.written,
+            refused.bus,
+            refused.driver,
+            device.as_deref().unwrap_or("a guarded device"),
+            holders.len()
+        ),
+        Line::FenceSignal { sent, device } => format!(
+            "{} FENCE {} {} to {} {} faulting on fenced {}{}",
+            stamp(sent.ts_ns),
+            if sent.error.is_some() {
+                "could not send"
+            } else {
+                "sent"
+            },
+            sent.signal,
+            sent.pid,
+            sent.comm,
+            device.as_deref().unwrap_or("device"),
+            sent.error
+                .map(|e| format!(" ({})", std::io::Error::from_raw_os_error(e)))
+                .unwrap_or_default()
+        ),
+        _ => return None,
+    })
+}
+
+/// ` (on known-bad media pmem0 sectors 16+8)`, or nothing.
+fn known_bad(m: &Option<String>) -> String {
+    m.as_deref()
+        .map(|m| format!(" (on known-bad media {m})"))
+        .unwrap_or_default()
 }
 
 fn stamp(ts_ns: u64) -> String {
@@ -399,6 +557,64 @@ pub fn format_fault(f: &Fault) -> String {
             .unwrap_or_default(),
         f.result,
     )
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A stdout nobody reads: every write waits forever.
+    struct Stuck;
+    impl Write for Stuck {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            loop {
+                std::thread::park();
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A stdout whose reader went away.
+    struct Broken;
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    #[test]
+    fn a_stdout_nobody_reads_never_holds_the_agent() {
+        let q = StdoutQueue::new(Stuck, 8);
+        let t = Instant::now();
+        for i in 0..1000 {
+            q.push(format!("line {i}"));
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "pushing waited");
+        let t = Instant::now();
+        let (lost, failure) = q.finish(Duration::from_millis(100));
+        assert!(t.elapsed() < Duration::from_secs(2), "finishing waited");
+        // The writer holds one batch and the queue 8 lines: what did not fit is counted.
+        assert!(lost > 0 && lost < 1000, "{lost}");
+        assert_eq!(failure, None);
+    }
+
+    #[test]
+    fn a_broken_stdout_is_reported_and_the_rest_counted() {
+        let q = StdoutQueue::new(Broken, 64);
+        for i in 0..10 {
+            q.push(format!("line {i}"));
+        }
+        let (lost, failure) = q.finish(Duration::from_secs(5));
+        assert_eq!(lost, 10);
+        assert!(failure.is_some_and(|e| e.contains("roken pipe")));
+    }
 }
 
 #[cfg(test)]

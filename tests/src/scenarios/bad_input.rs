@@ -149,11 +149,11 @@ pub fn run(env: &Env, fs: &DaxFs) -> Result<Checked> {
     let out = m.stop()?;
     let s = out.summary().cloned().unwrap_or_default();
     let (events, faults, dropped, attempted, seen) = (
-        s["events"].as_u64().unwrap_or(0),
-        s["faults"].as_u64().unwrap_or(0),
-        s["dropped"].as_u64().unwrap_or(0),
-        s["events_attempted_by_kernel"].as_u64().unwrap_or(0),
-        s["faults_seen_by_kernel"].as_u64().unwrap_or(0),
+        s.events,
+        s.faults,
+        s.dropped,
+        s.events_attempted_by_kernel,
+        s.faults_seen_by_kernel,
     );
     c.check(
         "full ring: delivered + dropped = attempted, all 2048 faults seen",
@@ -163,14 +163,13 @@ pub fn run(env: &Env, fs: &DaxFs) -> Result<Checked> {
              faults seen {seen}, touched {touched}"
         ),
     );
-    let drift = s["drift_missing"].as_u64().unwrap_or(0) + s["drift_extra"].as_u64().unwrap_or(0);
+    let drift = s.drift_missing + s.drift_extra;
     c.check(
         "full ring: the holder map was repaired by a reconcile",
-        out.of_type("reconcile")
-            .any(|r| r["reason"] == "events lost"),
+        out.reconciles().any(|r| r.reason == "events lost"),
         format!(
             "drift corrected {drift} pages; reconcile lines: {}",
-            out.of_type("reconcile").count()
+            out.reconciles().count()
         ),
     );
     c.check(

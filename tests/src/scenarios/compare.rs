@@ -1,7 +1,7 @@
 //! Comparing the agent's fault events with pagemap ground truth. Pure functions, unit-tested
 //! on the host so a comparison bug cannot hide a VM failure.
 
-use serde_json::Value;
+use crate::agent::Fault;
 
 /// A range a workload touched, with what the kernel says backs each 4 KiB page.
 pub struct Expect {
@@ -43,24 +43,13 @@ impl Tally {
     }
 }
 
-fn dev_of(e: &Value) -> Option<(u32, u32)> {
-    Some((
-        e["dev"]["major"].as_u64()? as u32,
-        e["dev"]["minor"].as_u64()? as u32,
-    ))
-}
-
 /// Checks every page of `x` against the agent's fault events.
-pub fn tally(events: &[Value], x: &Expect) -> Tally {
+pub fn tally(events: &[Fault], x: &Expect) -> Tally {
     // Mapped fault events of this process, file and device, in arrival order.
-    let mine: Vec<&Value> = events
+    let mine: Vec<&Fault> = events
         .iter()
         .filter(|e| {
-            e["type"] == "fault"
-                && e["tgid"].as_u64() == Some(x.pid as u64)
-                && e["ino"].as_u64() == Some(x.ino)
-                && dev_of(e) == Some(x.dev)
-                && e["mapped"] == true
+            e.tgid == x.pid && e.ino == x.ino && (e.dev.major, e.dev.minor) == x.dev && e.mapped
         })
         .collect();
     let mut t = Tally::default();
@@ -77,13 +66,11 @@ pub fn tally(events: &[Value], x: &Expect) -> Tally {
         };
         t.pages += 1;
         // The latest event covering this page decides (a write after a read remaps).
-        let hit = mine.iter().enumerate().rev().find(|(_, e)| {
-            let (Some(start), Some(size)) = (e["page_address"].as_u64(), e["page_size"].as_u64())
-            else {
-                return false;
-            };
-            va >= start && va < start + size
-        });
+        let hit = mine
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, e)| va >= e.page_address && va < e.page_address + e.page_size);
         let Some((idx, e)) = hit else {
             t.missing += 1;
             if t.examples.len() < 5 {
@@ -93,8 +80,7 @@ pub fn tally(events: &[Value], x: &Expect) -> Tally {
             continue;
         };
         used.insert(idx);
-        let start = e["page_address"].as_u64().unwrap();
-        let size = e["page_size"].as_u64().unwrap();
+        let (start, size) = (e.page_address, e.page_size);
         if size != x.page_size {
             t.wrong_size += 1;
             if t.examples.len() < 5 {
@@ -104,7 +90,7 @@ pub fn tally(events: &[Value], x: &Expect) -> Tally {
                 ));
             }
         }
-        let agent_pfn = e["pfn"].as_u64().map(|p| p + (va - start) / 4096);
+        let agent_pfn = e.pfn.map(|p| p + (va - start) / 4096);
         if agent_pfn == Some(*truth) {
             t.matched += 1;
         } else {
@@ -123,13 +109,39 @@ pub fn tally(events: &[Value], x: &Expect) -> Tally {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use dax_probe::topology::DevId;
 
     use super::*;
 
-    fn ev(pid: u32, start: u64, size: u64, pfn: u64) -> Value {
-        json!({"type":"fault","tgid":pid,"ino":12,"dev":{"major":259,"minor":0},
-               "mapped":true,"page_address":start,"page_size":size,"pfn":pfn})
+    fn ev(pid: u32, start: u64, size: u64, pfn: u64) -> Fault {
+        Fault {
+            ts_ns: 0,
+            tgid: pid,
+            tid: pid,
+            comm: "w".into(),
+            dev: DevId {
+                major: 259,
+                minor: 0,
+            },
+            ino: 12,
+            offset: 0,
+            address: start,
+            page_address: start,
+            pfn: Some(pfn),
+            pfn_source: None,
+            page_size: size,
+            write: false,
+            mapped: true,
+            zero_page: false,
+            result: "NOPAGE".into(),
+            result_raw: 0x100,
+            vma_start: 0,
+            vma_end: 0,
+            shared: true,
+            device: None,
+            devdax: false,
+            mm: 0,
+        }
     }
 
     fn expect(truth: Vec<Option<u64>>, page_size: u64) -> Expect {

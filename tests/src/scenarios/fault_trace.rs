@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
+use dax_probe::probe::plan::Concern;
 use serde_json::json;
 
 use super::{
@@ -13,7 +14,7 @@ use super::{
     compare::{Expect, tally},
 };
 use crate::{
-    agent::Monitor,
+    agent::{Fault, Monitor},
     pagemap, pmem,
     puppet::{Huge, Puppet},
     sys,
@@ -85,20 +86,18 @@ fn trace(
     let out = monitor.stop()?;
 
     // Which hooks served the run (the attached line), against what the variant demands.
-    let attached = out.of_type("attached").next().cloned().unwrap_or_default();
-    let chosen = |concern: &str| -> String {
-        attached["hooks"]
-            .as_array()
-            .and_then(|h| h.iter().find(|x| x["concern"] == concern))
-            .and_then(|x| x["chosen"].as_str())
+    let chosen = |concern: Concern| -> String {
+        out.attached()
+            .and_then(|a| a.hooks.iter().find(|x| x.concern == concern))
+            .and_then(|x| x.chosen.as_deref())
             .unwrap_or("none")
             .to_string()
     };
-    let (fault_hook, pfn_hook) = (chosen("fault-done"), chosen("fault-pfn"));
+    let (fault_hook, pfn_hook) = (chosen(Concern::FaultDone), chosen(Concern::FaultPfn));
     let hooks_ok = want_fault_hook.is_none_or(|w| fault_hook.starts_with(w))
         && want_pfn_hook.is_none_or(|w| pfn_hook.starts_with(w));
 
-    let faults: Vec<_> = out.of_type("fault").cloned().collect();
+    let faults: Vec<Fault> = out.faults().cloned().collect();
     let t4 = tally(
         &faults,
         &Expect {
@@ -126,11 +125,11 @@ fn trace(
     // Every pfn the agent reported for this workload must be on the device.
     let mine: Vec<_> = faults
         .iter()
-        .filter(|e| e["tgid"].as_u64() == Some(pid as u64) && e["pfn"].is_u64())
+        .filter(|e| e.tgid == pid && e.pfn.is_some())
         .collect();
     let outside: Vec<u64> = mine
         .iter()
-        .filter_map(|e| e["pfn"].as_u64())
+        .filter_map(|e| e.pfn)
         .filter(|&pfn| !fs.dev.contains_pfn(pfn))
         .collect();
     let truth_outside = truth4
@@ -141,10 +140,9 @@ fn trace(
         .count();
     let named_device = mine
         .iter()
-        .filter(|e| e["device"].as_str() == Some(fs.dev.block.as_str()))
+        .filter(|e| e.device.as_deref() == Some(fs.dev.block.as_str()))
         .count();
-    let summary = out.summary().cloned().unwrap_or_default();
-    let dropped = summary["dropped"].as_u64().unwrap_or(u64::MAX);
+    let dropped = out.summary().map(|s| s.dropped).unwrap_or(u64::MAX);
 
     let passed = t4.perfect()
         && t2.perfect()

@@ -5,11 +5,12 @@
 use std::{os::fd::AsRawFd, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
+use dax_probe::probe::plan::Concern;
+use serde_json::json;
 
 use super::{Checked, Env, Target};
 use crate::{
-    agent::Monitor,
+    agent::{Line, Monitor},
     pmem,
     puppet::{Huge, Puppet},
     sys,
@@ -99,8 +100,8 @@ impl Steps {
                 .join("; "),
             counts: json!({
                 "steps": self.steps.iter().map(Step::json).collect::<Vec<_>>(),
-                "agent_drift": {"missing": summary["drift_missing"], "extra": summary["drift_extra"]},
-                "dropped": summary["dropped"],
+                "agent_drift": {"missing": summary.drift_missing, "extra": summary.drift_extra},
+                "dropped": summary.dropped,
             }),
             details,
         })
@@ -398,27 +399,33 @@ pub fn module_late(env: &Env, _t: Target) -> Result<Checked> {
     let attached = std::fs::read_to_string(&m.out)?;
     let before = attached
         .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["type"] == "attached")
-        .and_then(|v| {
-            v["hooks"]
-                .as_array()?
-                .iter()
-                .find(|h| h["concern"] == "devdax-fault")
-                .cloned()
+        .find_map(|l| match serde_json::from_str::<Line>(l) {
+            Ok(Line::Attached(a)) => Some(a),
+            _ => None,
         })
-        .unwrap_or_default();
+        .and_then(|a| {
+            a.hooks
+                .into_iter()
+                .find(|h| h.concern == Concern::DevdaxFault)
+        });
     sys::load_module(Path::new(&module))?;
     let back = sys::wait_for(Duration::from_secs(15), || Path::new(&dev).exists());
     let upgraded = sys::wait_for(Duration::from_secs(15), || {
         std::fs::read_to_string(&m.out)
-            .map(|t| t.contains("\"type\":\"hooks_changed\"") && t.contains("devdax-fault"))
+            .map(|t| {
+                t.lines().any(|l| {
+                    matches!(serde_json::from_str::<Line>(l),
+                        Ok(Line::HooksChanged(u)) if u.concern == Concern::DevdaxFault)
+                })
+            })
             .unwrap_or(false)
     });
     let mut s = Steps::new(env);
     s.require(
         "before device_dax loaded, device-dax faults had no kernel hook",
-        before["userspace"] == true || before["chosen"].is_null(),
+        before
+            .as_ref()
+            .is_none_or(|h| h.userspace || h.chosen.is_none()),
     );
     s.require(&format!("{dev} came back once device_dax loaded"), back);
     s.require(
@@ -437,6 +444,6 @@ pub fn module_late(env: &Env, _t: Target) -> Result<Checked> {
     s.check("device-dax mapped after device_dax loaded")?;
     p.exit()?;
     s.check("exited")?;
-    s.notes.push(format!("devdax hook before: {before}"));
+    s.notes.push(format!("devdax hook before: {before:?}"));
     s.done(m)
 }

@@ -2,11 +2,23 @@
 //! and reports an [`Outcome`] with the numbers it compared.
 
 pub mod bad_input;
+pub mod badblocks;
+pub mod cgroup_pod;
+pub mod clone_vm;
 pub mod compare;
 pub mod departure;
 pub mod fault_trace;
+pub mod fence;
+pub mod guard;
+pub mod history;
 pub mod holders;
+pub mod hostile;
+pub mod metrics;
+pub mod personality;
+pub mod rebind;
+pub mod stack;
 pub mod tui;
+pub mod tui_attach;
 
 use std::fmt;
 
@@ -142,14 +154,32 @@ const FS: &[Target] = &[Target::Ext4, Target::Xfs];
 ///   access to the nvdimm bus waits on it;
 /// - a holder killed during an unbind tears its mapping down while the device's memmap is
 ///   being freed: on 7.2 (DAX pages without devmap) an exit that loses that race oopses in
-///   `__zap_vma_range` (seen under host load; the enforcement normally wins it).
+///   `__zap_vma_range` (seen under host load; the enforcement normally wins it). That is
+///   why every scenario whose enforcement kills a holder during an unbind is here
+///   (unbind-enforce, never-wrong-target, hostile-unbind, clone-vm, metrics); a drain kills
+///   before it unbinds and needs no isolation.
 ///
-/// `all` leaves these out and the guest names them; the host boots once for each.
+/// `all` leaves these out and the guest names them; the host runs them in a boot of their
+/// own, in this order, and boots again for those a wedged bus kept from running.
 pub const ISOLATED: &[(&str, Target)] = &[
+    // In the order the host runs them in their shared boot: the ext4 ones first, since an
+    // xfs unbind that wedges the bus ends the boot for everything after it.
+    ("unbind-enforce", Target::Ext4),
+    ("rebind-leak", Target::Ext4),
+    ("devdax-reconfigure", Target::Devdax),
+    ("never-wrong-target", Target::Ext4),
+    ("hostile-unbind", Target::Ext4),
+    ("clone-vm", Target::Ext4),
+    ("metrics", Target::Ext4),
+    // A member of a dm stack unbound under its holders (ext4 on dm: no notify_failure).
+    ("dm-linear", Target::Ext4),
+    ("dm-striped", Target::Ext4),
+    // Unbinds a device under a live holder (the guard-off case).
+    ("guard", Target::Ext4),
     ("unbind-report", Target::Xfs),
     ("unbind-xfs-explain", Target::Xfs),
-    ("unbind-enforce", Target::Ext4),
-    ("never-wrong-target", Target::Ext4),
+    // Last: an xfs whose realtime device is unbound under it.
+    ("xfs-realtime", Target::Xfs),
 ];
 
 /// Whether `token` (from `daxprobe.scenario=`, comma list of `all`, `NAME` or
@@ -163,6 +193,43 @@ pub fn selects(tokens: &[&str], name: &str, t: Target) -> (bool, bool) {
     let broad = tokens.contains(&"all") || tokens.contains(&name);
     let isolated = ISOLATED.contains(&(name, t));
     (broad && !isolated, broad && isolated)
+}
+
+/// What a boot asked for `tokens` runs, in order: everything `all` or a name selects (in
+/// [`all`]'s order), then exact `NAME/TARGET` tokens in the order given (the host orders
+/// isolated ones); and the isolated targets left out, for the host to run apart.
+pub fn plan(tokens: &[&str]) -> (Vec<(&'static str, Target)>, Vec<String>) {
+    let scenarios = all();
+    let mut run: Vec<(&'static str, Target)> = Vec::new();
+    let mut left_out = Vec::new();
+    for s in &scenarios {
+        for &t in s.targets {
+            let exact = format!("{}/{t}", s.name);
+            if tokens.contains(&exact.as_str()) {
+                continue;
+            }
+            match selects(tokens, s.name, t) {
+                (true, _) => run.push((s.name, t)),
+                (false, true) => left_out.push(exact),
+                _ => {}
+            }
+        }
+    }
+    for tok in tokens {
+        for s in &scenarios {
+            for &t in s.targets {
+                if *tok == format!("{}/{t}", s.name) && !run.contains(&(s.name, t)) {
+                    run.push((s.name, t));
+                }
+            }
+        }
+    }
+    left_out.sort_by_key(|tok| {
+        ISOLATED
+            .iter()
+            .position(|(n, t)| format!("{n}/{t}") == *tok)
+    });
+    (run, left_out)
 }
 
 pub fn all() -> Vec<Scenario> {
@@ -243,6 +310,11 @@ pub fn all() -> Vec<Scenario> {
             run: holders::module_late,
         },
         Scenario {
+            name: "badblocks",
+            targets: FS,
+            run: badblocks::run,
+        },
+        Scenario {
             name: "audit-stale",
             targets: &[Target::Ext4],
             run: departure::audit_stale,
@@ -268,6 +340,11 @@ pub fn all() -> Vec<Scenario> {
             run: departure::drain,
         },
         Scenario {
+            name: "storm-unbind",
+            targets: &[Target::Ext4],
+            run: departure::storm_unbind,
+        },
+        Scenario {
             name: "never-wrong-target",
             targets: &[Target::Ext4],
             run: departure::never_wrong_target,
@@ -282,6 +359,85 @@ pub fn all() -> Vec<Scenario> {
             name: "hwpoison",
             targets: FS,
             run: departure::hwpoison,
+        },
+        Scenario {
+            name: "hostile-unbind",
+            targets: &[Target::Ext4],
+            run: hostile::run,
+        },
+        Scenario {
+            name: "killed-mid-action",
+            targets: &[Target::Ext4],
+            run: hostile::killed_mid_action,
+        },
+        Scenario {
+            name: "tui-attach",
+            targets: &[Target::Ext4],
+            run: tui_attach::run,
+        },
+        Scenario {
+            name: "history",
+            targets: &[Target::Ext4],
+            run: history::run,
+        },
+        Scenario {
+            name: "clone-vm",
+            targets: &[Target::Ext4],
+            run: clone_vm::run,
+        },
+        // After hwpoison: it uses a fresh device of its own (drained and unbound).
+        Scenario {
+            name: "fence-excluded",
+            targets: &[Target::Ext4],
+            run: fence::fence_excluded,
+        },
+        Scenario {
+            name: "cgroup-pod",
+            targets: &[Target::Ext4],
+            run: cgroup_pod::run,
+        },
+        Scenario {
+            name: "metrics",
+            targets: &[Target::Ext4],
+            run: |e, _| metrics::run(e),
+        },
+        // Stacks over two pmem members each (dm made with the agent's ioctl client).
+        Scenario {
+            name: "drain-stack",
+            targets: &[Target::Ext4],
+            run: |e, _| stack::drain_stack(e),
+        },
+        Scenario {
+            name: "dm-linear",
+            targets: &[Target::Ext4],
+            run: |e, _| stack::dm_unbind(e, stack::Kind::Linear),
+        },
+        Scenario {
+            name: "dm-striped",
+            targets: &[Target::Ext4],
+            run: |e, _| stack::dm_unbind(e, stack::Kind::Striped),
+        },
+        Scenario {
+            name: "xfs-realtime",
+            targets: &[Target::Xfs],
+            run: |e, _| stack::xfs_realtime(e),
+        },
+        // Isolated: it takes a device-dax device from device_dax and gives it to kmem.
+        Scenario {
+            name: "devdax-reconfigure",
+            targets: &[Target::Devdax],
+            run: personality::reconfigure,
+        },
+        // Isolated: it unbinds three devices and leaves their old holders behind.
+        Scenario {
+            name: "rebind-leak",
+            targets: &[Target::Ext4],
+            run: rebind::run,
+        },
+        Scenario {
+            name: "guard",
+            targets: &[Target::Ext4],
+            run: guard::run,
         },
     ]
 }
@@ -342,5 +498,29 @@ mod tests {
             (false, false)
         );
         assert_eq!(selects(&named, "drain", Target::Xfs), (false, false));
+    }
+
+    #[test]
+    fn a_plan_runs_exact_tokens_in_the_order_given_and_names_the_isolated() {
+        let (run, left) = plan(&["all"]);
+        assert!(run.contains(&("unbind-report", Target::Ext4)));
+        assert!(!run.iter().any(|r| ISOLATED.contains(r)));
+        let iso: Vec<String> = ISOLATED.iter().map(|(n, t)| format!("{n}/{t}")).collect();
+        assert_eq!(left, iso, "isolated listed in ISOLATED's order");
+        let (run, left) = plan(&["unbind-report/xfs", "unbind-enforce/ext4"]);
+        assert_eq!(
+            run,
+            vec![
+                ("unbind-report", Target::Xfs),
+                ("unbind-enforce", Target::Ext4)
+            ]
+        );
+        assert!(left.is_empty());
+        let (run, _) = plan(&["drain", "drain/xfs"]);
+        assert_eq!(
+            run,
+            vec![("drain", Target::Ext4), ("drain", Target::Xfs)],
+            "no target twice"
+        );
     }
 }

@@ -23,7 +23,7 @@ const MIB: u64 = 1 << 20;
 const TMUX: &str = "/sbin/tmux";
 const SESSION: &str = "dax-tui";
 
-fn tmux(args: &[&str]) -> Result<String> {
+pub(super) fn tmux(args: &[&str]) -> Result<String> {
     let out = Command::new(TMUX)
         .arg("-u") // UTF-8 even without a locale: the panes draw box characters
         .args(args)
@@ -79,7 +79,7 @@ fn replay_frame(file: &str, dev: &str) -> Result<(String, String)> {
 }
 
 /// (pid, comm, file, pages, page size) from a holders row; the age column is left out.
-fn row_key(row: &str) -> Vec<String> {
+pub(super) fn row_key(row: &str) -> Vec<String> {
     row.trim_matches(|c| c == '│' || c == ' ')
         .trim_start_matches('▸')
         .split_whitespace()

@@ -54,6 +54,17 @@ pub enum Source {
     },
 }
 
+/// Whose agent a live dashboard shows.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Link {
+    /// Its own, started because no monitor answered.
+    Own,
+    /// A running monitor's, through its control socket.
+    Attached(String),
+    /// The monitor it was attached to went away (why): nothing shown is live any more.
+    Gone(String),
+}
+
 /// What a drain of the selected device will do, shown before it starts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DrainPlan {
@@ -110,6 +121,8 @@ pub enum Command {
 pub struct App {
     pub snap: Snapshot,
     pub source: Source,
+    /// Live only: whose agent.
+    pub link: Link,
     pub focus: Pane,
     /// Selected device, by name (stable while rows come and go).
     pub device: Option<String>,
@@ -136,6 +149,7 @@ impl App {
         Self {
             snap: Snapshot::default(),
             source,
+            link: Link::Own,
             focus: Pane::Devices,
             device: None,
             want_device: None,
@@ -443,6 +457,7 @@ mod tests {
             last_fault_ns: Some(last),
             offsets: vec![(0, pages << 12)],
             extents: Vec::new(),
+            workload: None,
         }
     }
 

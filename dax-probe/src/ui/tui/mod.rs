@@ -2,8 +2,10 @@
 //! or replayed from a `monitor --json` recording.
 //!
 //! State is separate from drawing: [`model`] builds what is known from JSON lines,
-//! [`app`] holds the UI state, [`view`] draws `&App`. The live agent runs on its own thread
-//! ([`feed`]) and never waits for the terminal.
+//! [`app`] holds the UI state, [`view`] draws `&App`. Live, the dashboard attaches to the
+//! running monitor through its control socket (one set of kernel programs per machine) and
+//! starts an agent of its own, on its own thread, only when none answers ([`feed`]); either
+//! way the agent never waits for the terminal.
 
 pub mod app;
 pub mod feed;
@@ -29,8 +31,8 @@ use std::{
 use ratatui::crossterm::event::{self, Event as TermEvent};
 
 use self::{
-    app::{App, Command, Source},
-    feed::{CHANNEL_CAP, FeedMsg, Live},
+    app::{App, Command, Link, Source},
+    feed::{Attach, CHANNEL_CAP, FeedMsg, Live},
     model::{FeedStats, Model},
     record::LogKind,
 };
@@ -40,6 +42,7 @@ use crate::{
     policy::{Policy, enforce::boottime_ns},
     privilege,
     probe::KernelSource,
+    schema::Line,
 };
 
 /// A frame at least this often, and the longest a change waits to be shown.
@@ -56,6 +59,8 @@ pub struct Options {
     pub policy_path: Option<PathBuf>,
     /// Print one frame of the replayed end state (columns, rows) and exit.
     pub print_frame: Option<(u16, u16)>,
+    /// The running monitor's control socket, tried first.
+    pub socket: PathBuf,
     pub agent: agent::Options,
 }
 
@@ -109,13 +114,28 @@ pub fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
     app.select_device(opts.device.clone());
     let paused = Arc::new(AtomicBool::new(false));
     let quit = Arc::new(AtomicBool::new(false));
+    let mut attach = None;
     let (mut live, rx, tx) = match &opts.replay {
         None => {
-            eprintln!("dax-probe: attaching (this takes a moment on a slow machine)…");
-            let mut l = Live::start(src.clone(), opts.agent)?;
-            let rx = std::mem::replace(&mut l.rx, sync_channel(1).1);
-            let tx = l.tx.clone();
-            (Some(l), rx, tx)
+            let (tx, rx) = sync_channel(CHANNEL_CAP);
+            match Attach::start(&opts.socket, tx.clone())? {
+                Some(a) => {
+                    app.link = Link::Attached(a.socket.display().to_string());
+                    attach = Some(a);
+                    (None, rx, tx)
+                }
+                None => {
+                    eprintln!(
+                        "dax-probe: no monitor answers on {}: starting an agent of its own \
+                         (this takes a moment on a slow machine)…",
+                        opts.socket.display()
+                    );
+                    let mut l = Live::start(src.clone(), opts.agent)?;
+                    let rx = std::mem::replace(&mut l.rx, sync_channel(1).1);
+                    let tx = l.tx.clone();
+                    (Some(l), rx, tx)
+                }
+            }
         }
         Some(path) => {
             let (tx, rx) = sync_channel(CHANNEL_CAP);
@@ -147,8 +167,32 @@ pub fn run(src: &KernelSource, opts: Options) -> anyhow::Result<()> {
     if let Some(l) = &mut live {
         l.stop();
     }
+    if let Some(a) = &mut attach {
+        a.stop();
+    }
     eprintln!("{}", exit_line(&model.stats));
+    if let Some(line) = link_line(&app.link, &opts.socket, opts.replay.is_none()) {
+        eprintln!("{line}");
+    }
     result
+}
+
+/// Whose agent the live dashboard showed, for its last words.
+pub fn link_line(link: &Link, socket: &std::path::Path, live: bool) -> Option<String> {
+    if !live {
+        return None;
+    }
+    Some(match link {
+        Link::Own => format!(
+            "dax-probe tui: ran an agent of its own (no monitor answered on {})",
+            socket.display()
+        ),
+        Link::Attached(s) => format!(
+            "dax-probe tui: attached to the running monitor on {s} (no second set of kernel \
+             programs loaded)"
+        ),
+        Link::Gone(why) => format!("dax-probe tui: was attached to a monitor; {why}"),
+    })
 }
 
 /// The last words: what was read and what was lost, kernel and UI apart.
@@ -183,21 +227,33 @@ fn ui_loop(
         for _ in 0..BATCH {
             let Ok(msg) = ctl.rx.try_recv() else { break };
             match msg {
-                FeedMsg::Line(l) => {
+                FeedMsg::Line(l) => model.ingest_line(*l),
+                FeedMsg::Text(l) => {
                     let _ = model.ingest(&l);
                 }
                 FeedMsg::Clock(ns) => model.set_clock(ns),
                 FeedMsg::Lagged(n) => model.lagged(n),
                 FeedMsg::Note(k, text) => model.note(k, text),
-                FeedMsg::Drain(l) => {
-                    if l.contains("\"step\":\"fence\"")
-                        && let Some(d) = &ctl.draining
-                    {
-                        model.mark_fenced(d);
+                FeedMsg::Drain(l) => match record::parse_line(&l) {
+                    Ok(line) => {
+                        if let Line::Drain(step) = &line
+                            && step.is_fence()
+                            && let Some(d) = &ctl.draining
+                        {
+                            model.mark_fenced(d);
+                        }
+                        model.ingest_line(line);
                     }
-                    if model.ingest(&l).is_err() {
-                        model.note(LogKind::Drain, l);
-                    }
+                    // Not a line of ours (a message from the child): show it as it is.
+                    Err(_) => model.note(LogKind::Drain, l),
+                },
+                FeedMsg::AgentGone(why) => {
+                    model.note(
+                        LogKind::Info,
+                        format!("{why}: the map shown is the last one seen, not live"),
+                    );
+                    app.link = Link::Gone(why);
+                    ui_changed = true;
                 }
                 FeedMsg::Ended(err) => {
                     if ctl.live {
@@ -216,7 +272,7 @@ fn ui_loop(
                 break;
             }
         }
-        if ctl.live {
+        if ctl.live || matches!(app.link, Link::Attached(_)) {
             model.set_clock(boottime_ns());
         }
         if term::signalled().is_some() {
@@ -299,4 +355,38 @@ fn print_frame(opts: &Options, w: u16, h: u16) -> anyhow::Result<()> {
             .collect::<String>()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(link: Link) -> String {
+        let mut app = App::new(Source::Live, Policy::default());
+        app.link = link;
+        let text = view::to_text(&view::frame(&app, 120, 30));
+        text.lines().next().unwrap_or_default().to_string()
+    }
+
+    #[test]
+    fn the_status_line_and_the_last_words_say_whose_agent() {
+        let sock = std::path::Path::new("/run/dax-probe/agent.sock");
+        assert!(header(Link::Own).contains("│ live/own agent │"));
+        let attached = Link::Attached(sock.display().to_string());
+        assert!(header(attached.clone()).contains("│ live/attached │"));
+        let gone = header(Link::Gone("the monitor went away".into()));
+        assert!(gone.contains("AGENT GONE: not live"), "{gone}");
+        assert!(!gone.contains("live/"), "{gone}");
+        let own = link_line(&Link::Own, sock, true).unwrap();
+        assert!(
+            own.contains("of its own") && own.contains("agent.sock"),
+            "{own}"
+        );
+        let att = link_line(&attached, sock, true).unwrap();
+        assert!(att.contains("attached to the running monitor on /run/dax-probe/agent.sock"));
+        assert!(
+            link_line(&Link::Own, sock, false).is_none(),
+            "a replay has no agent"
+        );
+    }
 }

@@ -9,15 +9,17 @@ use std::{
 };
 
 use super::{
-    record::{DeviceNews, LogKind, ParseError, Record, parse_line},
+    record::{DeviceNews, LogKind, ParseError, Record, parse_line, record},
     recorded::{Recorded, RecordedProc},
 };
 use crate::{
     event::Event,
     holders::{
         Applier, FileKey,
-        query::{RowExtent, rows},
+        apply::check_event,
+        query::{RowExtent, check_row, rows},
     },
+    schema::Line,
     topology::{DevId, Mode, Namespace, Topology},
 };
 
@@ -37,6 +39,8 @@ pub enum DevState {
     Fenced,
     Departing,
     Gone,
+    /// Bound again while processes still map its old binding (the rebind leak).
+    Rebound,
 }
 
 impl DevState {
@@ -47,6 +51,7 @@ impl DevState {
             DevState::Fenced => "fenced",
             DevState::Departing => "departing",
             DevState::Gone => "gone",
+            DevState::Rebound => "REBOUND, old mappings",
         }
     }
 }
@@ -159,6 +164,8 @@ pub struct HolderView {
     pub last_fault_ns: Option<u64>,
     pub offsets: Vec<(u64, u64)>,
     pub extents: Vec<RowExtent>,
+    /// Pod, container and cgroup, as `holders` prints them (None: cgroup unknown).
+    pub workload: Option<String>,
 }
 
 /// Everything the view draws, detached from the model.
@@ -262,7 +269,10 @@ impl Model {
             return Ok(());
         }
         self.stats.lines += 1;
-        match parse_line(line) {
+        match parse_line(line).and_then(|l| {
+            let r = record(l);
+            check_record(&r).map(|()| r)
+        }) {
             Ok(r) => {
                 self.apply(r);
                 Ok(())
@@ -280,6 +290,12 @@ impl Model {
                 Err(e)
             }
         }
+    }
+
+    /// Takes one line from the live agent (already typed: nothing to parse).
+    pub fn ingest_line(&mut self, line: Line) {
+        self.stats.lines += 1;
+        self.apply(record(line));
     }
 
     /// The consumer fell behind and lost `n` lines (live only).
@@ -359,7 +375,7 @@ impl Model {
                     );
                 }
             }
-            Record::Unknown(_) => self.stats.unknown += 1,
+            Record::Unknown => self.stats.unknown += 1,
         }
         self.applier.take_watch_changes();
     }
@@ -425,6 +441,8 @@ impl Model {
                         (DevState::Departing, _) => DevState::Departing,
                         (DevState::Gone | DevState::Fenced, DevState::Offline) => d.state,
                         (DevState::Fenced, DevState::Online) => DevState::Fenced,
+                        // Only the agent knows the old mappings went: it stays flagged.
+                        (DevState::Rebound, DevState::Online) => DevState::Rebound,
                         (_, l) => l,
                     };
                 }
@@ -452,6 +470,7 @@ impl Model {
             DeviceNews::Departing { device, .. } => (device, DevState::Departing),
             DeviceNews::Gone { device, .. } => (device, DevState::Gone),
             DeviceNews::Fenced { device } => (device, DevState::Fenced),
+            DeviceNews::Rebound { device, .. } => (device, DevState::Rebound),
         };
         if let Some(d) = self.devices.iter_mut().find(|d| &d.name == device) {
             // A fence does not undo a departure.
@@ -474,6 +493,13 @@ impl Model {
     /// Plain rows for the view.
     pub fn snapshot(&mut self) -> Snapshot {
         self.dirty = false;
+        // Per-process details only for processes that still hold pages: a dashboard left
+        // open for weeks sees every short-lived process that ever faulted.
+        let map = &self.applier.map;
+        self.last_fault
+            .retain(|(pid, _), _| map.holder_of(*pid).is_some());
+        self.page_size
+            .retain(|(pid, _), _| map.holder_of(*pid).is_some());
         let now = self.now_ns;
         let mut devices = Vec::new();
         let mut holders = Vec::new();
@@ -494,6 +520,7 @@ impl Model {
                             ino: row.ino,
                         },
                     );
+                    let workload = crate::ui::holders::workload_line(&row);
                     let extents = row.extents.unwrap_or_default();
                     let huge = extents
                         .iter()
@@ -515,6 +542,7 @@ impl Model {
                         last_fault_ns: self.last_fault.get(&key).copied(),
                         offsets: row.offsets,
                         extents,
+                        workload,
                     });
                 }
             }
@@ -548,6 +576,38 @@ impl Model {
     }
 }
 
+/// Refuses, at parse time, what no agent writes and the applier could not hold: pages of
+/// odd sizes, extents beyond a chunk, pfns and addresses that wrap. A crafted recording then
+/// costs a "skipped malformed line", never an allocation by its numbers or a panic later.
+fn check_record(r: &Record) -> Result<(), ParseError> {
+    let fields = |kind: &str, m: String| ParseError::Fields(kind.into(), m);
+    match r {
+        Record::Event(ev) => check_event(ev).map_err(|m| fields("event", m)),
+        Record::Holders { rows, .. } => rows
+            .iter()
+            .try_for_each(check_row)
+            .map_err(|m| fields("holders", m)),
+        Record::Topology(t) => check_topology(t).map_err(|m| fields("topology", m)),
+        _ => Ok(()),
+    }
+}
+
+/// Why a recorded topology describes no machine, if it does not: a range that ends before
+/// it starts, or data outside its namespace (found by the fuzz smoke test: the snapshot
+/// computed sizes from such a range and underflowed).
+fn check_topology(t: &Topology) -> Result<(), String> {
+    for n in &t.namespaces {
+        let (ns, data) = (&n.namespace_range, &n.data_range);
+        if ns.start > ns.end || data.start > data.end {
+            return Err(format!("{}: a range ends before it starts", n.name));
+        }
+        if n.range_known && (data.start < ns.start || data.end > ns.end) {
+            return Err(format!("{}: data outside the namespace", n.name));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,6 +632,25 @@ mod tests {
     }
 
     #[test]
+    fn per_process_details_go_with_the_process() {
+        let mut m = Model::new();
+        let key = FileKey {
+            dev: crate::topology::DevId {
+                major: 259,
+                minor: 0,
+            },
+            ino: 12,
+        };
+        for pid in 0..1000 {
+            m.last_fault.insert((pid, key), 1);
+            m.page_size.insert((pid, key), 4096);
+        }
+        // None of them holds a page (they exited, or unmapped).
+        m.snapshot();
+        assert!(m.last_fault.is_empty() && m.page_size.is_empty());
+    }
+
+    #[test]
     fn devices_sort_naturally() {
         let mut v = vec!["pmem10", "dax2.0", "pmem3", "pmem1", "namespace12.0"];
         v.sort_by_key(|s| natural(s));
@@ -590,5 +669,33 @@ mod tests {
         assert_eq!(m.stats.unknown, 1);
         assert_eq!(m.stats.lines, 6);
         assert_eq!(m.snapshot().log.len(), MALFORMED_LOGGED as usize);
+    }
+
+    #[test]
+    fn crafted_page_sizes_and_extents_are_malformed_lines() {
+        let mut m = Model::new();
+        let fault = r#"{"type":"fault","ts_ns":1,"tgid":165,"tid":165,"comm":"w","dev":{"major":259,"minor":1},"ino":12,"offset":0,"address":4096,"page_address":4096,"pfn":1085440,"pfn_source":"kernel","page_size":1099511627776,"write":true,"mapped":true,"zero_page":false,"result":"NOPAGE","result_raw":256,"vma_start":0,"vma_end":8192,"shared":true,"device":"pmem0","devdax":false}"#;
+        let e = m.ingest(fault).unwrap_err();
+        assert!(e.to_string().contains("page_size"), "{e}");
+        let holders = r#"{"type":"holders","reason":"start","rows":[{"pid":150,"start_time":1200,"comm":"p","dev":{"major":259,"minor":0},"ino":12,"file":"/mnt/ext4/db.dat","pages":17179869184,"offsets":[[0,2097152]],"extents":[{"vaddr":139888158572544,"pfn":1082368,"offset":0,"pages":17179869184}]}]}"#;
+        let e = m.ingest(holders).unwrap_err();
+        assert!(e.to_string().contains("extent"), "{e}");
+        assert_eq!(m.stats.malformed, 2);
+        // The genuine line of a recording is still taken.
+        let ok = holders.replace("17179869184", "512");
+        m.ingest(&ok).unwrap();
+    }
+
+    /// Found by the fuzz smoke test (fuzz/corpus/replay/inverted-data-range): a topology
+    /// whose data range ends before it starts panicked the snapshot.
+    #[test]
+    fn a_topology_with_an_inverted_range_is_a_malformed_line() {
+        let mut m = Model::new();
+        let topo = r#"{"type":"topology","namespaces":[{"name":"namespace0.0","region":"region0","mode":"fsdax","holder":"pfn0.0","namespace_range":{"start":4429185024,"end":4966055936},"data_range":{"start":4431282176,"end":6055936},"block":["pmem0",{"major":259,"minor":0}],"chardev":null,"align":2097152,"enabled":true,"range_known":true}],"mounts":[]}"#;
+        let e = m.ingest(topo).unwrap_err();
+        assert!(e.to_string().contains("before it starts"), "{e}");
+        let _ = m.snapshot();
+        m.ingest(&topo.replace("6055936}", "4966055936}")).unwrap();
+        let _ = m.snapshot();
     }
 }

@@ -15,10 +15,9 @@ use crate::{
         query::HolderRow,
         scan::{Procfs, Vma},
     },
+    proc::pagemap::{PM_PRESENT, PagemapSource},
     topology::{Mode, Topology},
 };
-
-const PM_PRESENT: u64 = 1 << 63;
 
 #[derive(Clone, Debug, Default)]
 struct ProcState {
@@ -110,22 +109,21 @@ impl Procfs for RecordedProc {
         self.0.borrow().vmas(pid)
     }
 
-    fn pagemap(&self, pid: u32, vpage: u64, npages: u64) -> io::Result<Vec<u64>> {
+    fn pagemap(&self, pid: u32) -> io::Result<Box<dyn PagemapSource + '_>> {
         let rec = self.0.borrow();
         let st = rec
             .procs
             .get(&pid)
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-        let mut out = vec![0u64; npages as usize];
-        let end = vpage + npages;
-        for e in st.rows.iter().flat_map(|r| r.extents.iter().flatten()) {
-            let (s, n) = (e.vaddr >> 12, e.pages);
-            let (lo, hi) = (s.max(vpage), (s + n).min(end));
-            for v in lo..hi {
-                out[(v - vpage) as usize] = PM_PRESENT | (e.pfn + (v - s));
-            }
-        }
-        Ok(out)
+        // (first vpage, pfn, pages), sorted: answers are built per chunk, never per mapping.
+        let mut extents: Vec<(u64, u64, u64)> = st
+            .rows
+            .iter()
+            .flat_map(|r| r.extents.iter().flatten())
+            .map(|e| (e.vaddr >> 12, e.pfn, e.pages))
+            .collect();
+        extents.sort_unstable();
+        Ok(Box::new(RecordedPagemap(extents)))
     }
 
     fn stat(&self, pid: u32) -> Option<(u64, String)> {
@@ -134,5 +132,37 @@ impl Procfs for RecordedProc {
             .procs
             .get(&pid)
             .map(|s| (s.start_time, s.comm.clone()))
+    }
+
+    /// A recording says when a process mapped and unmapped, not when it exited: none is
+    /// taken for gone (its pages leave with the recorded zaps).
+    fn gone(&self, _pid: u32, _start_time: u64) -> bool {
+        false
+    }
+}
+
+/// A recorded process's page tables: its extents as (first vpage, pfn, pages), by vpage.
+struct RecordedPagemap(Vec<(u64, u64, u64)>);
+
+impl PagemapSource for RecordedPagemap {
+    fn read(&mut self, vpage: u64, out: &mut [u64]) -> io::Result<()> {
+        out.fill(0);
+        let end = vpage.saturating_add(out.len() as u64);
+        for &(s, pfn, n) in &self.0 {
+            let (lo, hi) = (s.max(vpage), s.saturating_add(n).min(end));
+            for v in lo..hi {
+                out[(v - vpage) as usize] = PM_PRESENT | (pfn + (v - s));
+            }
+        }
+        Ok(())
+    }
+
+    fn next_present(&mut self, vpage: u64, vend: u64) -> io::Result<Option<u64>> {
+        Ok(self
+            .0
+            .iter()
+            .filter(|&&(s, _, n)| s.saturating_add(n) > vpage && s < vend)
+            .map(|&(s, _, _)| s.max(vpage))
+            .min())
     }
 }

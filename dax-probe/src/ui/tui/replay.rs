@@ -21,7 +21,7 @@ use serde::Deserialize;
 use super::{
     feed::FeedMsg,
     model::Model,
-    record::{DeviceNews, Record, parse_line},
+    record::{DeviceNews, Record, parse_line, record},
 };
 use crate::holders::query::HolderRow;
 
@@ -57,7 +57,7 @@ pub fn spawn(
                     Ok(l) => l,
                     Err(e) => {
                         // Not UTF-8 or unreadable: the model counts it as malformed.
-                        let _ = tx.send(FeedMsg::Line(format!("<unreadable line: {e}>")));
+                        let _ = tx.send(FeedMsg::Text(format!("<unreadable line: {e}>")));
                         continue;
                     }
                 };
@@ -65,7 +65,7 @@ pub fn spawn(
                     match clock {
                         None => clock = Some((ts, Instant::now())),
                         Some((t0, w0)) if ts > last_ts => {
-                            let due = w0 + Duration::from_secs_f64((ts - t0) as f64 / 1e9 / speed);
+                            let due = w0 + replay_gap(ts - t0, speed);
                             let mut wait_start = Instant::now();
                             loop {
                                 if quit.load(Ordering::Relaxed) {
@@ -81,10 +81,11 @@ pub fn spawn(
                                     break;
                                 }
                                 std::thread::sleep(TICK.min(due - now));
-                                let cursor = t0
-                                    + ((Instant::now().saturating_duration_since(w0)).as_secs_f64()
+                                let cursor = t0.saturating_add(
+                                    ((Instant::now().saturating_duration_since(w0)).as_secs_f64()
                                         * speed
-                                        * 1e9) as u64;
+                                        * 1e9) as u64,
+                                );
                                 let _ = tx.send(FeedMsg::Clock(cursor.min(ts)));
                             }
                             // Re-anchor: pauses and shortened gaps shift the mapping.
@@ -94,7 +95,7 @@ pub fn spawn(
                     }
                     last_ts = last_ts.max(ts);
                 }
-                if tx.send(FeedMsg::Line(line)).is_err() {
+                if tx.send(FeedMsg::Text(line)).is_err() {
                     return;
                 }
                 if let Some(ts) = ts_of_last(last_ts) {
@@ -104,6 +105,15 @@ pub fn spawn(
             let _ = tx.send(FeedMsg::Ended(None));
         })?;
     Ok(())
+}
+
+/// Wall time between two recorded timestamps `ns` apart at `speed`, never above
+/// [`MAX_GAP`]: a recording's timestamps are whatever its author wrote, and a gap of 2^64 ns
+/// at speed 1e-300 is not a `Duration` (nor is `Instant` + it).
+fn replay_gap(ns: u64, speed: f64) -> Duration {
+    Duration::try_from_secs_f64(ns as f64 / 1e9 / speed)
+        .unwrap_or(MAX_GAP)
+        .min(MAX_GAP)
 }
 
 fn ts_of_last(ts: u64) -> Option<u64> {
@@ -147,7 +157,7 @@ fn key(rows: &[HolderRow]) -> Vec<(u32, Option<String>, u64)> {
 
 impl Checker {
     fn before(&mut self, model: &mut Model, line: &str) {
-        let Ok(Record::Note(n)) = parse_line(line) else {
+        let Ok(Record::Note(n)) = parse_line(line).map(record) else {
             return;
         };
         let Some(DeviceNews::Departing { device, holders }) = n.news else {
@@ -176,5 +186,18 @@ impl Checker {
                 "{device}: the live agent reported holders {live:?}, the replay has {replayed:?}"
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crafted_timestamps_give_bounded_gaps() {
+        assert_eq!(replay_gap(1_000_000_000, 1.0), Duration::from_secs(1));
+        assert_eq!(replay_gap(u64::MAX, 1e-300), MAX_GAP);
+        assert_eq!(replay_gap(u64::MAX, 1.0), MAX_GAP);
+        assert_eq!(replay_gap(0, 10.0), Duration::ZERO);
     }
 }

@@ -14,7 +14,7 @@ use ratatui::{
 };
 
 use super::{
-    app::{App, Overlay, Source},
+    app::{App, Link, Overlay, Source},
     keys::FOOTER,
 };
 
@@ -74,7 +74,18 @@ fn header_line(app: &App, area: Rect, buf: &mut Buffer) {
     }
     let holders: usize = s.devices.iter().map(|d| d.holders).sum();
     let (mode, file) = match &app.source {
-        Source::Live => ("live".to_string(), s.kernel.clone().unwrap_or_default()),
+        Source::Live => {
+            let mode = match &app.link {
+                Link::Own => "live/own agent",
+                Link::Attached(_) => "live/attached",
+                Link::Gone(_) => "last map",
+            };
+            if let Link::Gone(_) = &app.link {
+                // Said first and loud: the map below is the last one seen, not the machine's.
+                spans.push(Span::styled("│ AGENT GONE: not live ", warn));
+            }
+            (mode.to_string(), s.kernel.clone().unwrap_or_default())
+        }
         Source::Replay { file, speed, done } => (
             format!("replay x{speed}{}", if *done { " end" } else { "" }),
             file.rsplit('/').next().unwrap_or(file).to_string(),

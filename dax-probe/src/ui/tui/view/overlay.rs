@@ -124,6 +124,10 @@ pub fn detail(app: &App, area: Rect, buf: &mut Buffer) {
             key,
         ),
     ];
+    // Only when known: a recording replayed has no /proc to read cgroups from.
+    if let Some(w) = &h.workload {
+        lines.insert(1, kv("workload", w.clone()));
+    }
     for e in &h.extents {
         lines.push(Line::raw(format!(
             "{:<18} {:<12} {:<12} {:>7}",

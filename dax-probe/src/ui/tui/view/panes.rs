@@ -47,6 +47,7 @@ fn state_style(s: DevState) -> Style {
         DevState::Fenced => Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
         DevState::Departing => Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
         DevState::Gone => Style::new().fg(Color::Red),
+        DevState::Rebound => Style::new().fg(Color::Magenta).add_modifier(Modifier::BOLD),
     }
 }
 

@@ -1,0 +1,180 @@
+//! What the agent knows: the pmem topology, the live holder map, the departures and
+//! failures in progress, its counters; and the lines (`topology`, `holders`, `file`) that
+//! describe that state to a reader or a replay. Nothing here talks to the kernel or to a
+//! client.
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    control::AgentStats,
+    event::Event,
+    holders::{Applier, FileKey, query::rows},
+    incident::Incidents,
+    probe::decode::{DecodeError, Decoder},
+    proc::pagemap::PagemapLookup,
+    schema::{FileName, Holders, HoldersReason, Line, Summary},
+    topology::Topology,
+};
+
+pub struct State {
+    pub topology: Topology,
+    pub applier: Applier,
+    pub incidents: Incidents,
+    /// The machine's root (`--root`): procfs and sysfs are read below it.
+    pub root: PathBuf,
+    last_topology: Instant,
+    started: Instant,
+    /// Counts kept by the agent (the kernel's own counters are added by the caller).
+    pub(super) counts: Summary,
+    /// Files whose `file` line went out.
+    announced: HashSet<FileKey>,
+}
+
+impl State {
+    pub fn new(topology: Topology, applier: Applier, incidents: Incidents, root: PathBuf) -> Self {
+        Self {
+            topology,
+            applier,
+            incidents,
+            root,
+            last_topology: Instant::now(),
+            started: Instant::now(),
+            counts: Summary::default(),
+            announced: HashSet::new(),
+        }
+    }
+
+    /// Re-reads the topology (at most once a second); a `topology` line when it changed.
+    pub fn refresh_topology(&mut self) -> Option<Line> {
+        if self.last_topology.elapsed() > Duration::from_secs(1) {
+            let topology = Topology::read(&self.root);
+            self.last_topology = Instant::now();
+            if topology != self.topology {
+                self.topology = topology;
+                return Some(self.topology_line());
+            }
+        }
+        None
+    }
+
+    pub fn topology_line(&self) -> Line {
+        Line::Topology(self.topology.clone())
+    }
+
+    /// The holder map (all of it, or the complete state of `pids`) as a `holders` line.
+    pub fn holders_line(&mut self, reason: HoldersReason, pids: Option<Vec<u32>>) -> Line {
+        self.forget_gone();
+        let map = &self.applier.map;
+        let sel = match &pids {
+            None => map.all(),
+            Some(p) => p
+                .iter()
+                .filter_map(|t| map.holder_of(*t))
+                .flat_map(|h| map.of_holder(h))
+                .collect(),
+        };
+        let mut r = rows(map, &sel, true);
+        self.applier.only_live(&mut r);
+        self.applier.name_files(&mut r, &self.topology);
+        Line::Holders(Holders {
+            reason,
+            pids,
+            rows: r,
+        })
+    }
+
+    /// Drops processes that exited from the map and every per-process cache (a dead pid is
+    /// never reported; the caches stay bounded by the live holders).
+    pub fn forget_gone(&mut self) {
+        self.applier.forget_gone();
+        let held = self.applier.map.files_held();
+        self.announced.retain(|f| held.contains(f));
+    }
+
+    /// Processes whose page tables the applier may have re-read for `ev`: the event's own,
+    /// and for a zap every holder of the file (a truncate re-reads them all).
+    pub fn touched_by(&self, ev: &Event) -> Vec<u32> {
+        let mut pids = match ev {
+            Event::Fault(f) => vec![f.tgid],
+            Event::Fork(f) => vec![f.child_tgid, f.parent_tgid],
+            Event::Mremap(m) => vec![m.tgid],
+            Event::Zap(z) => {
+                let file = FileKey {
+                    dev: z.dev,
+                    ino: z.ino,
+                };
+                let map = &self.applier.map;
+                let mut p: Vec<u32> = map
+                    .all()
+                    .iter()
+                    .filter(|v| v.file == file)
+                    .filter_map(|v| map.info(v.holder).map(|i| i.tgid))
+                    .collect();
+                p.push(z.tgid);
+                p.extend(z.owner_tgid);
+                p
+            }
+            _ => Vec::new(),
+        };
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// A `file` line the first time a fault names a file the recording has not named yet.
+    pub fn announce_file(&mut self, ev: &Event) -> Option<Line> {
+        let Event::Fault(f) = ev else { return None };
+        let key = FileKey {
+            dev: f.dev,
+            ino: f.ino,
+        };
+        if self.announced.contains(&key) {
+            return None;
+        }
+        let path = self.applier.path_of(&key)?.to_string();
+        self.announced.insert(key);
+        Some(Line::File(FileName {
+            dev: key.dev,
+            ino: key.ino,
+            path,
+        }))
+    }
+
+    pub fn decode(&self, rec: &[u8]) -> Result<Event, DecodeError> {
+        Decoder {
+            topology: &self.topology,
+            lookup: PagemapLookup,
+        }
+        .decode(rec)
+    }
+
+    /// `dropped`: the kernel's count of events lost to a full ring.
+    pub fn stats(&self, dropped: u64) -> AgentStats {
+        AgentStats {
+            holders: self.applier.map.holder_count(),
+            extents: self.applier.map.extent_count(),
+            map_bytes: self.applier.map.heap_bytes(),
+            events: self.counts.events,
+            dropped,
+            map: self.applier.stats.into(),
+        }
+    }
+
+    /// Totals the agent keeps (the kernel's counters are the caller's to add).
+    pub fn summary(&self) -> Summary {
+        let map = &self.applier.map;
+        Summary {
+            holders: map.holder_count(),
+            holder_pages: map.holders().map(|(h, _)| map.pages_of(h)).sum(),
+            drift_missing: self.applier.stats.drift_missing,
+            drift_extra: self.applier.stats.drift_extra,
+            reconciles: self.applier.stats.reconciles,
+            duration_s: self.started.elapsed().as_secs_f64(),
+            ..self.counts.clone()
+        }
+    }
+}

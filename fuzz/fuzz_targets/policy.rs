@@ -1,0 +1,7 @@
+//! Policy files and durations. The body is dax_probe::fuzzing::policy
+//! (shared with the corpus smoke test that `cargo test` runs).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| dax_probe::fuzzing::policy(data));
