@@ -177,6 +177,11 @@ pub const FAULT_PUD: u32 = 1 << 3;
 /// `FaultEvent::fault_flags` bit for a write fault (`FAULT_FLAG_WRITE`, 1 on every kernel since
 /// 2.6).
 pub const FAULT_FLAG_WRITE: u32 = 1 << 0;
+/// `FaultEvent::fault_flags` bit for a fault taken in user mode (`FAULT_FLAG_USER`, 1 << 6 on
+/// every kernel since 5.10's `enum fault_flag`): a `VM_FAULT_SIGBUS` then becomes the arch
+/// fault handler's SIGBUS (BUS_ADRERR) to the faulting thread; a kernel-mode fault (copy to
+/// or from user memory, GUP) gets an error return instead.
+pub const FAULT_FLAG_USER: u32 = 1 << 6;
 
 /// DAX radix-tree entry flags recorded at insert time (fs/dax.c; stable since 4.15, not in BTF).
 pub const DAX_ENTRY_PMD: u32 = 1 << 1;
@@ -189,6 +194,7 @@ pub const VM_FAULT_NOPAGE: u32 = 0x0100;
 pub const VM_FAULT_FALLBACK: u32 = 0x0800;
 pub const VM_FAULT_SIGSEGV: u32 = 0x0040;
 pub const VM_FAULT_HWPOISON: u32 = 0x0010;
+pub const VM_FAULT_HWPOISON_LARGE: u32 = 0x0020;
 
 /// One completed DAX page fault.
 #[repr(C)]

@@ -39,6 +39,10 @@ pub struct Fault {
     /// 4096 or 2097152: the size this fault mapped (or tried to).
     pub page_size: u64,
     pub write: bool,
+    /// Taken in user mode (`FAULT_FLAG_USER`): a refused fault is the kernel's SIGBUS to the
+    /// thread (reported as `kernel_sigbus` with `BUS_ADRERR`).
+    #[serde(default)]
+    pub user: bool,
     /// Did the fault install a mapping?
     pub mapped: bool,
     /// The kernel mapped its shared zero page (a read of a hole), not pmem.
@@ -171,7 +175,9 @@ pub struct MemoryFailure {
     pub result: Option<String>,
 }
 
-/// The kernel's machine-check SIGBUS to a process.
+/// The kernel's SIGBUS to a process: a machine check (`force_sig_mceerr`, hooked), or a
+/// user-mode DAX fault the handler refused with `VM_FAULT_SIGBUS` (read off the fault record:
+/// `BUS_ADRERR`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct KernelSigbus {
     pub ts_ns: u64,
@@ -179,8 +185,8 @@ pub struct KernelSigbus {
     pub tid: u32,
     pub comm: String,
     pub addr: u64,
-    /// `BUS_MCEERR_AR` (action required: the task touched it) or `BUS_MCEERR_AO` (action
-    /// optional: a warning).
+    /// `BUS_MCEERR_AR` (action required: the task touched it), `BUS_MCEERR_AO` (action
+    /// optional: a warning) or `BUS_ADRERR` (a refused fault: no memory failure involved).
     pub code: String,
     pub lsb: i32,
     /// Who sent it (for `force_sig_mceerr`, the victim itself).

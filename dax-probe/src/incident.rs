@@ -188,6 +188,13 @@ impl Incidents {
                 reports: vec![self.sigbus(k)],
                 ..Default::default()
             },
+            Event::Fault(f) => Outcome {
+                reports: refused_in_user_mode(f)
+                    .map(|k| self.fault_sigbus(&k, f.dev, topo))
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            },
             Event::MmapDenied(m) => Outcome {
                 reports: vec![Report::MmapDenied {
                     denied: m.clone(),
@@ -647,6 +654,31 @@ impl Incidents {
         }
     }
 
+    /// The SIGBUS a refused user-mode DAX fault brings: no memory failure is involved (that
+    /// one is `VM_FAULT_HWPOISON`, signalled through `force_sig_mceerr`), so the cause is
+    /// the device's departure when one is under way, else the fault handler's refusal (the
+    /// agent names a known-bad range it lies in, `media_error`, after this).
+    fn fault_sigbus(&self, k: &KernelSigbus, dev: DevId, topo: &Topology) -> Report {
+        let cause = match self.departing.iter().find(|d| d.devs.contains(&dev)) {
+            Some(d) => format!("unbind of {} in progress", d.device),
+            None => match self.device_of(dev, topo) {
+                Some(name) => format!(
+                    "the DAX fault handler refused the access on {name} (VM_FAULT_SIGBUS: \
+                     unreadable media, a departed device or past the end of the file)"
+                ),
+                None => format!(
+                    "the DAX fault handler refused the access (VM_FAULT_SIGBUS) on a file \
+                     system whose device ({dev}) the agent no longer sees: its device left"
+                ),
+            },
+        };
+        Report::KernelSigbus {
+            sigbus: k.clone(),
+            cause,
+            media_error: None,
+        }
+    }
+
     fn sigbus(&mut self, k: &KernelSigbus) -> Report {
         // A departure in flight (or its pre-remove notice within the last second) explains a
         // machine-check SIGBUS better than a memory failure no one reported.
@@ -674,6 +706,27 @@ impl Incidents {
             media_error: None,
         }
     }
+}
+
+/// The SIGBUS the kernel sends for `f`, if it refused a fault taken in user mode with a
+/// plain `VM_FAULT_SIGBUS` (x86's `do_sigbus`: BUS_ADRERR at the faulting address, to the
+/// faulting thread). No hook sees that signal; the fault record is its ground truth. A
+/// `VM_FAULT_HWPOISON` refusal is left out: `force_sig_mceerr` reports it (hooked), and a
+/// kernel-mode fault gets an error return, not a signal.
+pub fn refused_in_user_mode(f: &crate::event::Fault) -> Option<KernelSigbus> {
+    use dax_probe_common::{VM_FAULT_HWPOISON, VM_FAULT_HWPOISON_LARGE, VM_FAULT_SIGBUS};
+    let plain = f.result_raw & VM_FAULT_SIGBUS != 0
+        && f.result_raw & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE) == 0;
+    (f.user && plain).then(|| KernelSigbus {
+        ts_ns: f.ts_ns,
+        pid: f.tgid,
+        tid: f.tid,
+        comm: f.comm.clone(),
+        addr: f.address,
+        code: "BUS_ADRERR".into(),
+        lsb: 0,
+        sender_pid: f.tgid,
+    })
 }
 
 #[cfg(test)]
@@ -772,5 +825,72 @@ mod tests {
             o.reports
         );
         assert_eq!(inc.departing.len(), 1);
+    }
+
+    /// A refused user-mode fault of `dev` (SIGBUS, no page mapped).
+    fn refused(dev: DevId, user: bool) -> crate::event::Fault {
+        crate::event::Fault {
+            ts_ns: 9,
+            tgid: 150,
+            tid: 151,
+            comm: "db".into(),
+            dev,
+            ino: 0,
+            offset: 0,
+            address: 0x7f00_0000_0010,
+            page_address: 0x7f00_0000_0000,
+            pfn: None,
+            pfn_source: None,
+            page_size: 4096,
+            write: false,
+            user,
+            mapped: false,
+            zero_page: false,
+            result: "SIGBUS".into(),
+            result_raw: dax_probe_common::VM_FAULT_SIGBUS,
+            vma_start: 0x7f00_0000_0000,
+            vma_end: 0x7f00_0020_0000,
+            shared: true,
+            device: None,
+            devdax: true,
+            mm: 0,
+        }
+    }
+
+    /// The kernel's SIGBUS for a refused user-mode fault is reported with what explains it:
+    /// the departure of the fault's device while one runs, else that the device left.
+    #[test]
+    fn a_refused_user_fault_is_a_kernel_sigbus_with_its_cause() {
+        let t = devdax();
+        let mut app = applier();
+        let mut inc = Incidents::default();
+        let chardev = t.namespaces[0].chardev.as_ref().unwrap().1;
+        let gone = DevId {
+            major: 259,
+            minor: 99,
+        };
+        let sigbus = |inc: &mut Incidents, app: &mut Applier, f| match &inc
+            .handle(&Event::Fault(f), app, &t)
+            .reports[..]
+        {
+            [Report::KernelSigbus { sigbus, cause, .. }] => Some((sigbus.clone(), cause.clone())),
+            [] => None,
+            other => panic!("{other:?}"),
+        };
+        let (k, cause) = sigbus(&mut inc, &mut app, refused(gone, true)).unwrap();
+        assert_eq!(
+            (k.pid, k.tid, k.addr, k.code.as_str(), k.sender_pid),
+            (150, 151, 0x7f00_0000_0010, "BUS_ADRERR", 150)
+        );
+        assert!(cause.contains("its device left"), "{cause}");
+        let (_, cause) = sigbus(&mut inc, &mut app, refused(chardev, true)).unwrap();
+        assert!(cause.contains("refused the access on dax0.0"), "{cause}");
+        inc.handle(&unbind("nd", "dax_pmem"), &mut app, &t);
+        let (_, cause) = sigbus(&mut inc, &mut app, refused(chardev, true)).unwrap();
+        assert_eq!(cause, "unbind of dax0.0 in progress");
+        assert!(sigbus(&mut inc, &mut app, refused(chardev, false)).is_none());
+        let mut mce = refused(chardev, true);
+        mce.result_raw = dax_probe_common::VM_FAULT_HWPOISON;
+        assert!(sigbus(&mut inc, &mut app, mce).is_none());
     }
 }

@@ -513,6 +513,7 @@ mod tests {
                 pfn_source: Some(PfnSource::Pagemap),
                 page_size: 4096,
                 write: true,
+                user: true,
                 mapped: true,
                 zero_page: false,
                 result: "NOPAGE".into(),

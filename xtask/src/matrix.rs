@@ -15,7 +15,7 @@ const END: &str = "<!-- support-matrix:end -->";
 const FACT_LABELS: &[(&str, &str)] = &[
     (
         "badblocks_read_fault",
-        "a read of a page on a known-bad range fails as (the agent links only VM_FAULT_HWPOISON's SIGBUS)",
+        "a read of a page on a known-bad range fails as (the agent links either SIGBUS)",
     ),
     (
         "badblocks_xfs_free_space_in_fsmap",
@@ -32,6 +32,10 @@ const FACT_LABELS: &[(&str, &str)] = &[
     (
         "badblocks_ext4_free_space_in_fsmap",
         "ext4 GETFSMAP lists free space under a bad range",
+    ),
+    (
+        "badblocks_ext4_metadata_in_fsmap",
+        "ext4 GETFSMAP names the metadata under a bad range",
     ),
     (
         "xfs_reflink_dax_mount",

@@ -343,12 +343,18 @@ impl Flow {
             Report::KernelSigbus {
                 sigbus,
                 media_error,
-                ..
+                cause,
             } => {
                 *media_error = self
                     .media
                     .of_access(sigbus.pid, sigbus.addr, &self.state.applier)
-                    .map(|k| k.name.clone())
+                    .map(|k| k.name.clone());
+                // A refused fault (not a machine check) on a known-bad range: the media is
+                // the cause, whatever else is going on.
+                if let (Some(name), true) = (media_error.as_ref(), sigbus.code == "BUS_ADRERR") {
+                    *cause =
+                        format!("the DAX fault handler refused a read of known-bad media ({name})");
+                }
             }
             _ => {}
         }
@@ -1021,6 +1027,7 @@ mod tests {
             pfn_source: None,
             page_size: 4096,
             write: false,
+            user: true,
             mapped: true,
             zero_page: false,
             result: "NOPAGE".into(),
@@ -1032,6 +1039,23 @@ mod tests {
             devdax: false,
             mm: 0,
         })
+    }
+
+    /// A fault of `pid` at `addr` (page 1 of /mnt/xfs/db) that the handler refused.
+    fn refused_fault(pid: u32, addr: u64, user: bool, result_raw: u32) -> Event {
+        let Event::Fault(mut f) = fault(pid, 0) else {
+            unreachable!()
+        };
+        f.address = addr;
+        f.page_address = addr & !0xfff;
+        f.offset = 4096;
+        f.pfn = None;
+        f.device = None;
+        f.mapped = false;
+        f.user = user;
+        f.result = "SIGBUS".into();
+        f.result_raw = result_raw;
+        Event::Fault(f)
     }
 
     /// The metrics count what the flow saw, with no pid or path label: the holder map's
@@ -1224,6 +1248,41 @@ mod tests {
             [Some("pmem1 sectors 8+8"), Some("pmem1 sectors 8+8"), None],
             "{out:?}"
         );
+        // A plain VM_FAULT_SIGBUS refusal of a user-mode read of the bad page (what 5.10 and
+        // 6.1 do; no hook sees the BUS_ADRERR it brings) is the kernel's SIGBUS too, linked;
+        // a kernel-mode refusal (an error return, no signal) and a HWPOISON refusal
+        // (force_sig_mceerr's own record) add no line.
+        for (user, result_raw) in [(true, 0x2), (false, 0x2), (true, 0x10)] {
+            f.handle_event(
+                refused_fault(150, 0x7f00_0000_1008, user, result_raw),
+                &mut k,
+            );
+        }
+        let out = outputs(&mut f);
+        let sigbus: Vec<_> = out
+            .iter()
+            .filter_map(|l| match l {
+                Line::KernelSigbus {
+                    sigbus,
+                    cause,
+                    media_error,
+                } => Some((sigbus, cause, media_error.as_deref())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sigbus.len(), 1, "{out:?}");
+        let (s, cause, media) = &sigbus[0];
+        assert_eq!(
+            (s.pid, s.tid, s.addr, s.code.as_str(), *media),
+            (
+                150,
+                150,
+                0x7f00_0000_1008,
+                "BUS_ADRERR",
+                Some("pmem1 sectors 8+8")
+            )
+        );
+        assert!(cause.contains("known-bad media"), "{cause}");
         // Cleared from the list: forgotten, and reported again if it comes back.
         std::fs::write(&list, "").unwrap();
         f.check_media(8);

@@ -2,10 +2,10 @@
 
 use dax_probe_common::{
     DAX_ENTRY_ZERO_PAGE, DEV_DAX_KILLED, DEV_DEPARTING, DEV_GONE, DeviceEvent, Event as RawEvent,
-    EventKind, FAULT_DEVDAX, FAULT_FLAG_WRITE, FAULT_PFN_VALID, FaultEvent, FenceSignalEvent,
-    ForkEvent, GUARD_AGENT_PASSED, GUARD_REFUSED_UNREAD, KernelSignalEvent, MF_MEM_PRE_REMOVE,
-    MF_RESULT, MemoryFailureEvent, MmapDeniedEvent, MremapEvent, UnbindGuardEvent, ZAP_COW,
-    ZAP_DEVDAX, ZAP_EXITING, ZAP_OWN_MM, ZapEvent, header_of,
+    EventKind, FAULT_DEVDAX, FAULT_FLAG_USER, FAULT_FLAG_WRITE, FAULT_PFN_VALID, FaultEvent,
+    FenceSignalEvent, ForkEvent, GUARD_AGENT_PASSED, GUARD_REFUSED_UNREAD, KernelSignalEvent,
+    MF_MEM_PRE_REMOVE, MF_RESULT, MemoryFailureEvent, MmapDeniedEvent, MremapEvent,
+    UnbindGuardEvent, ZAP_COW, ZAP_DEVDAX, ZAP_EXITING, ZAP_OWN_MM, ZapEvent, header_of,
 };
 
 use crate::{
@@ -225,6 +225,7 @@ impl<L: PfnLookup> Decoder<'_, L> {
             pfn_source,
             page_size,
             write: raw.fault_flags & FAULT_FLAG_WRITE != 0,
+            user: raw.fault_flags & FAULT_FLAG_USER != 0,
             mapped,
             zero_page,
             result: vm_fault_name(raw.result),

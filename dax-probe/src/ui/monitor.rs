@@ -641,6 +641,7 @@ mod tests {
             pfn_source: None,
             page_size: 2 << 20,
             write: true,
+            user: true,
             mapped: true,
             zero_page: false,
             result: "NOPAGE".into(),

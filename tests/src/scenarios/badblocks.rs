@@ -271,10 +271,10 @@ pub fn run(env: &Env, t: Target) -> Result<Checked> {
         _ => None,
     });
     let name = format!("{} sectors {sector}+8", fs.dev.block);
-    // How this kernel refused the read, from its own fault result: a memory error
+    // How this kernel refused the read, from its own fault result, as a fact: a memory error
     // (VM_FAULT_HWPOISON, then force_sig_mceerr, which the agent hooks) or a plain
-    // VM_FAULT_SIGBUS (BUS_ADRERR through the fault path, which the agent does not yet turn
-    // into a kernel_sigbus line: then there is no SIGBUS line to link, and the fact says so).
+    // VM_FAULT_SIGBUS (BUS_ADRERR, which the agent reads off the fault record). Either way
+    // the agent reports the SIGBUS and links it.
     const VM_FAULT_SIGBUS: u32 = 0x0002;
     const VM_FAULT_HWPOISON_ANY: u32 = 0x0010 | 0x0020;
     let bad_page = (a0 + PAGE * 4096) & !0xfff;
@@ -287,29 +287,23 @@ pub fn run(env: &Env, t: Target) -> Result<Checked> {
         })
         .filter(|r| r & (VM_FAULT_SIGBUS | VM_FAULT_HWPOISON_ANY) != 0)
         .collect();
-    let plain_sigbus = !refused.is_empty()
-        && refused
-            .iter()
-            .all(|r| r & VM_FAULT_SIGBUS != 0 && r & VM_FAULT_HWPOISON_ANY == 0);
     crate::report::fact(
         "badblocks_read_fault",
-        json!(if plain_sigbus {
-            "VM_FAULT_SIGBUS (BUS_ADRERR)"
-        } else if refused.is_empty() {
+        json!(if refused.is_empty() {
             "no fault record"
+        } else if refused.iter().all(|r| r & VM_FAULT_HWPOISON_ANY == 0) {
+            "VM_FAULT_SIGBUS (BUS_ADRERR)"
         } else {
             "VM_FAULT_HWPOISON (BUS_MCEERR_AR)"
         }),
     );
     v.check(
-        "the agent links the holder's SIGBUS to the earlier media error (where the kernel \
-         reports the read as a memory error; a plain VM_FAULT_SIGBUS is recorded as a fact)",
-        plain_sigbus
-            || sigbus
-                .as_ref()
-                .is_some_and(|(_, m)| m.as_deref() == Some(name.as_str())),
+        "the agent reports the holder's SIGBUS and links it to the earlier media error",
+        sigbus
+            .as_ref()
+            .is_some_and(|(_, m)| m.as_deref() == Some(name.as_str())),
         format!(
-            "{sigbus:?}; sigbus lines {:?}",
+            "{sigbus:?}; sigbus lines {:?}; refused fault results {refused:x?}",
             out.of_type("kernel_sigbus").collect::<Vec<_>>()
         ),
     );

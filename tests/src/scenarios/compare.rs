@@ -131,6 +131,7 @@ mod tests {
             pfn_source: None,
             page_size: size,
             write: false,
+            user: true,
             mapped: true,
             zero_page: false,
             result: "NOPAGE".into(),

@@ -446,8 +446,10 @@ pub fn unbind_xfs_explain(env: &Env, t: Target) -> Result<Checked> {
     };
     report::fact("unbind_xfs_explain_with_holder", json!(fate.fact()));
     let out = m.finish(fate)?;
-    // (the kernel's SIGBUS, why) for the holder.
-    let sigbus: Vec<(&KernelSigbus, &str)> = out
+    // (the kernel's machine-check SIGBUS, why) for the holder: what memory_failure() sends
+    // on a removal. A refused fault's BUS_ADRERR (a later access to the departed device) is
+    // another signal, counted apart.
+    let (sigbus, refused): (Vec<(&KernelSigbus, &str)>, Vec<_>) = out
         .lines
         .iter()
         .filter_map(|l| match l {
@@ -456,7 +458,11 @@ pub fn unbind_xfs_explain(env: &Env, t: Target) -> Result<Checked> {
             }
             _ => None,
         })
-        .collect();
+        .partition(|(s, _)| s.code != "BUS_ADRERR");
+    v.count(
+        "kernel_sigbus_refused_faults",
+        json!(refused.iter().map(|(_, cause)| cause).collect::<Vec<_>>()),
+    );
     report::fact("unbind_xfs_kernel_sigbus", json!(!sigbus.is_empty()));
     v.count(
         "kernel_sigbus",
