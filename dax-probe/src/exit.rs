@@ -21,7 +21,9 @@ pub enum Code {
     TempFail = 75,
     /// A file written by a newer dax-probe (an incident history of a newer schema).
     Protocol = 76,
-    /// `--metrics`: the address is malformed, in use or not this machine's (EX_NOHOST).
+    /// `--metrics`: the address is malformed, in use or not this machine's (EX_NOHOST's
+    /// number). The monitor only warns with it and runs on without metrics: it never exits
+    /// with this code.
     MetricsAddress = 68,
     /// `drain` of a member of a stack (dm device, XFS realtime device) without `--unbind`:
     /// the stack above is in use (EX_CANTCREAT's number; sysexits has no better one).

@@ -302,11 +302,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics,
         } => {
             let ring_bytes = probe::ring_bytes(ring_size_kib)?;
-            // Parsed here, not by clap: a bad address gets its own exit code.
-            let metrics = metrics
-                .as_deref()
-                .map(dax_probe::metrics::parse_addr)
-                .transpose()?;
+            // Parsed here, not by clap: a bad address is a warning, not a reason to leave
+            // the machine unwatched (the agent runs on without metrics).
+            let metrics = metrics.as_deref().and_then(|a| {
+                dax_probe::metrics::parse_addr(a)
+                    .map_err(|e| dax_probe::metrics::warn_unserved(&e))
+                    .ok()
+            });
             let policy = load_policy(policy.as_deref())?.unwrap_or_default();
             let duration = match duration {
                 // Bounded so that `now + duration` is always representable.

@@ -534,8 +534,17 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, Failure> {
     Ok(SocketAddr::new(ip, port(p)?))
 }
 
-/// Binds the metrics port, before the agent loads anything into the kernel: an address in
-/// use fails the start with nothing attached.
+/// What the agent says when it cannot serve metrics: it runs on without them, since a
+/// scrape endpoint is never worth leaving the machine's DAX mappings unwatched.
+pub fn warn_unserved(e: &Failure) {
+    eprintln!(
+        "dax-probe: warning: {}; running without metrics (watching and enforcing as asked)",
+        e.message
+    );
+}
+
+/// Binds the metrics port, before the agent loads anything into the kernel (an address in
+/// use or not this machine's is named before anything else happens).
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Failure> {
     let l = std::net::TcpListener::bind(addr).map_err(|e| {
         Failure::new(

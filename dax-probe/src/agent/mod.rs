@@ -116,8 +116,13 @@ impl Agent {
             Some(p) => Some((control::bind(p)?, p.clone())),
             None => None,
         };
-        // Bound before anything is loaded: an address in use fails with nothing attached.
-        let metrics_listener = opts.metrics.map(crate::metrics::bind).transpose()?;
+        // Bound before anything is loaded, so the warning comes first; an address in use or
+        // not this machine's leaves the agent watching and enforcing, without metrics.
+        let metrics_listener = opts.metrics.and_then(|a| {
+            crate::metrics::bind(a)
+                .map_err(|e| crate::metrics::warn_unserved(&e))
+                .ok()
+        });
         let enforcer = if opts.enforce {
             let log = AuditLog::open(&opts.audit_log).map_err(|e| {
                 Failure::new(
