@@ -126,7 +126,7 @@ pub fn pfn_target(data: &[u8]) {
 }
 
 /// Text the kernel writes that the agent parses: /proc/PID/maps, /proc/PID/stat,
-/// /proc/self/mountinfo and device numbers (`259:0`). Process names and file paths in them
+/// /proc/self/mountinfo, /proc/iomem and device numbers (`259:0`). Process names and file paths in them
 /// are chosen by unprivileged users.
 pub fn procfs_text(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
@@ -136,6 +136,10 @@ pub fn procfs_text(data: &[u8]) {
     }
     let _ = parse_stat(&text);
     let _ = parse_mountinfo(&text);
+    // /proc/iomem (or a crafted one in a `--root` tree): ranges are never inverted.
+    for (s, e) in crate::holders::bindings::parse_iomem_pmem(&text) {
+        assert!(s <= e, "{s:#x}..{e:#x}");
+    }
 }
 
 /// /proc/PID/cgroup: a process names its own cgroups within its delegated subtree (or its

@@ -345,10 +345,10 @@ impl Incidents {
                 .into_iter()
                 .filter(|r| n.mode == Mode::Devdax || !new_devs.contains(&r.dev))
                 .collect();
-            let bindings = crate::ui::audit::Bindings::read(root, topo);
+            let bindings = crate::holders::bindings::Bindings::read(root, topo);
             let device = n.device_name().to_string();
             for (pid, v) in
-                crate::ui::audit::old_binding_vmas(app.procfs(), topo, &bindings, &device)
+                crate::holders::bindings::old_binding_vmas(app.procfs(), topo, &bindings, &device)
             {
                 if old_binding.iter().any(|r| r.pid == pid) {
                     continue;

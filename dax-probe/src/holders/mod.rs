@@ -2,9 +2,11 @@
 //!
 //! `map` stores it, `apply` keeps it exact from kernel events (re-reading page tables where
 //! an event cannot describe the change), `scan` reads procfs for the start-up scan, one-shot
-//! answers and reconciliation, and `query` answers "who maps X".
+//! answers and reconciliation, `query` answers "who maps X", and `bindings` tells a mapping of a
+//! device's current binding from one of a binding that left.
 
 pub mod apply;
+pub mod bindings;
 pub mod map;
 pub mod query;
 pub mod scan;
