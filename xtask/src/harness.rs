@@ -147,3 +147,48 @@ impl Guest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn run(events: &[&str], timed_out: bool, trouble: Option<&str>) -> VmRun {
+        VmRun {
+            records: events.iter().map(|e| json!({ "event": e })).collect(),
+            console_log: PathBuf::from("console.log"),
+            timed_out,
+            kernel_trouble: trouble.map(str::to_string),
+            accel: "tcg",
+            seconds: 1.0,
+            retried: None,
+        }
+    }
+
+    /// A guest that died before `ready` (boot, module load) is retried; one that died after
+    /// it, while our programs ran, is a failure; `done` is the only success.
+    #[test]
+    fn a_death_before_ready_is_early_and_after_it_is_during() {
+        assert_eq!(
+            fate(&run(&["boot", "ready", "done"], false, None)),
+            Fate::Finished
+        );
+        let panic = "Kernel panic - not syncing: Fatal exception in interrupt";
+        assert_eq!(
+            fate(&run(&["boot"], false, Some(panic))),
+            Fate::DiedEarly(format!("kernel trouble: {panic}"))
+        );
+        assert_eq!(
+            fate(&run(&[], false, None)),
+            Fate::DiedEarly("never reported (did the kernel boot? see the console log)".into())
+        );
+        assert_eq!(
+            fate(&run(&["boot", "ready"], true, Some(panic))),
+            Fate::DiedDuring("timed out".into())
+        );
+        assert_eq!(
+            fate(&run(&["boot", "ready", "scenario"], false, Some(panic))),
+            Fate::DiedDuring(format!("kernel trouble: {panic}"))
+        );
+    }
+}
