@@ -34,6 +34,7 @@ use crate::{
     agent::{Line, Monitor, run_once},
     pagemap, pmem,
     puppet::{Huge, Puppet},
+    sys,
 };
 
 const MIB: u64 = 1 << 20;
@@ -177,13 +178,21 @@ pub fn run(env: &Env, t: Target) -> Result<Checked> {
         format!("stderr: {stderr}"),
     );
 
-    // A root shell's echo, kept alive a moment so the agent reads its command line.
+    // A root shell's echo. Like an operator's interactive shell it lives on after the write,
+    // here until the agent has reported the refusal: the agent reads the writer's command
+    // line from /proc when it handles the record, and under TCG load that can take longer
+    // than any fixed sleep (a 2 s sleep once lost that race on 6.12; a writer gone by then
+    // is reported as "command line unknown (it has exited)").
+    let release = std::path::PathBuf::from("/tmp/guard-shell-release");
+    let _ = std::fs::remove_file(&release);
     let sh = Command::new("/bin/sh")
         .args([
             "-c",
             &format!(
-                "echo {} > {ND_PMEM_UNBIND}; echo rc=$?; sleep 2",
-                a.dev.pfn_dev
+                "echo {} > {ND_PMEM_UNBIND}; echo rc=$?; i=0; \
+                 while [ ! -e {} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done",
+                a.dev.pfn_dev,
+                release.display()
             ),
         ])
         .stdin(Stdio::null())
@@ -192,7 +201,22 @@ pub fn run(env: &Env, t: Target) -> Result<Checked> {
         .spawn()
         .context("spawn sh")?;
     let sh_pid = sh.id();
+    let reported = sys::wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(&m.out).is_ok_and(|t| {
+            t.lines().any(|l| {
+                l.contains("\"type\":\"unbind_refused\"")
+                    && l.contains(&format!("\"pid\":{sh_pid},"))
+            })
+        })
+    });
+    std::fs::write(&release, b"")?;
     let sh_out = sh.wait_with_output()?;
+    let _ = std::fs::remove_file(&release);
+    v.check(
+        "the monitor reported the shell's refusal while the shell lived",
+        reported,
+        format!("no unbind_refused line of pid {sh_pid} within 30 s"),
+    );
     let sh_stdout = String::from_utf8_lossy(&sh_out.stdout).into_owned();
     let sh_stderr = String::from_utf8_lossy(&sh_out.stderr).into_owned();
     v.check(
