@@ -221,105 +221,76 @@ impl Enforcer {
                 start_time: *start,
                 comm,
             };
+            // Every record and report of this target names the same process and signal.
+            let record = |action: &'static str, detail: String| Record {
+                time: now(),
+                action,
+                device,
+                pid: Some(*pid),
+                start_time: Some(*start),
+                comm: Some(comm),
+                signal: Some(sig.name()),
+                cgroup: w.cgroup.as_deref(),
+                container: w.container.as_ref(),
+                pod_uid: w.pod_uid.as_deref(),
+                detail,
+            };
+            let report = |action: &'static str, reason: String, since_departure_us| ActionReport {
+                device: device.into(),
+                pid: *pid,
+                comm: comm.clone(),
+                action: action.into(),
+                signal: Some(sig.name()),
+                reason,
+                since_departure_us,
+                cgroup: w.cgroup.clone(),
+                container: w.container.clone(),
+                pod_uid: w.pod_uid.clone(),
+            };
             match admit(&c, rule, pfn_ranges, os, class) {
                 Err(refusal) => {
-                    self.log(Record {
-                        time: now(),
-                        action: "skip",
-                        device,
-                        pid: Some(*pid),
-                        start_time: Some(*start),
-                        comm: Some(comm),
-                        signal: Some(sig.name()),
-                        cgroup: w.cgroup.as_deref(),
-                        container: w.container.as_ref(),
-                        pod_uid: w.pod_uid.as_deref(),
-                        detail: refusal.to_string(),
-                    });
+                    self.log(record("skip", refusal.to_string()));
                     // A holder that left in time is the good outcome, not worth a line per
                     // process on escalation.
                     if !(action == "escalate"
                         && matches!(refusal, Refusal::Gone | Refusal::NoLongerMaps))
                     {
-                        out.push(ActionReport {
-                            device: device.into(),
-                            pid: *pid,
-                            comm: comm.clone(),
-                            action: "skip".into(),
-                            signal: Some(sig.name()),
-                            reason: refusal.to_string(),
-                            since_departure_us: None,
-                            cgroup: w.cgroup.clone(),
-                            container: w.container.clone(),
-                            pod_uid: w.pod_uid.clone(),
-                        });
+                        out.push(report("skip", refusal.to_string(), None));
                     }
                 }
                 Ok(fd) => {
                     // The record is on disk before the signal leaves.
-                    let audit_ok = self.log(Record {
-                        time: now(),
+                    let audit_ok = self.log(record(
                         action,
-                        device,
-                        pid: Some(*pid),
-                        start_time: Some(*start),
-                        comm: Some(comm),
-                        signal: Some(sig.name()),
-                        cgroup: w.cgroup.as_deref(),
-                        container: w.container.as_ref(),
-                        pod_uid: w.pod_uid.as_deref(),
-                        detail: "verified through a pidfd: maps the device".into(),
-                    });
+                        "verified through a pidfd: maps the device".into(),
+                    ));
                     if !audit_ok {
-                        out.push(ActionReport {
-                            device: device.into(),
-                            pid: *pid,
-                            comm: comm.clone(),
-                            action: "skip".into(),
-                            signal: Some(sig.name()),
-                            reason: "the audit log cannot be written: nothing is signalled".into(),
-                            since_departure_us: None,
-                            cgroup: w.cgroup.clone(),
-                            container: w.container.clone(),
-                            pod_uid: w.pod_uid.clone(),
-                        });
+                        out.push(report(
+                            "skip",
+                            "the audit log cannot be written: nothing is signalled".into(),
+                            None,
+                        ));
                         continue;
                     }
                     let result = fd.send(sig);
                     let since = boottime_ns().saturating_sub(since_ns) / 1000;
                     // What happened to the signal: a record that only announced it would
                     // leave "sent?" open after a crash or an error.
-                    self.log(Record {
-                        time: now(),
-                        action: "result",
-                        device,
-                        pid: Some(*pid),
-                        start_time: Some(*start),
-                        comm: Some(comm),
-                        signal: Some(sig.name()),
-                        cgroup: w.cgroup.as_deref(),
-                        container: w.container.as_ref(),
-                        pod_uid: w.pod_uid.as_deref(),
-                        detail: match &result {
+                    self.log(record(
+                        "result",
+                        match &result {
                             Ok(()) => format!("{action}: delivered"),
                             Err(e) => format!("{action}: not delivered: {e}"),
                         },
-                    });
+                    ));
                     match result {
                         Ok(()) => {
                             sent.push(w.clone());
-                            out.push(ActionReport {
-                                device: device.into(),
-                                pid: *pid,
-                                comm: comm.clone(),
-                                action: action.into(),
-                                signal: Some(sig.name()),
-                                reason: "maps the device".into(),
-                                since_departure_us: (since_ns != 0).then_some(since),
-                                cgroup: w.cgroup.clone(),
-                                container: w.container.clone(),
-                                pod_uid: w.pod_uid.clone(),
-                            });
+                            out.push(report(
+                                action,
+                                "maps the device".into(),
+                                (since_ns != 0).then_some(since),
+                            ));
                         }
                         Err(e) => {
                             log::warn!("cannot signal {pid} ({comm}): {e}");
