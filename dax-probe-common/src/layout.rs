@@ -70,7 +70,9 @@ pub struct KernelLayout {
     pub dentry_name: u32,
     pub sb_magic: u32,
     pub regs_nr: u32,
-    pub _pad1: u32,
+    /// Non-zero: successive faults of one mapping are coalesced into ranges (the default);
+    /// 0: one record per fault (`monitor --per-fault`, for debugging).
+    pub coalesce: u32,
     /// Mask applied to the insert function's pfn argument: `pfn_t` carries flag bits in its
     /// top 12 bits up to 6.12; from 7.x it is a plain `unsigned long`.
     pub pfn_mask: u64,
@@ -118,7 +120,7 @@ impl KernelLayout {
         dentry_name: 0,
         sb_magic: 0,
         regs_nr: 0,
-        _pad1: 0,
+        coalesce: 0,
         pfn_mask: 0,
     };
 }

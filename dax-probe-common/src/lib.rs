@@ -14,7 +14,7 @@ pub use layout::KernelLayout;
 
 /// Bumped whenever an event or map layout changes. The agent refuses an object built for
 /// another ABI (both are built from the same tree, so this only guards stale build outputs).
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 pub const TASK_COMM_LEN: usize = 16;
 
@@ -27,6 +27,17 @@ pub const DEVICE_EVENTS_MAP: &str = "DEVICE_EVENTS";
 /// Size of the device ring: thousands of device events, far more than a machine makes
 /// between two polls of the reader.
 pub const DEVICE_RING_BYTES: u32 = 256 << 10;
+/// Name of the per-CPU array holding each CPU's fault range still being extended (one
+/// [`FaultEvent`] with `pages > 0`, or `pages == 0` for none). The agent reads every CPU's
+/// slot on its poll, before it answers a question and at a departure, so no range waits
+/// for the next fault on its CPU to be seen.
+pub const PENDING_MAP: &str = "PENDING";
+/// Name of the one-slot array holding the boot time of the latest DAX page-table change
+/// (zap, copy-on-write, mremap): a pending range started before it is not extended.
+pub const LAST_CHANGE_MAP: &str = "LAST_CHANGE";
+/// A pending range is emitted once it covers this many pages (bounds what one record says
+/// and how late the agent can learn a page of a range it never polled).
+pub const RANGE_MAX_PAGES: u32 = 1 << 16;
 /// Name of the per-CPU counter array (see [`Counter`]).
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Name of the hash map of DAX-holding processes (tgid → 1).
@@ -124,9 +135,10 @@ pub enum Counter {
     ReadFailed = 1,
     /// A fault completed without a pfn recorded by the insert hook (hole, error, fallback).
     FaultWithoutPfn = 2,
-    /// Faults seen by the fault-done hook, emitted or not.
+    /// Faults (pages) in the fault records the programs tried to emit, delivered or not;
+    /// counted once per record (a range adds its page count), never per fault.
     FaultsSeen = 3,
-    /// Events of every kind the programs tried to emit (delivered + dropped).
+    /// Records of every kind the programs tried to emit (delivered + dropped).
     Attempted = 4,
     /// Signals sent by a kernel program to a task faulting on a fenced device.
     FenceSignals = 5,
@@ -228,6 +240,34 @@ pub struct FaultEvent {
     pub flags: u32,
     /// log2 of the size this fault tried to map: 12 (PTE), 21 (PMD) or 30 (PUD).
     pub page_shift: u32,
+    /// Faults this record stands for: page `i` (of `1 << page_shift` bytes) is at
+    /// `address + i * size`, file page `pgoff + i * size / 4096`, pfn `pfn + i * size / 4096`.
+    /// 1 for a single fault; a coalesced range (`seq != 0`) has its start `address` and
+    /// `pgoff` aligned to the page size.
+    pub pages: u32,
+    /// CPU whose pending slot built the range (with `seq`: the range's identity).
+    pub cpu: u32,
+    /// Per-CPU sequence number of a coalesced range; 0 for a single fault.
+    pub seq: u64,
+    /// Boot time of the range's last fault (`hdr.ts_ns` is its first).
+    pub last_ns: u64,
+    /// [`range_check`] of the fields above that never change while a range grows: a reader
+    /// of a pending slot that copied it while the kernel refilled it sees a mismatch.
+    pub check: u64,
+}
+
+/// Checksum of a range's fixed fields (everything but `pages` and `last_ns`, the only two the
+/// kernel updates in place). Cheap enough for the fault path: three multiplies.
+#[inline(always)]
+pub fn range_check(ev: &FaultEvent) -> u64 {
+    const K1: u64 = 0x9e37_79b9_7f4a_7c15;
+    const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
+    const K3: u64 = 0x1656_67b1_9e37_79f9;
+    let a = (ev.address ^ ev.seq).wrapping_mul(K1);
+    let b = (ev.pfn ^ ev.mm ^ ((ev.hdr.tgid as u64) << 32)).wrapping_mul(K2);
+    let c =
+        (ev.pgoff ^ ev.ino ^ ev.hdr.ts_ns ^ ((ev.dev as u64) << 32) ^ ev.vm_start).wrapping_mul(K3);
+    a ^ b.rotate_left(21) ^ c.rotate_left(42) ^ ev.cpu as u64
 }
 
 /// `ZapEvent::flags`: the zap runs in the address space's own process.
@@ -474,7 +514,7 @@ const _: () = {
     assert!(core::mem::size_of::<EventHeader>() == 40);
     assert!(core::mem::offset_of!(EventHeader, ts_ns) == 8);
     assert!(core::mem::offset_of!(EventHeader, comm) == 24);
-    assert!(core::mem::size_of::<FaultEvent>() == 128);
+    assert!(core::mem::size_of::<FaultEvent>() == 160);
     assert!(core::mem::offset_of!(FaultEvent, ino) == 40);
     assert!(core::mem::offset_of!(FaultEvent, mm) == 96);
     assert!(core::mem::offset_of!(FaultEvent, page_shift) == 124);
@@ -616,12 +656,53 @@ mod tests {
             entry_flags: DAX_ENTRY_PMD,
             flags: FAULT_PFN_VALID | FAULT_PMD,
             page_shift: 21,
+            pages: 3,
+            cpu: 1,
+            seq: 7,
+            last_ns: 123_999_999,
+            check: 0,
         };
         let bytes = ev.as_bytes();
-        assert_eq!(bytes.len(), 128);
+        assert_eq!(bytes.len(), 160);
         assert_eq!(header_of(bytes).unwrap().kind, 1);
         assert_eq!(FaultEvent::from_bytes(bytes), Some(ev));
-        assert_eq!(FaultEvent::from_bytes(&bytes[..127]), None);
+        assert_eq!(FaultEvent::from_bytes(&bytes[..159]), None);
+    }
+
+    #[test]
+    fn a_torn_range_fails_its_check() {
+        let mut ev = FaultEvent {
+            address: 0x7f00_0000_0000,
+            pfn: 0x10_0000,
+            mm: 0xffff_8880_0000_1000,
+            seq: 5,
+            pages: 1,
+            ..Default::default()
+        };
+        ev.check = range_check(&ev);
+        // Growing touches only pages and last_ns.
+        let mut grown = ev;
+        grown.pages = 900;
+        grown.last_ns = 77;
+        assert_eq!(range_check(&grown), ev.check);
+        // A copy that caught half of a refill: one identity field from the next range.
+        for torn in [
+            FaultEvent { seq: 6, ..ev },
+            FaultEvent {
+                address: ev.address + 4096,
+                ..ev
+            },
+            FaultEvent {
+                pfn: ev.pfn + 1,
+                ..ev
+            },
+            FaultEvent {
+                mm: ev.mm + 64,
+                ..ev
+            },
+        ] {
+            assert_ne!(range_check(&torn), ev.check, "{torn:?}");
+        }
     }
 
     #[test]

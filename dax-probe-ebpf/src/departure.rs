@@ -28,7 +28,8 @@ use dax_probe_common::{
 use crate::{
     fault::header,
     kernel::{Direct, Mem, Probe},
-    maps::{REMOVE_STASH, emit_urgent, layout},
+    lay,
+    maps::{REMOVE_STASH, emit_urgent},
 };
 
 /// Copies a kernel C string into `out` (NUL padded); an unreadable one leaves zeros.
@@ -71,10 +72,10 @@ pub fn release_entry_kprobe(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn nd_remove_entry(ctx: ProbeContext) -> u32 {
     let dev: u64 = ctx.arg(0).unwrap_or(0);
-    if dev != 0 && layout().ready != 0 {
+    if dev != 0 && lay!(ready) != 0 {
         let tid = bpf_get_current_pid_tgid() as u32;
         let _ = REMOVE_STASH.insert(tid, dev, 0);
-        let drv: u64 = Probe::read(dev, layout().dev_driver);
+        let drv: u64 = Probe::read(dev, lay!(dev_driver));
         release::<Probe>(dev, drv, DEV_DEPARTING);
     }
     0
@@ -91,19 +92,18 @@ pub fn nd_remove_exit(_ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let _ = REMOVE_STASH.remove(tid);
-    let drv: u64 = Probe::read(dev, layout().dev_driver);
+    let drv: u64 = Probe::read(dev, lay!(dev_driver));
     release::<Probe>(dev, drv, DEV_GONE);
     0
 }
 
 #[inline(always)]
 fn release<M: Mem>(dev: u64, drv: u64, phase: u32) {
-    let l = layout();
-    if l.ready == 0 || dev == 0 {
+    if lay!(ready) == 0 || dev == 0 {
         return;
     }
-    let bus: u64 = M::read(dev, l.dev_bus);
-    let bus_name_ptr: u64 = M::read(bus, l.bus_name);
+    let bus: u64 = M::read(dev, lay!(dev_bus));
+    let bus_name_ptr: u64 = M::read(bus, lay!(bus_name));
     let mut bus_name = [0u8; 8];
     cstr(bus_name_ptr, &mut bus_name);
     // Only the nvdimm ("nd") and device-dax ("dax") buses.
@@ -118,16 +118,16 @@ fn release<M: Mem>(dev: u64, drv: u64, phase: u32) {
         bus_name,
         ..Default::default()
     };
-    cstr(M::read::<u64>(dev, l.dev_name), &mut ev.dev_name);
+    cstr(M::read::<u64>(dev, lay!(dev_name)), &mut ev.dev_name);
     if drv != 0 {
-        cstr(M::read::<u64>(drv, l.drv_name), &mut ev.drv_name);
+        cstr(M::read::<u64>(drv, lay!(drv_name)), &mut ev.drv_name);
     }
     emit_urgent(ev);
 }
 
 #[fentry(function = "kill_dax")]
 pub fn kill_dax(_ctx: FEntryContext) -> u32 {
-    if layout().ready != 0 {
+    if lay!(ready) != 0 {
         emit_urgent(DeviceEvent {
             hdr: header(EventKind::Device, core::mem::size_of::<DeviceEvent>()),
             phase: DEV_DAX_KILLED,
@@ -140,7 +140,7 @@ pub fn kill_dax(_ctx: FEntryContext) -> u32 {
 /// `dax_holder_notify_failure(dax_dev, off, len, mf_flags)`.
 #[fentry(function = "dax_holder_notify_failure")]
 pub fn holder_notify(ctx: FEntryContext) -> u32 {
-    if layout().ready != 0 {
+    if lay!(ready) != 0 {
         emit_urgent(DeviceEvent {
             hdr: header(EventKind::Device, core::mem::size_of::<DeviceEvent>()),
             phase: DEV_HOLDER_NOTIFY,
@@ -158,7 +158,7 @@ pub fn holder_notify(ctx: FEntryContext) -> u32 {
 /// `memory_failure(unsigned long pfn, int flags)`.
 #[fentry(function = "memory_failure")]
 pub fn memory_failure(ctx: FEntryContext) -> u32 {
-    if layout().ready != 0 {
+    if lay!(ready) != 0 {
         emit_urgent(MemoryFailureEvent {
             hdr: header(
                 EventKind::MemoryFailure,
@@ -196,7 +196,7 @@ pub fn memory_failure_result_raw(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn mf_result(pfn: u64, mf_type: u32, result: u32) {
-    if layout().ready != 0 {
+    if lay!(ready) != 0 {
         emit_urgent(MemoryFailureEvent {
             hdr: header(
                 EventKind::MemoryFailure,
@@ -232,20 +232,19 @@ pub fn force_sig_mceerr(ctx: FEntryContext) -> u32 {
 /// `send_sig_mceerr(int code, void *addr, short lsb, struct task_struct *t)`.
 #[fentry(function = "send_sig_mceerr")]
 pub fn send_sig_mceerr(ctx: FEntryContext) -> u32 {
-    let l = layout();
     let t: u64 = ctx.arg(3);
     let mut ev = sig_event(
         ctx.arg::<u64>(0) as i32,
         ctx.arg(1),
         ctx.arg::<u64>(2) as i16,
     );
-    ev.victim_tgid = Direct::read(t, l.task_tgid);
-    ev.victim_tid = Direct::read(t, l.task_pid);
+    ev.victim_tgid = Direct::read(t, lay!(task_tgid));
+    ev.victim_tid = Direct::read(t, lay!(task_pid));
     let mut comm = [0u8; TASK_COMM_LEN];
     if t != 0 {
         let _ = unsafe {
             aya_ebpf::helpers::bpf_probe_read_kernel_buf(
-                (t + l.task_comm as u64) as *const u8,
+                (t + lay!(task_comm) as u64) as *const u8,
                 &mut comm,
             )
         };

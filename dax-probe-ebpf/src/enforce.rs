@@ -11,7 +11,8 @@ use dax_probe_common::{EventKind, MmapDeniedEvent};
 use crate::{
     fault::header,
     kernel::{Direct, Mem},
-    maps::{emit_urgent, fence_signal, layout},
+    lay,
+    maps::{emit_urgent, fence_active, fence_signal},
 };
 
 const EPERM: i32 = 1;
@@ -26,18 +27,17 @@ pub fn fence_mmap(ctx: LsmContext) -> i32 {
     if prev != 0 {
         return prev;
     }
-    let l = layout();
     let file: u64 = ctx.arg(0);
-    if l.ready == 0 || file == 0 {
+    if lay!(ready) == 0 || file == 0 || !fence_active() {
         return 0;
     }
-    let inode: u64 = Direct::read(file, l.file_inode);
-    let mode: u16 = Direct::read(inode, l.inode_mode);
+    let inode: u64 = Direct::read(file, lay!(file_inode));
+    let mode: u16 = Direct::read(inode, lay!(inode_mode));
     let dev: u32 = if mode & S_IFMT == S_IFCHR {
-        Direct::read(inode, l.inode_rdev)
+        Direct::read(inode, lay!(inode_rdev))
     } else {
-        let sb: u64 = Direct::read(inode, l.inode_sb);
-        Direct::read(sb, l.sb_dev)
+        let sb: u64 = Direct::read(inode, lay!(inode_sb));
+        Direct::read(sb, lay!(sb_dev))
     };
     if fence_signal(dev).is_none() {
         return 0;
@@ -49,7 +49,7 @@ pub fn fence_mmap(ctx: LsmContext) -> i32 {
         ),
         dev,
         _pad: 0,
-        ino: Direct::read(inode, l.inode_ino),
+        ino: Direct::read(inode, lay!(inode_ino)),
     });
     -EPERM
 }

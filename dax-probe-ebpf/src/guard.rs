@@ -32,7 +32,8 @@ use dax_probe_common::{
 use crate::{
     fault::header,
     kernel::{Direct, Mem},
-    maps::{GUARD_CONF, GUARDED, emit_urgent, layout},
+    lay,
+    maps::{GUARD_CONF, GUARDED, emit_urgent},
 };
 
 const MAY_WRITE: i32 = 2;
@@ -73,29 +74,33 @@ pub fn guard_unbind(ctx: LsmContext) -> i32 {
     if mask & MAY_WRITE == 0 || conf(GUARD_SLOT_ACTIVE) == 0 {
         return 0;
     }
-    let l = layout();
     let file: u64 = ctx.arg(0);
-    if l.ready == 0 || l.file_dentry == 0 || l.dentry_parent == 0 || l.regs_nr == 0 || file == 0 {
+    if lay!(ready) == 0
+        || lay!(file_dentry) == 0
+        || lay!(dentry_parent) == 0
+        || lay!(regs_nr) == 0
+        || file == 0
+    {
         return 0;
     }
     // Which file: `unbind` in <bus>/drivers/<driver>/ on sysfs, bus nd or dax.
-    let inode: u64 = Direct::read(file, l.file_inode);
-    let sb: u64 = Direct::read(inode, l.inode_sb);
-    let magic: u64 = Direct::read(sb, l.sb_magic);
+    let inode: u64 = Direct::read(file, lay!(file_inode));
+    let sb: u64 = Direct::read(inode, lay!(inode_sb));
+    let magic: u64 = Direct::read(sb, lay!(sb_magic));
     if magic != SYSFS_MAGIC {
         return 0;
     }
-    let dentry: u64 = Direct::read(file, l.file_dentry);
-    if dentry_name::<8>(dentry, l.dentry_name) != *b"unbind\0\0" {
+    let dentry: u64 = Direct::read(file, lay!(file_dentry));
+    if dentry_name::<8>(dentry, lay!(dentry_name)) != *b"unbind\0\0" {
         return 0;
     }
-    let drv: u64 = Direct::read(dentry, l.dentry_parent);
-    let drivers: u64 = Direct::read(drv, l.dentry_parent);
-    if dentry_name::<8>(drivers, l.dentry_name) != *b"drivers\0" {
+    let drv: u64 = Direct::read(dentry, lay!(dentry_parent));
+    let drivers: u64 = Direct::read(drv, lay!(dentry_parent));
+    if dentry_name::<8>(drivers, lay!(dentry_name)) != *b"drivers\0" {
         return 0;
     }
-    let bus: u64 = Direct::read(drivers, l.dentry_parent);
-    let bus_name = dentry_name::<8>(bus, l.dentry_name);
+    let bus: u64 = Direct::read(drivers, lay!(dentry_parent));
+    let bus_name = dentry_name::<8>(bus, lay!(dentry_name));
     if bus_name != *b"nd\0\0\0\0\0\0" && bus_name != *b"dax\0\0\0\0\0" {
         return 0;
     }
@@ -103,9 +108,9 @@ pub fn guard_unbind(ctx: LsmContext) -> i32 {
     // What the writer writes: its own syscall's arguments.
     let task = unsafe { bpf_get_current_task_btf() };
     let regs = unsafe { bpf_task_pt_regs(task as *mut task_struct) } as u64;
-    let nr: u64 = Direct::read(regs, l.regs_nr);
-    let a1: u64 = Direct::read(regs, l.regs_arg[1]);
-    let a2: u64 = Direct::read(regs, l.regs_arg[2]);
+    let nr: u64 = Direct::read(regs, lay!(regs_nr));
+    let a1: u64 = Direct::read(regs, lay!(regs_arg[1]));
+    let a2: u64 = Direct::read(regs, lay!(regs_arg[2]));
     let (buf, count) = match nr {
         NR_WRITE | NR_PWRITE64 => (a1, a2),
         // One iovec is the whole write; with more the kernel joins them into one name,
@@ -171,7 +176,7 @@ pub fn guard_unbind(ctx: LsmContext) -> i32 {
             core::mem::size_of::<UnbindGuardEvent>(),
         ),
         name: key.name,
-        drv_name: dentry_name::<16>(drv, l.dentry_name),
+        drv_name: dentry_name::<16>(drv, lay!(dentry_name)),
         bus_name,
         syscall: nr as u32,
         verdict,

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use dax_probe_common::{
     COUNTER_SLOTS, Counter, DEVICE_RING_BYTES, EVENTS_RING_BYTES, FENCE_EXCLUDE_ENTRIES,
-    FenceCommKey, FencePidKey, GUARDED_ENTRIES, GuardKey, KernelLayout, TASK_COMM_LEN,
+    FaultEvent, FenceCommKey, FencePidKey, GUARDED_ENTRIES, GuardKey, KernelLayout, TASK_COMM_LEN,
 };
 
 /// Faults and page-table events (ordered across CPUs, one reader).
@@ -39,6 +39,31 @@ pub struct InsertStash {
 #[map(name = "INSERT_STASH")]
 pub static INSERT_STASH: PerCpuArray<InsertStash> = PerCpuArray::with_max_entries(1, 0);
 
+/// This CPU's fault range still being extended (`pages == 0`: none). See `fault.rs`.
+#[map(name = "PENDING")]
+pub static PENDING: PerCpuArray<FaultEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: boot time of the latest DAX page-table change (zap, copy-on-write, mremap) on any
+/// CPU. A pending range that started before it is emitted instead of extended, so a range
+/// never spans a change of the mappings it describes (the agent re-reads the rare range
+/// that reaches it after such a change anyway: a plain store here can lose a race with
+/// another CPU's store, never a page).
+#[map(name = "LAST_CHANGE")]
+pub static LAST_CHANGE: Array<u64> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn last_change() -> u64 {
+    LAST_CHANGE.get(0).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn note_change(ts_ns: u64) {
+    if let Some(slot) = LAST_CHANGE.get_ptr_mut(0) {
+        // SAFETY: an aligned 8-byte store into a map value.
+        unsafe { core::ptr::write_volatile(slot, ts_ns) };
+    }
+}
+
 /// Flags for submitting a reserved event of `size` bytes: wake the reader only when this
 /// event takes the unread data across the watermark. Edge-triggered, so a reader that is
 /// slow (or stopped) is woken once per crossing, not once per event: a wakeup costs more
@@ -50,7 +75,7 @@ pub fn submit_flags(size: u64) -> u64 {
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
     // Reserved records count as available data already; add the 8-byte record header.
     let avail = EVENTS.query(BPF_RB_AVAIL_DATA);
-    let mark = layout().wakeup_bytes as u64;
+    let mark = crate::lay!(wakeup_bytes) as u64;
     if avail >= mark && avail < mark + size + 8 {
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -152,9 +177,16 @@ pub static FENCED: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
 #[map(name = "FENCE_ACTIVE")]
 pub static FENCE_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Is any device fenced? One array lookup: what every mmap and fault of the machine pays
+/// while nothing is.
+#[inline(always)]
+pub fn fence_active() -> bool {
+    FENCE_ACTIVE.get(0).copied().unwrap_or(0) != 0
+}
+
 #[inline(always)]
 pub fn fence_signal(dev: u32) -> Option<u32> {
-    if FENCE_ACTIVE.get(0).copied().unwrap_or(0) == 0 {
+    if !fence_active() {
         return None;
     }
     // SAFETY: plain value.
@@ -220,11 +252,28 @@ pub static GUARDED: HashMap<GuardKey, u32> = HashMap::with_max_entries(GUARDED_E
 #[map(name = "GUARD_CONF")]
 pub static GUARD_CONF: Array<u32> = Array::with_max_entries(2, 0);
 
+/// One field of [`LAYOUT`]. Volatile: the value is patched into .rodata at load time, and
+/// without it the compiler would constant-fold the zero initialiser. One field at a time:
+/// a volatile read of the whole 184-byte struct costs 46 loads, on every call, on the
+/// hottest paths we hook (the verifier turns a frozen .rodata load into a constant, but only
+/// the loads that are there).
+#[macro_export]
+macro_rules! lay {
+    ($($f:tt)+) => {{
+        // SAFETY: a plain read of a read-only global.
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(&raw const $crate::maps::LAYOUT.$($f)+) };
+        v
+    }};
+}
+
+/// Adds `n` to a counter (a range's pages, once per range).
 #[inline(always)]
-pub fn layout() -> KernelLayout {
-    // Volatile: the value is patched into .rodata at load time; without it the compiler would
-    // constant-fold the zero initialiser above.
-    unsafe { core::ptr::read_volatile(&raw const LAYOUT) }
+pub fn add(counter: Counter, n: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: a plain add is race-free.
+        unsafe { *slot += n };
+    }
 }
 
 #[inline(always)]

@@ -22,7 +22,8 @@ use dax_probe_common::{
 use crate::{
     fault::header,
     kernel::{Direct, Mem, Probe},
-    maps::{MREMAP_STASH, emit, layout, watch, watched},
+    lay,
+    maps::{MREMAP_STASH, emit, note_change, watch, watched},
 };
 
 // ---- PTE teardown ---------------------------------------------------------------------------
@@ -60,11 +61,10 @@ pub fn cow_new_anon_page(ctx: FEntryContext) -> u32 {
 
 #[inline(always)]
 fn new_anon(vma: u64, address: u64) {
-    let l = layout();
-    if l.ready == 0 || vma == 0 {
+    if lay!(ready) == 0 || vma == 0 {
         return;
     }
-    let file: u64 = Direct::read(vma, l.vma_file);
+    let file: u64 = Direct::read(vma, lay!(vma_file));
     if file == 0 {
         return;
     }
@@ -82,10 +82,9 @@ pub fn cow_exit(ctx: FExitContext) -> u32 {
     if ret & VM_FAULT_ERROR != 0 {
         return 0;
     }
-    let l = layout();
     let vmf: u64 = ctx.arg(0);
-    let vma: u64 = Direct::read(vmf, l.vmf_vma);
-    let addr: u64 = Direct::read::<u64>(vmf, l.vmf_address) & !0xfff;
+    let vma: u64 = Direct::read(vmf, lay!(vmf_vma));
+    let addr: u64 = Direct::read::<u64>(vmf, lay!(vmf_address)) & !0xfff;
     zap::<Direct>(vma, addr, addr + 4096, ZAP_COW);
     0
 }
@@ -107,60 +106,61 @@ const S_IFCHR: u16 = 0o020000;
 
 #[inline(always)]
 fn zap<M: Mem>(vma: u64, start: u64, end: u64, extra_flags: u32) {
-    let l = layout();
-    if l.ready == 0 || vma == 0 {
+    if lay!(ready) == 0 || vma == 0 {
         return;
     }
-    let file: u64 = M::read(vma, l.vma_file);
+    let file: u64 = M::read(vma, lay!(vma_file));
     if file == 0 {
         return; // anonymous memory
     }
-    let inode: u64 = M::read(file, l.file_inode);
-    let iflags: u32 = M::read(inode, l.inode_flags);
+    let inode: u64 = M::read(file, lay!(file_inode));
+    let iflags: u32 = M::read(inode, lay!(inode_flags));
     let mut flags = extra_flags;
     let dev: u32;
     let ino: u64;
-    if iflags & l.s_dax != 0 {
-        let sb: u64 = M::read(inode, l.inode_sb);
-        dev = M::read(sb, l.sb_dev);
-        ino = M::read(inode, l.inode_ino);
+    if iflags & lay!(s_dax) != 0 {
+        let sb: u64 = M::read(inode, lay!(inode_sb));
+        dev = M::read(sb, lay!(sb_dev));
+        ino = M::read(inode, lay!(inode_ino));
     } else {
-        let mode: u16 = M::read(inode, l.inode_mode);
-        if mode & S_IFMT != S_IFCHR || l.dax_major == 0 {
+        let mode: u16 = M::read(inode, lay!(inode_mode));
+        if mode & S_IFMT != S_IFCHR || lay!(dax_major) == 0 {
             return;
         }
-        let rdev: u32 = M::read(inode, l.inode_rdev);
-        if rdev >> 20 != l.dax_major {
+        let rdev: u32 = M::read(inode, lay!(inode_rdev));
+        if rdev >> 20 != lay!(dax_major) {
             return;
         }
         dev = rdev;
         ino = 0;
         flags |= ZAP_DEVDAX;
     }
-    let mm: u64 = M::read(vma, l.vma_mm);
+    let mm: u64 = M::read(vma, lay!(vma_mm));
     // The current task is untyped here (bpf_get_current_task): read it with the helper.
     let task = unsafe { bpf_get_current_task() };
-    let cur_mm: u64 = Probe::read(task, l.task_mm);
+    let cur_mm: u64 = Probe::read(task, lay!(task_mm));
     if cur_mm == mm {
         flags |= ZAP_OWN_MM;
     } else if cur_mm == 0 {
         flags |= ZAP_EXITING;
     }
     let mut owner_tgid = 0u32;
-    if l.mm_owner != 0 {
-        let owner: u64 = M::read(mm, l.mm_owner);
+    if lay!(mm_owner) != 0 {
+        let owner: u64 = M::read(mm, lay!(mm_owner));
         if owner != 0 {
-            owner_tgid = M::read(owner, l.task_tgid);
+            owner_tgid = M::read(owner, lay!(task_tgid));
         }
     }
+    let hdr = header(EventKind::Zap, core::mem::size_of::<ZapEvent>());
+    note_change(hdr.ts_ns);
     emit(ZapEvent {
-        hdr: header(EventKind::Zap, core::mem::size_of::<ZapEvent>()),
+        hdr,
         mm,
         start,
         end,
-        vm_start: M::read(vma, l.vma_start),
-        vm_end: M::read(vma, l.vma_end),
-        vm_pgoff: M::read(vma, l.vma_pgoff),
+        vm_start: M::read(vma, lay!(vma_start)),
+        vm_end: M::read(vma, lay!(vma_end)),
+        vm_pgoff: M::read(vma, lay!(vma_pgoff)),
         ino,
         dev,
         flags,
@@ -185,8 +185,7 @@ pub fn fork_raw(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn fork<M: Mem>(child: u64) {
-    let l = layout();
-    if l.ready == 0 {
+    if lay!(ready) == 0 {
         return;
     }
     // The tracepoint runs in the parent.
@@ -194,7 +193,7 @@ fn fork<M: Mem>(child: u64) {
     if !watched(parent_tgid) {
         return;
     }
-    let child_tgid: u32 = M::read(child, l.task_tgid);
+    let child_tgid: u32 = M::read(child, lay!(task_tgid));
     if child_tgid == parent_tgid {
         return; // a thread: same address space
     }
@@ -202,8 +201,8 @@ fn fork<M: Mem>(child: u64) {
     emit(ForkEvent {
         hdr: header(EventKind::Fork, core::mem::size_of::<ForkEvent>()),
         child_tgid,
-        child_tid: M::read(child, l.task_pid),
-        child_mm: M::read(child, l.task_mm),
+        child_tid: M::read(child, lay!(task_pid)),
+        child_mm: M::read(child, lay!(task_mm)),
     });
 }
 
@@ -229,7 +228,7 @@ pub fn mremap_exit_probe(ctx: FExitContext) -> u32 {
 #[kprobe]
 pub fn mremap_entry_kprobe(ctx: ProbeContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if layout().ready == 0 || !watched(tgid) {
+    if lay!(ready) == 0 || !watched(tgid) {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -252,20 +251,21 @@ pub fn mremap_exit_kretprobe(ctx: RetProbeContext) -> u32 {
 
 #[inline(always)]
 fn mremap<M: Mem>(regs: u64, ret: i64) {
-    let l = layout();
-    if l.ready == 0 {
+    if lay!(ready) == 0 {
         return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if !watched(tgid) || ret < 0 {
         return;
     }
+    let hdr = header(EventKind::Mremap, core::mem::size_of::<MremapEvent>());
+    note_change(hdr.ts_ns);
     emit(MremapEvent {
-        hdr: header(EventKind::Mremap, core::mem::size_of::<MremapEvent>()),
-        old_addr: M::read(regs, l.regs_arg[0]),
-        old_len: M::read(regs, l.regs_arg[1]),
-        new_len: M::read(regs, l.regs_arg[2]),
-        flags: M::read(regs, l.regs_arg[3]),
+        hdr,
+        old_addr: M::read(regs, lay!(regs_arg[0])),
+        old_len: M::read(regs, lay!(regs_arg[1])),
+        new_len: M::read(regs, lay!(regs_arg[2])),
+        flags: M::read(regs, lay!(regs_arg[3])),
         new_addr: ret as u64,
     });
 }

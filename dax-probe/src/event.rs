@@ -16,7 +16,9 @@ pub enum PfnSource {
     Pagemap,
 }
 
-/// One completed DAX page fault.
+/// One completed DAX page fault, or a run of successive ones (`pages > 1`): page `i` of the
+/// run is at `page_address + i * page_size`, file `offset + i * page_size`, pfn
+/// `pfn + i * page_size / 4096`, all faulted with the same access and result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Fault {
     /// Nanoseconds since boot (CLOCK_BOOTTIME).
@@ -66,6 +68,48 @@ pub struct Fault {
     /// Kernel address of the address space (the holder's identity in the kernel).
     #[serde(skip)]
     pub mm: u64,
+    /// Faults (pages of `page_size`) this line stands for; `ts_ns` is the first's time.
+    #[serde(default = "one")]
+    pub pages: u64,
+    /// Boot time of the last of them (equal to `ts_ns` for one fault).
+    #[serde(default)]
+    pub last_ts_ns: u64,
+    /// Identity of a coalesced range in the kernel (CPU, per-CPU sequence; seq 0: a single
+    /// fault). Internal: the agent reports every page once, whichever way it learned it.
+    #[serde(skip)]
+    pub range: Option<(u32, u64)>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl Fault {
+    /// Bytes of address space the line covers.
+    pub fn span(&self) -> u64 {
+        self.page_size.saturating_mul(self.pages)
+    }
+
+    /// The pfn backing virtual address `va`, if this line covers it and names a pfn.
+    pub fn pfn_at(&self, va: u64) -> Option<u64> {
+        let off = va.checked_sub(self.page_address)?;
+        (off < self.span()).then_some(self.pfn?.saturating_add(off / 4096))
+    }
+
+    /// Pages `from..` of the run, as a line of their own (the same fault kind, later start).
+    pub fn tail(&self, from: u64) -> Fault {
+        let skip = from.min(self.pages);
+        // Saturating: a corrupt record must not panic the agent (the applier refuses it).
+        let bytes = skip.saturating_mul(self.page_size);
+        Fault {
+            address: self.page_address.saturating_add(bytes),
+            page_address: self.page_address.saturating_add(bytes),
+            offset: self.offset.saturating_add(bytes),
+            pfn: self.pfn.map(|p| p.saturating_add(bytes / 4096)),
+            pages: self.pages - skip,
+            ..self.clone()
+        }
+    }
 }
 
 /// PTEs of a DAX mapping torn down.

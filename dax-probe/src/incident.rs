@@ -854,6 +854,9 @@ mod tests {
             device: None,
             devdax: true,
             mm: 0,
+            pages: 1,
+            last_ts_ns: 0,
+            range: None,
         }
     }
 

@@ -47,6 +47,10 @@ enum Command {
         /// Size of the kernel→agent event ring buffer (power of two).
         #[arg(long, value_name = "KIB", default_value_t = dax_probe_common::EVENTS_RING_BYTES / 1024)]
         ring_size_kib: u32,
+        /// One record per fault instead of one per run of successive faults (debugging; it
+        /// costs a ring record and the agent's time for every page).
+        #[arg(long)]
+        per_fault: bool,
         /// Answer `dax-probe holders` on this socket.
         #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
@@ -210,6 +214,10 @@ enum Command {
     /// Print the JSON Schema of every line `monitor --json`, `drain --json` and `audit
     /// --json` print (also in docs/events.schema.json).
     Schema,
+    /// Benchmark floor (`cargo xtask bench fault-overhead`): attach nothing but an empty
+    /// program to each DAX fault tracepoint until stdin closes, then print their runs.
+    #[command(hide = true)]
+    BenchFloor,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -290,6 +298,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             duration,
             ring_size_kib,
+            per_fault,
             socket,
             no_socket,
             reconcile_secs,
@@ -334,7 +343,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                     duration,
                     agent: dax_probe::agent::Options {
-                        ring_bytes,
+                        ring: probe::Ring {
+                            bytes: ring_bytes,
+                            per_fault,
+                        },
                         wait,
                         socket: (!no_socket).then_some(socket),
                         reconcile: Duration::from_secs(reconcile_secs.max(1)),
@@ -441,7 +453,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     print_frame,
                     socket,
                     agent: dax_probe::agent::Options {
-                        ring_bytes,
+                        ring: probe::Ring {
+                            bytes: ring_bytes,
+                            per_fault: false,
+                        },
                         wait: true,
                         // The dashboard watches; the monitor service answers `holders`,
                         // enforces and keeps the departed record.
@@ -457,6 +472,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
         }
+        Command::BenchFloor => probe::floor::run(&src),
         Command::Schema => {
             print!("{}", dax_probe::schema::json_schema());
             Ok(())

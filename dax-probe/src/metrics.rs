@@ -265,7 +265,7 @@ impl Metrics {
                         device: device.into(),
                         page_size: f.page_size.to_string(),
                     })
-                    .inc();
+                    .inc_by(f.pages);
             }
             // The fault program signalled a task faulting on a fenced device (it reports
             // each one: exclusions and its rate limit mean a fault alone says nothing).

@@ -417,6 +417,10 @@ pub struct Summary {
     pub faults_seen_by_kernel: u64,
     /// Events of every kind the kernel programs tried to emit: delivered + dropped.
     pub events_attempted_by_kernel: u64,
+    /// Each attached program's runs and run time, when the kernel counts them
+    /// (`sysctl kernel.bpf_stats_enabled=1`; empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub programs: Vec<crate::probe::stats::ProgramStat>,
     pub holders: usize,
     pub holder_pages: u64,
     pub drift_missing: u64,
@@ -524,6 +528,9 @@ mod tests {
                 device: Some("pmem1".into()),
                 devdax: false,
                 mm: 0,
+                pages: 3,
+                last_ts_ns: 12_649_209_000,
+                range: None,
             }),
             Line::Zap(Zap {
                 ts_ns: 7,
@@ -779,6 +786,11 @@ mod tests {
                 kernel_read_errors: 2,
                 faults_seen_by_kernel: 45,
                 events_attempted_by_kernel: 49,
+                programs: vec![crate::probe::stats::ProgramStat {
+                    name: "dax_pte_fault_done_btf".into(),
+                    run_count: 45,
+                    run_time_ns: 9_000,
+                }],
                 holders: 4,
                 holder_pages: 1031,
                 drift_missing: 3,

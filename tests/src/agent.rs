@@ -74,8 +74,11 @@ impl Monitor {
                         // A cheap filter first: this polls a growing file.
                         .filter(|l| l.contains("\"type\":\"fault\""))
                         .filter_map(|l| serde_json::from_str::<Line>(l).ok())
-                        .filter(|l| matches!(l, Line::Fault(f) if f.tgid == tgid && f.mapped))
-                        .count()
+                        .filter_map(|l| match l {
+                            Line::Fault(f) if f.tgid == tgid && f.mapped => Some(f.pages as usize),
+                            _ => None,
+                        })
+                        .sum::<usize>()
                         >= n
                 })
                 .unwrap_or(false)

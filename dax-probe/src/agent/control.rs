@@ -255,7 +255,7 @@ impl Agent {
         let t = Instant::now();
         // "Right now" includes everything the kernel already reported.
         let caught_up = self.session.sync(control::SYNC_WAIT);
-        if let Err(e) = self.drain(out) {
+        if let Err(e) = self.drain(out).and_then(|_| self.collect_pending(out)) {
             log::warn!("output failed: {e}");
         }
         // Events lost since the last repair leave the map behind: repair before answering.

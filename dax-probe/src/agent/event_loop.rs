@@ -9,7 +9,7 @@
 
 use std::{collections::BTreeSet, sync::atomic::Ordering, time::Duration};
 
-use dax_probe_common::Counter;
+use dax_probe_common::{Counter, Event as _, FaultEvent};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{Agent, control, state::State};
@@ -21,7 +21,7 @@ use crate::{
     event::Event,
     event::{GuardVerdict, UnbindGuarded},
     exit::{Code, Failure},
-    holders::scan::Classifier,
+    holders::{ranges::Source, scan::Classifier},
     incident::{Departure, Report},
     metrics::Metrics,
     os::{Fence, Os},
@@ -52,6 +52,10 @@ pub trait KernelMaps: Fence {
     fn unwatch(&mut self, tgid: u32);
     /// The device names the unbind guard refuses unbinds of, from now on.
     fn set_guarded(&mut self, _names: &BTreeSet<String>) {}
+    /// The fault ranges every CPU is still growing.
+    fn pending(&self) -> Vec<FaultEvent> {
+        Vec::new()
+    }
 }
 
 impl KernelMaps for Session {
@@ -63,6 +67,9 @@ impl KernelMaps for Session {
     }
     fn set_guarded(&mut self, names: &BTreeSet<String>) {
         self.guarded.set(names);
+    }
+    fn pending(&self) -> Vec<FaultEvent> {
+        self.pending.read()
     }
 }
 
@@ -441,6 +448,35 @@ impl Flow {
                 ev = again;
             }
         }
+        // A departure or failure names the holders mapping the device now: the pages of
+        // ranges still growing in the kernel first.
+        if matches!(ev, Event::Device(_) | Event::MemoryFailure(_)) {
+            let pending = k.pending();
+            self.handle_pending(&pending, k);
+        }
+        self.handle_fresh(ev, Source::Ring, k);
+    }
+
+    /// Applies the fault ranges the kernel is still growing, read from every CPU's slot
+    /// (`Session::pending`): what of them was not reported yet goes out now.
+    pub fn handle_pending(&mut self, ranges: &[FaultEvent], k: &mut dyn KernelMaps) {
+        for r in ranges {
+            match self.state.decode(r.as_bytes()) {
+                Ok(ev) => self.handle_fresh(ev, Source::Slot, k),
+                Err(e) => log::debug!("pending range not decoded: {e}"),
+            }
+        }
+    }
+
+    /// A fault line carries only the pages of its range not reported before.
+    fn handle_fresh(&mut self, ev: Event, src: Source, k: &mut dyn KernelMaps) {
+        let ev = match ev {
+            Event::Fault(f) => match self.state.applier.ranges.fresh(f, src) {
+                Some(f) => Event::Fault(f),
+                None => return,
+            },
+            other => other,
+        };
         self.handle_event(ev, k);
     }
 
@@ -449,8 +485,8 @@ impl Flow {
     /// a resync before the event that caused it.
     pub fn handle_event(&mut self, ev: Event, k: &mut dyn KernelMaps) {
         self.state.counts.events += 1;
-        if matches!(ev, Event::Fault(_)) {
-            self.state.counts.faults += 1;
+        if let Event::Fault(f) = &ev {
+            self.state.counts.faults += f.pages;
         }
         // Departures and failures first: their reports describe the map as it was when the
         // kernel spoke.
@@ -733,6 +769,7 @@ impl Agent {
                     self.flow.metrics.kernel_counters(|k| c.get(k));
                 }
                 _ = drops.tick() => {
+                    self.collect_pending(out)?;
                     self.flow.state.applier.tick();
                     self.repair_after_drops(out)?;
                     if self.snapshot_request.swap(false, Ordering::Relaxed) {
@@ -750,6 +787,7 @@ impl Agent {
         // Drain what the kernel submitted before we stopped, so counts are complete.
         self.session.stop_reader();
         self.drain(out)?;
+        self.collect_pending(out)?;
         self.repair_after_drops(out)?;
         Ok(())
     }
@@ -786,6 +824,16 @@ impl Agent {
             self.flow.flush(out)?;
         }
         Ok(())
+    }
+
+    /// Applies the ranges the kernel's CPUs are still growing (one map read for all CPUs).
+    pub(super) fn collect_pending(&mut self, out: &mut Sink) -> anyhow::Result<()> {
+        let pending = self.session.pending.read();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.flow.handle_pending(&pending, &mut self.session);
+        self.flow.flush(out)
     }
 
     /// A module loaded since the last look may make kernel hooks possible where the agent
@@ -1038,6 +1086,9 @@ mod tests {
             device: Some("pmem1".into()),
             devdax: false,
             mm: 0,
+            pages: 1,
+            last_ts_ns: 0,
+            range: None,
         })
     }
 

@@ -42,7 +42,7 @@ use crate::{
 };
 
 pub struct Options {
-    pub ring_bytes: u32,
+    pub ring: crate::probe::Ring,
     /// Keep running even when no DAX device exists yet.
     pub wait: bool,
     /// Serve the control socket here (None: no socket).
@@ -161,7 +161,7 @@ impl Agent {
         } else {
             None
         };
-        let mut session = Session::start(src, opts.ring_bytes, opts.enforce || wants_guard)?;
+        let mut session = Session::start(src, opts.ring, opts.enforce || wants_guard)?;
         let guard_on = wants_guard && session.guard_attached();
         if wants_guard && !guard_on {
             eprintln!(
@@ -279,6 +279,7 @@ impl Agent {
             kernel_read_errors: c.get(Counter::ReadFailed),
             faults_seen_by_kernel: c.get(Counter::FaultsSeen),
             events_attempted_by_kernel: c.get(Counter::Attempted),
+            programs: self.session.probe.program_stats(),
             ..self.flow.state.summary()
         }
     }

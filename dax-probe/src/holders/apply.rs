@@ -39,6 +39,9 @@ pub struct Stats {
     pub unattributed_zaps: u64,
     /// Page-table re-reads done for events (fork, mremap, partial huge unmaps).
     pub resyncs: u64,
+    /// Fault lines that arrived after a change of their address space and were re-read
+    /// from the page tables instead (see `Changes`).
+    pub late_ranges: u64,
 }
 
 /// Changes to the kernel-side WATCHED set the caller must apply.
@@ -53,14 +56,21 @@ pub struct WatchChanges {
 pub fn check_event(ev: &Event) -> Result<(), String> {
     match ev {
         Event::Fault(f) => {
-            let pages = pages_of_page_size(f.page_size).ok_or_else(|| {
+            let per = pages_of_page_size(f.page_size).ok_or_else(|| {
                 format!(
                     "page_size {} is not 4096, 2097152 or 1073741824",
                     f.page_size
                 )
             })?;
+            if f.pages == 0 || f.pages > u64::from(dax_probe_common::RANGE_MAX_PAGES) {
+                return Err(format!(
+                    "a fault line for {} pages (1 to {} are possible)",
+                    f.pages,
+                    dax_probe_common::RANGE_MAX_PAGES
+                ));
+            }
             if let Some(pfn) = f.pfn {
-                check_pages(f.page_address >> 12, pfn, pages)?;
+                check_pages(f.page_address >> 12, pfn, per * f.pages)?;
             }
             Ok(())
         }
@@ -89,6 +99,51 @@ pub struct Applier {
     dying: HashMap<u32, u64>,
     /// Bumped by the agent's clock (`tick`).
     ticks: u64,
+    /// Coalesced ranges: what was reported of each (see `ranges.rs`).
+    pub ranges: super::ranges::Ledger,
+    /// Boot time of the latest page-table change applied, per address space and per
+    /// process (an mremap names only its process); see [`Changes`].
+    changes: Changes,
+}
+
+/// When each address space last changed (zap, copy-on-write, mremap), as far as the
+/// applied events tell. A fault line whose first fault is older than a change already
+/// applied arrived late (a range emitted after the zap of some of its pages, or read from
+/// its slot after that): its pages are re-read from the page tables, not taken on trust.
+#[derive(Debug, Default)]
+struct Changes {
+    by_mm: HashMap<u64, u64>,
+    by_tgid: HashMap<u32, u64>,
+    /// Everything forgotten to stay bounded counts as changed at this time.
+    floor: u64,
+}
+
+/// Address spaces remembered before [`Changes`] forgets (and raises its floor).
+const CHANGES_KEPT: usize = 65_536;
+
+impl Changes {
+    fn note(&mut self, mm: u64, tgid: Option<u32>, ts: u64) {
+        if self.by_mm.len() >= CHANGES_KEPT || self.by_tgid.len() >= CHANGES_KEPT {
+            let newest = self.by_mm.values().chain(self.by_tgid.values()).max();
+            self.floor = self.floor.max(newest.copied().unwrap_or(0));
+            self.by_mm.clear();
+            self.by_tgid.clear();
+        }
+        if mm != 0 {
+            let e = self.by_mm.entry(mm).or_default();
+            *e = (*e).max(ts);
+        }
+        if let Some(t) = tgid {
+            let e = self.by_tgid.entry(t).or_default();
+            *e = (*e).max(ts);
+        }
+    }
+
+    fn since(&self, mm: u64, tgid: u32) -> u64 {
+        let a = self.by_mm.get(&mm).copied().unwrap_or(0);
+        let b = self.by_tgid.get(&tgid).copied().unwrap_or(0);
+        a.max(b).max(self.floor)
+    }
 }
 
 /// Ticks a dead process stays after it was found dead: the reader hands events over
@@ -106,6 +161,8 @@ impl Applier {
             watch: WatchChanges::default(),
             dying: HashMap::new(),
             ticks: 0,
+            ranges: Default::default(),
+            changes: Changes::default(),
         }
     }
 
@@ -340,10 +397,19 @@ impl Applier {
         if !f.mapped {
             return;
         }
-        let Some(pages) = pages_of_page_size(f.page_size) else {
+        let Some(per) = pages_of_page_size(f.page_size) else {
             return;
         };
+        let pages = per * f.pages;
         let vpage = f.page_address >> 12;
+        if f.pfn.is_some() && self.changes.since(f.mm, f.tgid) > f.ts_ns {
+            // Late: some of these pages may have been zapped or moved since.
+            let h = self.holder_in(f.tgid, f.mm, &f.comm);
+            self.stats.late_ranges += 1;
+            self.resync(h, f.tgid, vpage, vpage + pages, topo);
+            self.gc(h);
+            return;
+        }
         match f.pfn {
             Some(pfn) if topo.namespace_of_pfn(pfn).is_some() => {
                 let h = self.holder_in(f.tgid, f.mm, &f.comm);
@@ -401,9 +467,13 @@ impl Applier {
             .or((z.own_mm || z.exiting).then_some(z.tgid))
             .or(z.owner_tgid);
         let (vs, ve) = (z.start >> 12, z.end.div_ceil(4096));
+        self.changes.note(z.mm, owner, z.ts_ns);
         match owner.and_then(|t| self.map.holder_of(t).map(|h| (t, h))) {
             Some((tgid, h)) => {
-                let (_, recheck) = self.map.remove_vrange(h, vs, ve);
+                let (_, mut recheck) = self.map.remove_vrange(h, vs, ve);
+                // Pages a range read ahead of the ring added after this zap was stamped
+                // are not its to remove: what the page tables say now decides.
+                recheck.extend(self.ranges.ahead_of(z.ts_ns, z.mm, Some(tgid), vs, ve));
                 if !z.exiting {
                     for (s, e) in recheck {
                         self.resync(h, tgid, s, e, topo);
@@ -461,6 +531,7 @@ impl Applier {
 
     /// The source range was zapped (removed already); the pages now live at the new range.
     fn mremap(&mut self, m: &Mremap, topo: &Topology) {
+        self.changes.note(0, Some(m.tgid), m.ts_ns);
         let h = self.holder(m.tgid, &m.comm);
         let s = m.new_addr >> 12;
         let e = (m.new_addr + m.new_len).div_ceil(4096);
@@ -663,6 +734,7 @@ mod tests {
     use super::*;
     use crate::{
         event::PfnSource,
+        holders::ranges::Source,
         os::fake::{DEV, END_PFN, FIRST_PFN, FakeOs, FakeProc, topology},
     };
 
@@ -696,6 +768,9 @@ mod tests {
             device: Some("pmem0".into()),
             devdax: false,
             mm,
+            pages: 1,
+            last_ts_ns: 0,
+            range: None,
         })
     }
 
@@ -925,6 +1000,109 @@ mod tests {
         assert!(app.paths.is_empty(), "{} file names left", app.paths.len());
         let w = app.take_watch_changes();
         assert_eq!(w.remove.len(), 1000, "every exited process is unwatched");
+    }
+
+    /// A range of `pages` pages of the fake file from page 0, first fault at `ts_ns`,
+    /// learned from `cpu`'s slot or ring as range `seq`.
+    fn range(tgid: u32, ts_ns: u64, pages: u64, seq: u64) -> Fault {
+        let Event::Fault(mut f) = fault(tgid, 0xa000, tgid, 0) else {
+            unreachable!()
+        };
+        f.ts_ns = ts_ns;
+        f.last_ts_ns = ts_ns + 10;
+        f.pages = pages;
+        f.range = Some((0, seq));
+        f
+    }
+
+    fn munmap(tgid: u32, ts_ns: u64) -> Event {
+        Event::Zap(Zap {
+            ts_ns,
+            tgid,
+            tid: tgid,
+            comm: "w".into(),
+            start: VADDR,
+            end: VADDR + 4 * 4096,
+            vma_start: VADDR,
+            vma_end: VADDR + 4 * 4096,
+            offset: 0,
+            dev: DEV,
+            ino: 12,
+            devdax: false,
+            own_mm: true,
+            exiting: false,
+            cow: false,
+            owner_tgid: None,
+            mm: 0xa000,
+        })
+    }
+
+    fn pages_of(app: &Applier, tgid: u32) -> u64 {
+        app.map
+            .holder_of(tgid)
+            .map(|h| {
+                app.map
+                    .all()
+                    .iter()
+                    .filter(|v| v.holder == h)
+                    .map(|v| v.pages)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_range_applies_all_its_pages() {
+        let os = FakeOs::new(&[(100, FakeProc::holder("w", 7))], &["/mnt/pmem0"]);
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut app = Applier::new(os.procfs_box());
+        app.apply(&Event::Fault(range(100, 5, 4, 1)), &topo);
+        assert_eq!(pages_of(&app, 100), 4);
+        assert_eq!(app.stats.resyncs, 0);
+    }
+
+    #[test]
+    fn a_range_arriving_after_a_zap_of_its_address_space_is_read_from_the_page_tables() {
+        // The range began at 5 and reached the agent after a munmap stamped 10 (its record
+        // was emitted behind the zap): the pages are gone, the page tables say so.
+        let os = FakeOs::new(&[(100, FakeProc::holder("w", 7))], &["/mnt/pmem0"]);
+        os.state.borrow_mut().procs.get_mut(&100).unwrap().maps = false;
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut app = Applier::new(os.procfs_box());
+        app.apply(&munmap(100, 10), &topo);
+        app.apply(&Event::Fault(range(100, 5, 4, 1)), &topo);
+        assert_eq!(
+            pages_of(&app, 100),
+            0,
+            "a late range must not invent a holder"
+        );
+        assert_eq!(app.stats.late_ranges, 1);
+        // A range begun after the zap is taken as it is.
+        app.apply(&Event::Fault(range(100, 11, 4, 2)), &topo);
+        assert_eq!(pages_of(&app, 100), 4);
+    }
+
+    #[test]
+    fn an_older_zap_applied_after_a_range_read_ahead_does_not_remove_its_pages() {
+        // The range (first fault at 20) was read from its CPU's slot while a munmap stamped
+        // 10 (of the pages as they were before) was still queued: the pages are mapped.
+        let os = FakeOs::new(&[(100, FakeProc::holder("w", 7))], &["/mnt/pmem0"]);
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut app = Applier::new(os.procfs_box());
+        let r = app
+            .ranges
+            .fresh(range(100, 20, 4, 1), Source::Slot)
+            .unwrap();
+        app.apply(&Event::Fault(r), &topo);
+        app.apply(&munmap(100, 10), &topo);
+        assert_eq!(
+            pages_of(&app, 100),
+            4,
+            "an older zap must not hide a holder"
+        );
+        // A zap newer than the range removes them.
+        app.apply(&munmap(100, 30), &topo);
+        assert_eq!(pages_of(&app, 100), 0);
     }
 }
 

@@ -236,6 +236,9 @@ impl<L: PfnLookup> Decoder<'_, L> {
             device,
             devdax,
             mm: raw.mm,
+            pages: u64::from(raw.pages.max(1)),
+            last_ts_ns: raw.last_ns.max(raw.hdr.ts_ns),
+            range: (raw.seq != 0).then_some((raw.cpu, raw.seq)),
         }
     }
 }
@@ -313,7 +316,48 @@ mod tests {
             entry_flags: 0,
             flags: FAULT_PFN_VALID,
             page_shift: 12,
+            pages: 1,
+            cpu: 0,
+            seq: 0,
+            last_ns: 5,
+            check: 0,
         }
+    }
+
+    #[test]
+    fn decodes_a_range_as_one_line_for_all_its_pages() {
+        let topo = Topology::default();
+        let d = Decoder {
+            topology: &topo,
+            lookup: NoLookup,
+        };
+        let raw = FaultEvent {
+            address: 0x7f00_0020_3000,
+            pgoff: 515,
+            pages: 300,
+            cpu: 1,
+            seq: 9,
+            last_ns: 99,
+            ..raw_fault()
+        };
+        let Event::Fault(f) = d.decode(raw.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (f.pages, f.span(), f.range),
+            (300, 300 * 4096, Some((1, 9)))
+        );
+        assert_eq!((f.ts_ns, f.last_ts_ns), (5, 99));
+        assert_eq!(
+            f.pfn_at(0x7f00_0020_3000 + 299 * 4096),
+            Some(0x100a00 + 299)
+        );
+        assert_eq!(f.pfn_at(0x7f00_0020_3000 + 300 * 4096), None);
+        // A record without a page count (never written by the kernel) is one fault.
+        let Event::Fault(f) = d.decode(FaultEvent { pages: 0, ..raw }.as_bytes()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.pages, 1);
     }
 
     struct Fixed(u64);

@@ -107,7 +107,7 @@ pub fn compute(
             .unwrap_or(0),
         sb_magic: btf.member_offset("super_block", &["s_magic"]).unwrap_or(0),
         regs_nr: btf.member_offset("pt_regs", &["orig_ax"]).unwrap_or(0),
-        _pad1: 0,
+        coalesce: 1,
         pfn_mask: u64::MAX,
     };
     // Absent insert function: the pfn concern falls back to userspace, layout stays valid.

@@ -14,9 +14,9 @@ use aya::{
 };
 use dax_probe_common::{
     COUNTERS_MAP, Counter, DEVICE_EVENTS_MAP, EVENTS_MAP, FENCE_EXCLUDE_COMM_MAP,
-    FENCE_EXCLUDE_PID_MAP, FENCED_MAP, FenceCommKey, FencePidKey, GUARD_CONF_MAP,
+    FENCE_EXCLUDE_PID_MAP, FENCED_MAP, FaultEvent, FenceCommKey, FencePidKey, GUARD_CONF_MAP,
     GUARD_SLOT_ACTIVE, GUARD_SLOT_AGENT, GUARDED_MAP, GuardKey, KernelLayout, LAYOUT_GLOBAL,
-    TASK_COMM_LEN, WATCHED_MAP, guard_key_of,
+    PENDING_MAP, TASK_COMM_LEN, WATCHED_MAP, guard_key_of,
 };
 use serde::Serialize;
 
@@ -46,6 +46,8 @@ pub enum LoadError {
     },
     #[error("{0}")]
     Object(#[from] super::object::ObjectError),
+    #[error("eBPF program {0} missing from the object (stale build?)")]
+    MissingProgram(&'static str),
     #[error("eBPF map {0} missing from the object (stale build?)")]
     MissingMap(&'static str),
     #[error("eBPF map error: {0}")]
@@ -71,6 +73,11 @@ pub struct Probe {
 impl Probe {
     pub fn choice(&self, c: Concern) -> Option<&Choice> {
         self.choices.iter().find(|x| x.concern == c)
+    }
+
+    /// Runs and run time of each attached program (with `kernel.bpf_stats_enabled`).
+    pub fn program_stats(&self) -> Vec<super::stats::ProgramStat> {
+        super::stats::of(&self.ebpf)
     }
 
     /// Takes the event ring buffer (once).
@@ -146,12 +153,44 @@ impl Probe {
     }
 
     /// Takes the per-CPU counters (once).
+    /// Takes every CPU's pending fault range (once).
+    pub fn take_pending(&mut self) -> Result<Pending, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(PENDING_MAP)
+            .ok_or(LoadError::MissingMap("PENDING"))?;
+        Ok(Pending(PerCpuArray::try_from(map)?))
+    }
+
     pub fn take_counters(&mut self) -> Result<Counters, LoadError> {
         let map = self
             .ebpf
             .take_map(COUNTERS_MAP)
             .ok_or(LoadError::MissingMap("COUNTERS"))?;
         Ok(Counters(PerCpuArray::try_from(map)?, Default::default()))
+    }
+}
+
+/// Each CPU's fault range still being extended (see `dax-probe-ebpf/src/fault.rs`).
+pub struct Pending(PerCpuArray<MapData, FaultEvent>);
+
+impl Pending {
+    /// The ranges pending now, one per CPU at most, each consistent: a slot copied while
+    /// its CPU refilled it fails its check and is left for the next read (or for its
+    /// record). One syscall for all CPUs.
+    pub fn read(&self) -> Vec<FaultEvent> {
+        match self.0.get(&0, 0) {
+            Ok(values) => values
+                .iter()
+                .filter(|r| r.pages != 0 && r.seq != 0)
+                .filter(|r| dax_probe_common::range_check(r) == r.check)
+                .copied()
+                .collect(),
+            Err(e) => {
+                log::debug!("cannot read the pending fault ranges: {e}");
+                Vec::new()
+            }
+        }
     }
 }
 
@@ -360,7 +399,7 @@ impl Counters {
 
 /// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps against it, and a 4 MiB ring
 /// buffer does not fit the default 64 KiB.
-fn raise_memlock() {
+pub(super) fn raise_memlock() {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
@@ -374,15 +413,17 @@ fn raise_memlock() {
     }
 }
 
-/// `ring_bytes`: size of the event ring buffer (a power of two, at least a page). On-demand
-/// concerns (the mmap fence) are loaded only with `on_demand`.
+/// `ring`: the event ring buffer's size (a power of two, at least a page) and whether faults
+/// are coalesced into ranges. On-demand concerns (the mmap fence) are loaded only with
+/// `on_demand`.
 pub fn load(
     plan: &Plan,
     layout: &KernelLayout,
     btf_path: &Path,
-    ring_bytes: u32,
+    ring: super::Ring,
     on_demand: bool,
 ) -> Result<Probe, LoadError> {
+    let ring_bytes = ring.bytes;
     super::object::check_abi(OBJECT, dax_probe_common::ABI_VERSION)?;
     raise_memlock();
     let btf = Btf::parse_file(btf_path, Endianness::default())?;
@@ -390,6 +431,7 @@ pub fn load(
     // timer collects events in batches (see reader.rs).
     let layout = &KernelLayout {
         wakeup_bytes: (ring_bytes / 8).max(1),
+        coalesce: u32::from(!ring.per_fault),
         ..*layout
     };
     let mut ebpf = EbpfLoader::new()

@@ -4,11 +4,13 @@
 pub mod btf;
 pub mod decode;
 pub mod facts;
+pub mod floor;
 pub mod layout;
 pub mod loader;
 pub mod object;
 pub mod plan;
 pub mod reader;
+pub mod stats;
 
 use std::path::{Path, PathBuf};
 
@@ -53,6 +55,8 @@ pub struct Session {
     pub fenced: loader::Fenced,
     /// The unbind guard's maps (policy `guard`); used only when its program is attached.
     pub guarded: loader::Guarded,
+    /// Every CPU's fault range still growing in the kernel.
+    pub pending: loader::Pending,
     reader: Option<reader::Reader>,
     /// Loaded modules when last looked at.
     modules: Vec<String>,
@@ -64,7 +68,7 @@ impl Session {
     /// `fence`: also load the on-demand concerns: the mmap fence (drain, `monitor
     /// --enforce`) and the unbind guard (a policy with `guard`; it stays idle while the
     /// agent lists nothing).
-    pub fn start(src: &KernelSource, ring_bytes: u32, fence: bool) -> anyhow::Result<Self> {
+    pub fn start(src: &KernelSource, ring: Ring, fence: bool) -> anyhow::Result<Self> {
         // Before the facts: a module loading meanwhile is then noticed at the first check.
         let modules = loaded_modules(&src.root);
         let facts = collect_facts(src)?;
@@ -75,7 +79,7 @@ impl Session {
         let layout = layout::compute(&facts.btf, &facts, extra)
             .map_err(|e| Failure::new(Code::Unavailable, e.to_string()))?;
         let mut probe =
-            loader::load(&plan, &layout, &facts.btf_path, ring_bytes, fence).map_err(|e| {
+            loader::load(&plan, &layout, &facts.btf_path, ring, fence).map_err(|e| {
                 let code = match e {
                     loader::LoadError::MissingHook { .. }
                     | loader::LoadError::Object(object::ObjectError::Placeholder) => {
@@ -91,6 +95,7 @@ impl Session {
         let watched = probe.take_watched()?;
         let fenced = probe.take_fenced()?;
         let guarded = probe.take_guarded()?;
+        let pending = probe.take_pending()?;
         let (tx, records) = channel(reader::CHANNEL_RECORDS);
         let reader = reader::Reader::spawn(ring, device_ring, tx, counters.1.clone());
         Ok(Self {
@@ -102,6 +107,7 @@ impl Session {
             watched,
             fenced,
             guarded,
+            pending,
             reader: Some(reader),
             modules,
         })
@@ -209,6 +215,23 @@ pub fn collect_facts(src: &KernelSource) -> anyhow::Result<facts::LiveFacts> {
 }
 
 /// Checks a ring buffer size given in KiB: the kernel wants a power of two of at least a page.
+/// How the kernel hands faults to the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ring {
+    /// Size of the event ring buffer in bytes (a power of two).
+    pub bytes: u32,
+    /// One record per fault instead of coalesced ranges (`--per-fault`, for debugging and
+    /// for tests of the ring itself).
+    pub per_fault: bool,
+}
+
+impl Ring {
+    pub const DEFAULT: Ring = Ring {
+        bytes: dax_probe_common::EVENTS_RING_BYTES,
+        per_fault: false,
+    };
+}
+
 pub fn ring_bytes(kib: u32) -> Result<u32, Failure> {
     if kib < 4 || !kib.is_power_of_two() || kib > (1 << 20) {
         return Err(Failure::new(

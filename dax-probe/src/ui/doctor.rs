@@ -30,6 +30,9 @@ struct Report {
     /// True when the choices below were proven by loading and attaching.
     verified: bool,
     concerns: Vec<ConcernReport>,
+    /// What an fsdax fault and an anonymous fault of any process cost here: the programs
+    /// that run for each, and why (see [`fault_path`]).
+    fault_path: FaultPath,
     dax_namespaces: usize,
     dax_mounts: usize,
     /// Device-dax personalities this kernel offers, and what can be observed of each.
@@ -53,6 +56,56 @@ struct KernelFactsReport {
     /// pages are ordinary folios and it does.
     dax_devmap: bool,
     bpf_lsm_active: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct FaultPath {
+    /// Programs that run on each fsdax fault.
+    programs_per_dax_fault: u32,
+    /// How successive faults reach the agent.
+    records: &'static str,
+    why: String,
+    /// What every anonymous page fault of the machine runs (the copy-on-write hook where
+    /// the kernel inlines `wp_page_copy`), or None.
+    on_anonymous_faults: Option<&'static str>,
+}
+
+/// One program per fault where the kernel allows: the fault-done tracepoint names the file,
+/// the address and the result, but not the pfn; the insert hook is the only place the pfn
+/// is handed over before the PTE is written (reading it back from the page table would need
+/// a page walk no program type offers on these kernels).
+fn fault_path(chosen: impl Fn(Concern) -> Option<&'static str>) -> FaultPath {
+    let done = chosen(Concern::FaultDone);
+    let pfn = chosen(Concern::FaultPfn);
+    let kernel_pfn = pfn.is_some_and(|p| !p.starts_with("userspace"));
+    let (n, records, why) = match (done, kernel_pfn) {
+        (None, _) => (
+            0,
+            "none",
+            "no fault-done hook: faults are found by reconciling".into(),
+        ),
+        (Some(d), true) => (
+            2,
+            "coalesced: one record per run of successive faults",
+            format!(
+                "{d} (file, address, result) and {} (the pfn, which the tracepoint does not \
+                 carry)",
+                pfn.unwrap_or("?")
+            ),
+        ),
+        (Some(d), false) => (
+            1,
+            "one record per fault (no pfn to coalesce on: the agent reads it from pagemap)",
+            format!("{d}; no insert hook here"),
+        ),
+    };
+    let cow = chosen(Concern::Cow);
+    FaultPath {
+        programs_per_dax_fault: n,
+        records,
+        why,
+        on_anonymous_faults: cow.filter(|c| c.contains("anon_rmap")),
+    }
 }
 
 #[derive(Serialize)]
@@ -88,14 +141,8 @@ pub fn run(src: &KernelSource, json: bool) -> anyhow::Result<()> {
             )
             .map_err(|e| e.to_string())
             .and_then(|l| {
-                probe::loader::load(
-                    &plan,
-                    &l,
-                    &facts.btf_path,
-                    dax_probe_common::EVENTS_RING_BYTES,
-                    true,
-                )
-                .map_err(|e| e.to_string())
+                probe::loader::load(&plan, &l, &facts.btf_path, probe::Ring::DEFAULT, true)
+                    .map_err(|e| e.to_string())
             }),
         )
     } else {
@@ -144,7 +191,7 @@ fn build(
     topo: &Topology,
 ) -> Report {
     let probe = attempt.and_then(|a| a.as_ref().ok());
-    let concerns = plan
+    let concerns: Vec<ConcernReport> = plan
         .concerns
         .iter()
         .map(|(concern, verdicts)| {
@@ -188,7 +235,14 @@ fn build(
             }
         })
         .collect();
+    let fault_path = fault_path(|c| {
+        concerns
+            .iter()
+            .find(|r| r.concern == c)
+            .and_then(|r| r.chosen)
+    });
     Report {
+        fault_path,
         kernel: facts.release.clone(),
         btf: facts.btf_path.display().to_string(),
         kallsyms_readable: facts.kallsyms_readable,
@@ -295,6 +349,18 @@ fn write_text(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
             "hooks (from BTF and kallsyms; not verified: run as root to test-attach)"
         }
     )?;
+    writeln!(
+        out,
+        "  fault path: {} program(s) per fsdax fault, {}: {}",
+        r.fault_path.programs_per_dax_fault, r.fault_path.records, r.fault_path.why
+    )?;
+    if let Some(c) = r.fault_path.on_anonymous_faults {
+        writeln!(
+            out,
+            "  every anonymous page fault runs {c} (copy-on-write of private DAX pages; it \
+             returns at its first test for memory that is not a file's)"
+        )?;
+    }
     for c in &r.concerns {
         writeln!(
             out,
@@ -350,5 +416,51 @@ fn guard_line(r: &Report) -> String {
             c.and_then(|c| c.candidates.iter().find_map(|x| x.reason.clone()))
                 .unwrap_or_else(|| "no candidate".into())
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(
+        done: Option<&'static str>,
+        pfn: Option<&'static str>,
+        cow: Option<&'static str>,
+    ) -> FaultPath {
+        fault_path(|c| match c {
+            Concern::FaultDone => done,
+            Concern::FaultPfn => pfn,
+            Concern::Cow => cow,
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn the_fault_path_names_its_programs_and_what_coalesces() {
+        let two = path(
+            Some("tp_btf fs_dax:dax_{pte,pmd}_fault_done"),
+            Some("fentry dax_insert_entry"),
+            Some("fentry folio_add_new_anon_rmap"),
+        );
+        assert_eq!(two.programs_per_dax_fault, 2);
+        assert!(two.records.starts_with("coalesced"));
+        assert!(two.why.contains("fentry dax_insert_entry"));
+        assert_eq!(
+            two.on_anonymous_faults,
+            Some("fentry folio_add_new_anon_rmap")
+        );
+        // No insert hook: one program, one record per fault.
+        let one = path(
+            Some("raw_tp fs_dax:dax_{pte,pmd}_fault_done"),
+            Some("userspace /proc/PID/pagemap lookup"),
+            Some("fexit wp_page_copy"),
+        );
+        assert_eq!(
+            (one.programs_per_dax_fault, one.on_anonymous_faults),
+            (1, None)
+        );
+        assert!(one.records.starts_with("one record per fault"));
+        assert_eq!(path(None, None, None).programs_per_dax_fault, 0);
     }
 }

@@ -120,7 +120,14 @@ pub fn run(src: &KernelSource, o: &Options) -> anyhow::Result<()> {
     })?;
     let mut enf = Enforcer::new(audit);
     // The fence lives in the kernel programs of this session.
-    let mut session = Session::start(src, o.ring_bytes, true)?;
+    let mut session = Session::start(
+        src,
+        crate::probe::Ring {
+            bytes: o.ring_bytes,
+            per_fault: false,
+        },
+        true,
+    )?;
     let mut app = Applier::new(Box::new(LiveProc::new(&src.root)));
     pipeline::run_drain(
         &plan,

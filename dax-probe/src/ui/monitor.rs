@@ -538,8 +538,13 @@ pub fn format_fault(f: &Fault) -> String {
         None if f.zero_page => "zero-page".into(),
         None => "-".into(),
     };
+    let pages = if f.pages > 1 {
+        format!(" x{}", f.pages)
+    } else {
+        String::new()
+    };
     format!(
-        "{} fault {:<5} {}/{} {:<15} dev={} ino={} off={:#x} addr={:#x} pfn={} {}{} {}",
+        "{} fault {:<5} {}/{} {:<15} dev={} ino={} off={:#x} addr={:#x} pfn={} {}{pages}{} {}",
         stamp(f.ts_ns),
         if f.write { "write" } else { "read" },
         f.tgid,
@@ -652,6 +657,9 @@ mod tests {
             device: Some("pmem0".into()),
             devdax: false,
             mm: 0,
+            pages: 1,
+            last_ts_ns: 0,
+            range: None,
         };
         let line = format_fault(&f);
         assert!(

@@ -132,11 +132,12 @@ pub fn run(env: &Env, fs: &DaxFs) -> Result<Checked> {
         format!("{while_running} loaded while running, gone afterwards: {gone}"),
     );
 
-    // Full ring buffer: a 4 KiB ring, a stopped reader and 2048 faults. Every fault must be
-    // either delivered or counted as dropped, and the operator told.
+    // Full ring buffer: a 4 KiB ring, a stopped reader and 2048 faults, one record each
+    // (`--per-fault`: coalesced, they would be one record). Every fault must be either
+    // delivered or counted as dropped, and the operator told.
     let file = format!("{}/bad-input-ring", fs.mnt);
     pmem::write_file(Path::new(&file), 8 << 20)?;
-    let m = Monitor::start("ring", &["--ring-size-kib", "4"])?;
+    let m = Monitor::start("ring", &["--ring-size-kib", "4", "--per-fault"])?;
     let mpid = m.pid().unwrap() as i32;
     let mut p = Puppet::spawn()?;
     let a = p.map(&file, 0, 8 << 20, true, Huge::Pte)?;

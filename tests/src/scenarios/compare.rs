@@ -70,7 +70,7 @@ pub fn tally(events: &[Fault], x: &Expect) -> Tally {
             .iter()
             .enumerate()
             .rev()
-            .find(|(_, e)| va >= e.page_address && va < e.page_address + e.page_size);
+            .find(|(_, e)| va >= e.page_address && va < e.page_address + e.span());
         let Some((idx, e)) = hit else {
             t.missing += 1;
             if t.examples.len() < 5 {
@@ -80,7 +80,7 @@ pub fn tally(events: &[Fault], x: &Expect) -> Tally {
             continue;
         };
         used.insert(idx);
-        let (start, size) = (e.page_address, e.page_size);
+        let size = e.page_size;
         if size != x.page_size {
             t.wrong_size += 1;
             if t.examples.len() < 5 {
@@ -90,7 +90,7 @@ pub fn tally(events: &[Fault], x: &Expect) -> Tally {
                 ));
             }
         }
-        let agent_pfn = e.pfn.map(|p| p + (va - start) / 4096);
+        let agent_pfn = e.pfn_at(va);
         if agent_pfn == Some(*truth) {
             t.matched += 1;
         } else {
@@ -142,6 +142,9 @@ mod tests {
             device: None,
             devdax: false,
             mm: 0,
+            pages: 1,
+            last_ts_ns: 0,
+            range: None,
         }
     }
 
@@ -163,6 +166,22 @@ mod tests {
         let t = tally(&events, &expect(vec![Some(100), Some(101)], 4096));
         assert!(t.perfect(), "{t:?}");
         assert_eq!(t.events, 2);
+    }
+
+    #[test]
+    fn a_range_covers_its_pages_and_no_more() {
+        let mut r = ev(7, 0x200000, 4096, 100);
+        r.pages = 3;
+        // The range says pfns 100, 101, 102: the third page is backed by 555 in truth, and
+        // the fourth is past its end.
+        let t = tally(
+            &[r],
+            &expect(vec![Some(100), Some(101), Some(555), Some(103)], 4096),
+        );
+        assert_eq!(
+            (t.pages, t.matched, t.wrong_pfn, t.missing, t.events),
+            (4, 2, 1, 1, 1)
+        );
     }
 
     #[test]

@@ -83,13 +83,13 @@ struct Rate {
 }
 
 impl Rate {
-    fn add(&mut self, ts_ns: u64) {
+    fn add(&mut self, ts_ns: u64, faults: u64) {
         let slot = ts_ns / SLOT_NS;
         match self.slots.back_mut() {
-            Some((s, n)) if *s == slot => *n += 1,
+            Some((s, n)) if *s == slot => *n += faults,
             // Out of order (several CPUs): count it in the newest slot.
-            Some((s, n)) if *s > slot => *n += 1,
-            _ => self.slots.push_back((slot, 1)),
+            Some((s, n)) if *s > slot => *n += faults,
+            _ => self.slots.push_back((slot, faults)),
         }
         while self
             .slots
@@ -390,7 +390,11 @@ impl Model {
                     .map(|n| n.device_name().to_string())
             });
             if let Some(d) = device {
-                self.rates.entry(d).or_default().add(f.ts_ns);
+                // A range counts in the slot of its last fault, with all its faults.
+                self.rates
+                    .entry(d)
+                    .or_default()
+                    .add(f.last_ts_ns.max(f.ts_ns), f.pages);
             }
             if f.mapped {
                 let key = (
@@ -617,17 +621,17 @@ mod tests {
         let mut r = Rate::default();
         let s = 1_000_000_000u64;
         for i in 0..30 {
-            r.add(10 * s + i * 10_000_000); // 30 faults in 10.00..10.30 s
+            r.add(10 * s + i * 10_000_000, 1); // 30 faults in 10.00..10.30 s
         }
         for i in 0..5 {
-            r.add(12 * s + i); // 5 faults at 12.0 s
+            r.add(12 * s + i, 1); // 5 faults at 12.0 s
         }
         assert_eq!(r.per_sec(12 * s + 500_000_000), 5.0);
         assert_eq!(r.per_sec(10 * s + 900_000_000), 30.0);
         assert_eq!(r.per_sec(20 * s), 0.0);
         assert_eq!(r.history(12 * s, 4), vec![0, 30, 0, 5]);
         // Old slots are dropped.
-        r.add(200 * s);
+        r.add(200 * s, 1);
         assert_eq!(r.slots.len(), 1);
     }
 
