@@ -118,6 +118,8 @@ pub struct State {
     pub log: Vec<Call>,
     pub elapsed: Duration,
     pub mounts: Vec<Mount>,
+    /// Durable writes of several records at once (`write_all`).
+    pub audit_flushes: usize,
     /// Mount points whose unmount fails (EBUSY).
     pub busy_mounts: Vec<String>,
     /// dm devices whose removal fails (EBUSY: still open).
@@ -454,6 +456,27 @@ impl AuditSink for FakeAudit {
             pid: r.pid,
             detail: r.detail.clone(),
         });
+        Ok(())
+    }
+    fn write_all(&mut self, rs: &[Record]) -> io::Result<()> {
+        // All or nothing, as the real log: a failing record fails the batch before any is
+        // written.
+        if let Some(bad) = {
+            let s = self.state.borrow();
+            rs.iter()
+                .find(|r| s.failing_audit.iter().any(|a| a == r.action))
+                .map(|r| r.action.to_string())
+        } {
+            self.state
+                .borrow_mut()
+                .log
+                .push(Call::AuditFailed { action: bad });
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        for r in rs {
+            self.write(r)?;
+        }
+        self.state.borrow_mut().audit_flushes += 1;
         Ok(())
     }
     fn path(&self) -> &Path {

@@ -177,6 +177,9 @@ impl AuditSink for AuditLog {
     fn write(&mut self, r: &Record) -> io::Result<()> {
         AuditLog::write(self, r)
     }
+    fn write_all(&mut self, rs: &[Record]) -> io::Result<()> {
+        AuditLog::write_all(self, rs)
+    }
     fn path(&self) -> &Path {
         &self.path
     }

@@ -107,5 +107,8 @@ pub trait Fence {
 /// Where audit records go. `write` returns only once the record is durable.
 pub trait AuditSink {
     fn write(&mut self, r: &Record) -> io::Result<()>;
+    /// Writes `rs` as one durable unit (one write, one fdatasync): all of them, or on an
+    /// error none.
+    fn write_all(&mut self, rs: &[Record]) -> io::Result<()>;
     fn path(&self) -> &Path;
 }

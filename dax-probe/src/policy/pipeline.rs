@@ -1015,6 +1015,52 @@ mod tests {
     }
 
     #[test]
+    fn many_holders_cost_two_flushes_per_batch_and_each_signal_follows_its_record() {
+        // 300 holders: two batches (256 + 44). Before: two flushes per holder (600).
+        let procs: Vec<(u32, FakeProc)> = (0..300)
+            .map(|i| (1000 + i, FakeProc::holder("app", 7 + i as u64)))
+            .collect();
+        let os = FakeOs::new(&procs, &["/mnt/pmem0"]);
+        let topo = topology(&["/mnt/pmem0"]);
+        let class = Classifier { topology: &topo };
+        let mut enf = Enforcer::new(os.audit());
+        let dep = departure(&os, &topo);
+        let before = os.state.borrow().audit_flushes;
+        let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
+        assert_eq!(acts.iter().filter(|a| a.action == "signal").count(), 300);
+        assert_eq!(os.state.borrow().audit_flushes - before, 4);
+        // Never a signal before its own record is written.
+        let w = words(&os);
+        for pid in 1000..1300u32 {
+            let rec = w.iter().position(|x| *x == format!("audit:signal:{pid}"));
+            let sig = w.iter().position(|x| *x == format!("signal:{pid}:15"));
+            assert!(
+                matches!((rec, sig), (Some(r), Some(s)) if r < s),
+                "{pid}: {rec:?} {sig:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_whose_records_cannot_be_written_signals_no_one() {
+        let os = FakeOs::new(
+            &[
+                (100, FakeProc::holder("a", 7)),
+                (200, FakeProc::holder("b", 8)),
+            ],
+            &["/mnt/pmem0"],
+        );
+        os.state.borrow_mut().failing_audit.push("signal".into());
+        let topo = topology(&["/mnt/pmem0"]);
+        let class = Classifier { topology: &topo };
+        let mut enf = Enforcer::new(os.audit());
+        let dep = departure(&os, &topo);
+        let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
+        assert!(acts.iter().all(|a| a.action == "skip"), "{acts:?}");
+        assert!(!words(&os).iter().any(|x| x.starts_with("signal:")));
+    }
+
+    #[test]
     fn escalation_kills_only_those_still_mapping_after_the_grace() {
         let os = FakeOs::new(
             &[
@@ -1398,11 +1444,12 @@ mod tests {
                 "audit:fence",
                 "fence",
                 "audit:decide",
+                // Both verdicts on disk (one flush), then both signals, then both results.
                 "audit:signal:100",
-                "signal:100:15",
-                "audit:result:100",
                 "audit:signal:200",
+                "signal:100:15",
                 "signal:200:15",
+                "audit:result:100",
                 "audit:result:200",
                 // The one that left is not signalled again (its refusal is recorded).
                 "audit:skip:100",
