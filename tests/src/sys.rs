@@ -301,3 +301,16 @@ pub fn pin_to_cpu(cmd: &mut std::process::Command, cpu: usize) {
         });
     }
 }
+
+/// CPU time `pid` used so far, all its threads, in ns (`/proc/PID/task/*/schedstat`: exact,
+/// not tick-sampled; 0 for a process gone).
+pub fn cpu_ns_of(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}

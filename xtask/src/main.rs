@@ -93,10 +93,17 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Fault throughput with and without the agent, in one VM boot.
+    /// Fault cost: no program, the floor (an empty program) and the agent, in paired
+    /// rounds in one VM boot, with the kernel's per-program run times.
     FaultOverhead {
         #[arg(long, default_value = "6.12")]
         kernel: String,
+        /// Pairs of rounds per mode (each pair runs every condition once).
+        #[arg(long, default_value_t = 30)]
+        pairs: u32,
+        /// Modes (comma list of seq, rand, pmd, mt, anon).
+        #[arg(long, default_value = "seq,rand,pmd,mt,anon")]
+        modes: String,
     },
     /// Holder map memory/speed (host) and `holders` vs `fuser` with 500 processes (VM).
     Holders {
@@ -183,7 +190,11 @@ fn run(cli: Cli) -> Result<()> {
             fuzz::run(&fuzz::Options { seconds, target }).map(|_| ())
         }
         Cmd::Bench { which } => match which {
-            BenchCmd::FaultOverhead { kernel } => bench::fault_overhead(&kernel, v),
+            BenchCmd::FaultOverhead {
+                kernel,
+                pairs,
+                modes,
+            } => bench::fault_overhead(&kernel, pairs, &modes, v),
             BenchCmd::Holders { kernel } => bench::holders(&kernel, v),
             BenchCmd::Reaction { kernel } => bench::reaction(&kernel, v),
             BenchCmd::Tui => crate::cmd::run_visible(

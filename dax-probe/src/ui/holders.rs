@@ -121,7 +121,8 @@ fn print(
     agent_us: Option<u64>,
     o: &Options,
 ) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    // Buffered: stdout is line-buffered, and a thousand rows were a thousand writes.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let kernel = kernel_users_of(target, o.root);
     if o.json {
         serde_json::to_writer(
@@ -130,6 +131,7 @@ fn print(
                                 "holders": rows, "kernel_users": kernel}),
         )?;
         writeln!(out)?;
+        out.flush()?;
         return Ok(());
     }
     for l in &kernel {
@@ -144,6 +146,7 @@ fn print(
             )?,
             None => writeln!(out, "no process maps {} ({source})", o.target)?,
         }
+        out.flush()?;
         return Ok(());
     }
     writeln!(
@@ -185,6 +188,7 @@ fn print(
         }
     }
     writeln!(out, "({} rows, from the {source})", rows.len())?;
+    out.flush()?;
     Ok(())
 }
 

@@ -343,53 +343,115 @@ fn bench(env: &Env, which: &str) -> Result<()> {
     }
 }
 
-/// Time to touch 64 MiB of a fresh DAX mapping with 4 KiB faults, without and with the
-/// agent, interleaved (A B A B …) so drift in the emulator hits both sides alike.
+/// Fault cost of the agent, against no program and against the floor (an empty program on
+/// the same tracepoints), in paired rounds: each pair runs the conditions back to back in an
+/// order that rotates, so drift of the emulator hits each alike. Per mode: 4 KiB faults in
+/// order (`seq`), shuffled (`rand`), 2 MiB faults (`pmd`), two threads (`mt`), and anonymous
+/// memory (`anon`: what a process that maps no DAX pays for the agent's hooks). The agent
+/// runs where the scheduler puts it, as on a server; `seq` also has it pinned away from the
+/// toucher. Program run times come from the kernel (`kernel.bpf_stats_enabled`).
 fn bench_fault_overhead(env: &Env) -> Result<()> {
     let fs = env.fs(Target::Ext4).context("ext4 not prepared")?;
     let file = format!("{}/bench-64m", fs.mnt);
-    pmem::write_file(Path::new(&file), 64 << 20)?;
-    // Workload on CPU 0, agent on CPU 1: each emulated CPU is its own host thread.
-    let rounds = |n: u32| -> Result<Vec<u64>> {
+    let len: u64 = 64 << 20;
+    pmem::write_file(Path::new(&file), len as usize)?;
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+        .context("enable kernel.bpf_stats_enabled")?;
+    let cmdline = sys::read("/proc/cmdline").unwrap_or_default();
+    let pairs: usize = cmdline_param(&cmdline, "pairs")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(30);
+    let modes: Vec<String> = cmdline_param(&cmdline, "modes")
+        .map(|m| m.split(',').map(str::to_string).collect())
+        .unwrap_or_else(|| {
+            ["seq", "rand", "pmd", "mt", "anon"]
+                .map(String::from)
+                .to_vec()
+        });
+    let round = |mode: &str, pin: Option<usize>| -> Result<u64> {
         let mut cmd = Command::new(dax_probe_tests::puppet::WORKLOAD);
-        sys::pin_to_cpu(&mut cmd, 0);
+        if let Some(cpu) = pin {
+            sys::pin_to_cpu(&mut cmd, cpu);
+        }
         let out = cmd
-            .args(["rounds", &file, &(64u64 << 20).to_string(), &n.to_string()])
+            .args(["rounds", &file, &len.to_string(), "1", mode])
             .output()?;
         anyhow::ensure!(out.status.success(), "workload failed: {:?}", out.status);
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect())
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .context("workload printed no round time")
     };
     // Warm-up: first-touch costs (metadata caches, allocation) out of the way.
-    rounds(2)?;
-    let mut without = Vec::new();
-    let mut with = Vec::new();
-    let mut kernel_only = Vec::new();
-    let mut events = 0u64;
-    let mut dropped = 0u64;
-    for _ in 0..8 {
-        without.extend(rounds(2)?);
-        let mon = agent::Monitor::start_on("bench", &[], Some(1))?;
-        with.extend(rounds(2)?);
-        // Same programs attached, reader stopped: the in-kernel share of the cost. One
-        // round (2 MiB of events) fits the 4 MiB ring, then the reader catches up.
-        let pid = mon.pid().unwrap() as i32;
-        for _ in 0..2 {
-            // SAFETY: our child.
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
-            kernel_only.extend(rounds(1)?);
-            unsafe { libc::kill(pid, libc::SIGCONT) };
-            std::thread::sleep(Duration::from_millis(500));
+    for m in &modes {
+        round(m, None)?;
+    }
+    let mut rows = Vec::new();
+    for mode in &modes {
+        let mut conds = vec!["none", "floor", "agent"];
+        if mode == "seq" {
+            conds.push("agent-pinned");
         }
-        let out = mon.stop()?;
-        events += out.faults().count() as u64;
-        dropped += out.summary().map(|s| s.dropped).unwrap_or(0);
+        for i in 0..pairs {
+            let mut row = serde_json::Map::new();
+            row.insert("mode".into(), json!(mode));
+            row.insert("pair".into(), json!(i));
+            // Rotate the order: every condition runs first, middle and last equally often.
+            let k = conds.len();
+            for j in 0..k {
+                let cond = conds[(i + j) % k];
+                match cond {
+                    "none" => {
+                        row.insert("none_ns".into(), json!(round(mode, None)?));
+                    }
+                    "floor" => {
+                        let mut floor = Command::new(agent::AGENT)
+                            .arg("bench-floor")
+                            .stdin(Stdio::piped())
+                            .stdout(Stdio::piped())
+                            .spawn()?;
+                        let mut lines = BufReader::new(floor.stdout.take().unwrap()).lines();
+                        let first = lines.next().transpose()?.unwrap_or_default();
+                        anyhow::ensure!(first == "attached", "bench-floor said {first:?}");
+                        row.insert("floor_ns".into(), json!(round(mode, None)?));
+                        drop(floor.stdin.take());
+                        let stats = lines.next().transpose()?.unwrap_or_default();
+                        floor.wait()?;
+                        row.insert(
+                            "floor_programs".into(),
+                            serde_json::from_str(&stats).unwrap_or(json!([])),
+                        );
+                    }
+                    _ => {
+                        let pinned = cond == "agent-pinned";
+                        let mon = agent::Monitor::start_on("bench", &[], pinned.then_some(1))?;
+                        let pid = mon.pid().unwrap();
+                        let cpu0 = sys::cpu_ns_of(pid);
+                        let ns = round(mode, pinned.then_some(0))?;
+                        // Let it catch up (its poll is 200 ms), then read its CPU time.
+                        std::thread::sleep(Duration::from_millis(400));
+                        let cpu = sys::cpu_ns_of(pid).saturating_sub(cpu0);
+                        let out = mon.stop()?;
+                        let s = out.summary().cloned().unwrap_or_default();
+                        let key = if pinned { "pinned" } else { "agent" };
+                        row.insert(format!("{key}_ns"), json!(ns));
+                        row.insert(format!("{key}_cpu_ns"), json!(cpu));
+                        row.insert(
+                            format!("{key}_records"),
+                            json!(s.events_attempted_by_kernel),
+                        );
+                        row.insert(format!("{key}_faults"), json!(s.faults_seen_by_kernel));
+                        row.insert(format!("{key}_lines"), json!(out.faults().count()));
+                        row.insert(format!("{key}_dropped"), json!(s.dropped));
+                        row.insert(format!("{key}_programs"), json!(s.programs));
+                    }
+                }
+            }
+            rows.push(serde_json::Value::Object(row));
+        }
     }
     report::send(json!({"event": "bench", "name": "fault-overhead",
-        "pages_per_round": 16384, "without_ns": without, "with_ns": with,
-        "kernel_only_ns": kernel_only, "agent_events": events, "agent_dropped": dropped}));
+        "bytes_per_round": len, "pairs": pairs, "rows": rows}));
     Ok(())
 }
 
@@ -451,11 +513,13 @@ fn bench_holders(env: &Env) -> Result<()> {
 }
 
 /// Reaction time of `monitor --enforce`: from the kernel's unbind hook firing to the last
-/// holder signalled, for 1, 10 and 100 holders of one DAX file (each on a fresh device).
+/// holder signalled, for 1, 10, 100 and 1,000 holders of one DAX file, five rounds each,
+/// each on a fresh device, the agent caught up (its `holders` answer lists them all) before
+/// the unbind.
 fn bench_reaction(env: &Env) -> Result<()> {
     let mut rows = Vec::new();
-    for n in [1u32, 10, 100] {
-        for round in 0..2 {
+    for n in [1u32, 10, 100, 1000] {
+        for round in 0..5 {
             // The device is left unbound and its file system mounted: unmounting ext4 after a
             // surprise unbind oopses some kernels (6.12), and the VM powers off next anyway.
             let fs = env.fresh(Target::Ext4, &format!("reaction-{n}-{round}"))?;
@@ -475,8 +539,15 @@ fn bench_reaction(env: &Env) -> Result<()> {
                 &["--enforce", "--policy", &policy, "--audit-log", &audit],
             )?;
             let mut hold = spawn_holders(&file, 1 << 20, n)?;
-            // Let the agent see every fault before the device goes.
-            std::thread::sleep(Duration::from_millis(500));
+            // The agent has seen every fault before the device goes.
+            let dev = fs.dev.dev_path();
+            let caught_up = sys::wait_for(Duration::from_secs(60), || {
+                agent::run_once(&["holders", &dev, "--json"])
+                    .ok()
+                    .and_then(|(_, out, _)| serde_json::from_str::<serde_json::Value>(&out).ok())
+                    .and_then(|v| v["holders"].as_array().map(|a| a.len()))
+                    .is_some_and(|k| k >= n as usize)
+            });
             let t = Instant::now();
             pmem::unbind_fsdax(&fs.dev)?;
             let unbind_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -496,6 +567,7 @@ fn bench_reaction(env: &Env) -> Result<()> {
                 .map(|d| d.holders.len())
                 .unwrap_or(0);
             rows.push(json!({"holders": n, "round": round, "listed": listed,
+                "caught_up": caught_up,
                 "signalled": signalled.len(),
                 "first_ms": signalled.iter().cloned().fold(f64::NAN, f64::min),
                 "last_ms": signalled.iter().cloned().fold(f64::NAN, f64::max),

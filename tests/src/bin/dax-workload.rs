@@ -18,8 +18,10 @@
 //!   ignore SIGNUM                                -> {"ok":true}  (SIG_IGN)
 //!   poison ADDR                                  -> {"ok":true,"rc":N} (madvise MADV_HWPOISON)
 //!   exit
-//! `dax-workload rounds PATH LEN ROUNDS` maps, touches every 4 KiB page and unmaps, ROUNDS
-//! times, and prints the nanoseconds of each round (fault-overhead benchmark).
+//! `dax-workload rounds PATH LEN ROUNDS [MODE]` maps, touches every 4 KiB page and unmaps,
+//! ROUNDS times, and prints the nanoseconds of each round (fault-overhead benchmark). MODE:
+//! `seq` (4 KiB faults in address order, the default), `rand` (in shuffled order), `pmd`
+//! (2 MiB faults), `mt` (two threads, each its half) or `anon` (anonymous memory, not DAX).
 //! `dax-workload churn PATH N` forks N short-lived processes one after another, each mapping
 //! and touching PATH and exiting at once (processes vanishing under a scan).
 //! `dax-workload reader PATH LEN STATUS` maps PATH and reads it in a loop, recording in
@@ -446,15 +448,78 @@ fn rounds(args: &[String]) {
     let path = &args[0];
     let len: u64 = args[1].parse().expect("LEN");
     let n: u32 = args[2].parse().expect("ROUNDS");
+    let mode = args.get(3).map(String::as_str).unwrap_or("seq");
     for _ in 0..n {
-        let addr = map_file(path, 0, len, true, false).expect("map");
+        let addr = match mode {
+            // Not DAX: what every other process of the machine pays for our hooks.
+            "anon" => anon_map(len),
+            "pmd" => map_file(path, 0, len, true, true).expect("map"),
+            _ => map_file(path, 0, len, true, false).expect("map"),
+        };
         let t = Instant::now();
-        touch(addr, len, false, 4096);
+        match mode {
+            "rand" => touch_shuffled(addr, len),
+            "mt" => touch_threads(addr, len, 2),
+            _ => {
+                touch(addr, len, false, 4096);
+            }
+        }
         let ns = t.elapsed().as_nanos();
         // SAFETY: unmapping what we just mapped.
         unsafe { libc::munmap(addr as *mut _, len as usize) };
         println!("{ns}");
     }
+}
+
+/// `len` bytes of fresh anonymous memory.
+fn anon_map(len: u64) -> u64 {
+    // SAFETY: plain syscall.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert!(
+        p != libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    p as u64
+}
+
+/// Reads every 4 KiB page once, in an order no two neighbours share (a fixed-seed shuffle):
+/// the worst case for coalescing.
+fn touch_shuffled(addr: u64, len: u64) {
+    let pages = len / 4096;
+    let mut order: Vec<u64> = (0..pages).collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    for p in order {
+        // SAFETY: inside the mapping.
+        unsafe { std::ptr::read_volatile((addr + p * 4096) as *const u8) };
+    }
+}
+
+/// `threads` threads, each reading its own contiguous share of the pages.
+fn touch_threads(addr: u64, len: u64, threads: u64) {
+    let share = len / threads;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                touch(addr + t * share, share, false, 4096);
+            });
+        }
+    });
 }
 
 fn hold(args: &[String]) {
