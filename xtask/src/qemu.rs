@@ -89,6 +89,14 @@ pub fn tcg_cpu() -> String {
         .unwrap_or_else(|| TCG_CPU.to_string())
 }
 
+/// The guest keeps the TSC and no clocksource watchdog. Under TCG the watchdog, starved
+/// by host load, can call the TSC unstable mid-run; the kernel then turns the
+/// `__sched_clock_stable` static key off, patching `sched_clock_cpu` while the other vCPU
+/// runs it, and TCG can execute the half-patched site: a CI guest died so (6.12, "int3"
+/// at `sched_clock_cpu+0x9`, "Fatal exception in interrupt"). QEMU derives every vCPU's
+/// TSC from one host clock, so calling it reliable is true here.
+pub const GUEST_CLOCK: &str = "tsc=reliable";
+
 pub const TCG_CPU: &str = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt";
 
 /// Whether KVM is worth trying: /dev/kvm usable and not known to hang on this host.
@@ -187,7 +195,7 @@ fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Op
         .arg(&cfg.initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet loglevel=4 daxprobe.nvdimms={} {}",
+            "console=ttyS0 panic=-1 quiet loglevel=4 {GUEST_CLOCK} daxprobe.nvdimms={} {}",
             cfg.nvdimms, cfg.append
         ))
         .args([
@@ -347,16 +355,7 @@ fn watch_console(
                 let _ = std::io::stdout().flush();
             }
             let l = line.trim_end();
-            if [
-                "Kernel panic",
-                "BUG:",
-                "Oops:",
-                "general protection fault",
-                "WARNING: CPU",
-            ]
-            .iter()
-            .any(|k| l.contains(k))
-            {
+            if is_trouble(l) {
                 let mut t = trouble.lock().unwrap();
                 // Keep the first report, but let a later panic override a warning.
                 if t.is_none()
@@ -368,6 +367,41 @@ fn watch_console(
             }
         }
     }))
+}
+
+/// What the kernel prints when it is in trouble (the start of an oops report).
+const TROUBLE: [&str; 5] = [
+    "Kernel panic",
+    "BUG:",
+    "Oops:",
+    "general protection fault",
+    "WARNING: CPU",
+];
+
+fn is_trouble(line: &str) -> bool {
+    TROUBLE.iter().any(|k| line.contains(k))
+}
+
+/// The console lines a failure report should show: the first oops report whole (from its
+/// first trouble line, up to `max` lines: the header, the registers and the call trace
+/// name the culprit; a panic's last lines alone do not) and the last lines of the log;
+/// without trouble, the last `max` lines.
+pub fn trouble_excerpt(console: &str, max: usize) -> Vec<String> {
+    let lines: Vec<&str> = console.lines().collect();
+    let tail_from = lines.len().saturating_sub(max);
+    let mut out: Vec<String> = Vec::new();
+    if let Some(first) = lines.iter().position(|l| is_trouble(l)) {
+        let end = (first + max).min(lines.len());
+        out.extend(lines[first..end].iter().map(|l| l.to_string()));
+        let last = lines.len().saturating_sub(5).max(end);
+        if last > end {
+            out.push(format!("[… {} console lines …]", last - end));
+        }
+        out.extend(lines[last..].iter().map(|l| l.to_string()));
+    } else {
+        out.extend(lines[tail_from..].iter().map(|l| l.to_string()));
+    }
+    out
 }
 
 /// Result records so far (the guest writes them line by line; a torn last line is skipped).
@@ -384,6 +418,24 @@ pub fn read_records(path: &Path) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The oops header and call trace are kept, not only the panic that followed them.
+    #[test]
+    fn an_excerpt_starts_at_the_first_oops() {
+        let mut log: Vec<String> = (0..100).map(|i| format!("boot line {i}")).collect();
+        log.push("BUG: unable to handle page fault for address: 0".into());
+        log.push("RIP: 0010:some_function+0x9/0x1d0".into());
+        log.push("Call Trace:".into());
+        log.extend((0..50).map(|i| format!("after {i}")));
+        log.push("Kernel panic - not syncing: Fatal exception in interrupt".into());
+        let x = trouble_excerpt(&log.join("\n"), 20);
+        assert!(x[0].starts_with("BUG: unable"), "{x:?}");
+        assert_eq!(x[2], "Call Trace:");
+        assert!(x.last().unwrap().starts_with("Kernel panic"), "{x:?}");
+        assert!(x.iter().any(|l| l.contains("console lines")));
+        let quiet = trouble_excerpt("a\nb\nc", 2);
+        assert_eq!(quiet, ["b", "c"]);
+    }
 
     #[test]
     fn network_only_with_a_forward_and_on_loopback() {

@@ -423,16 +423,10 @@ fn collect(label: &str, vm: &VmRun, rows: &mut Vec<Row>) {
     }
     if !vm.done() && vm.of_event("fatal").next().is_none() {
         let why = vm.trouble_summary();
-        let tail = fs::read_to_string(&vm.console_log)
-            .unwrap_or_default()
-            .lines()
-            .rev()
-            .take(15)
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let tail = crate::qemu::trouble_excerpt(
+            &fs::read_to_string(&vm.console_log).unwrap_or_default(),
+            40,
+        );
         rows.push(Row {
             kernel: label.to_string(),
             name: "guest".into(),

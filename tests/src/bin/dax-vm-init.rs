@@ -66,7 +66,20 @@ fn real_main() {
     };
     // Everything before this line is the kernel's and the harness's (boot, modules, nvdimm
     // discovery): the host retries a guest that dies before it, and fails one that dies after.
-    report::send(json!({"event": "ready"}));
+    // The clock the guest keeps time with, and what the kernel said about its TSC: under
+    // TCG a clocksource switch at run time patches code the other vCPU may be executing.
+    let clock = sys::read("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        .unwrap_or_default();
+    let clock_lines: Vec<String> = sys::dmesg_tail(2000)
+        .into_iter()
+        .filter(|l| {
+            let l = l.to_lowercase();
+            l.contains("tsc") || l.contains("clocksource")
+        })
+        .take(20)
+        .collect();
+    println!("[dax-vm] clocksource {clock}");
+    report::send(json!({"event": "ready", "clocksource": clock, "clock_log": clock_lines}));
     match mode.as_str() {
         // `vm-test --boot-only`: boot, load modules, find the nvdimms, stop.
         "boot" => {}
