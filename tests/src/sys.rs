@@ -240,6 +240,29 @@ pub fn dmesg_tail(lines: usize) -> Vec<String> {
     all[all.len().saturating_sub(lines)..].to_vec()
 }
 
+/// The kernel's own report of an oops in process `pid` (its `RIP:` line), if the log has
+/// one: on 7.x a holder killed during an unbind can die in the kernel tearing its stale
+/// mapping down, and is then never reaped.
+pub fn oops_of(pid: u32) -> Option<String> {
+    let log = dmesg_tail(4000);
+    let me = format!(" PID: {pid} Comm: ");
+    let at = log.iter().position(|l| l.contains(&me))?;
+    // The oops header comes just before its CPU line.
+    let from = at.saturating_sub(6);
+    if !log[from..at]
+        .iter()
+        .any(|l| l.contains("Oops") || l.contains("BUG:"))
+    {
+        return None;
+    }
+    log[at..]
+        .iter()
+        .take(6)
+        .find(|l| l.contains("RIP:"))
+        .map(|l| l.split("RIP:").nth(1).unwrap_or("").trim().to_string())
+        .or_else(|| Some("an oops".into()))
+}
+
 /// Names of every BPF program loaded in the kernel (BPF_PROG_GET_NEXT_ID + GET_INFO), to
 /// prove the agent leaves nothing behind.
 pub fn bpf_prog_names() -> Result<Vec<String>> {

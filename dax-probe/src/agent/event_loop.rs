@@ -496,6 +496,7 @@ impl Flow {
                 .handle(&ev, &mut self.state.applier, &self.state.topology);
         if let Some(dep) = &outcome.started {
             self.enforce_departure(dep, k);
+            self.state.hide_departing();
         }
         if let Some(dep) = &outcome.ended {
             // The departure's own devices: by now the topology may list them no more.
@@ -1436,6 +1437,43 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// On a kernel without devmap DAX entries a departing device is gone for every later
+    /// walk (resync, reconcile, scan), also when sysfs still lists it mid-unbind: reading
+    /// page tables into it can oops once the unbind freed its memmap. With devmap, kept.
+    #[test]
+    fn without_devmap_a_departing_device_is_walked_no_more() {
+        for devmap in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut f, _, mut k) = flow(dir.path());
+            f.state.devmap = devmap;
+            let vma = crate::holders::scan::Vma {
+                start: 0x7f00_0000_0000,
+                end: 0x7f00_0000_1000,
+                shared: true,
+                write: true,
+                offset: 0,
+                dev: DEV,
+                ino: 12,
+                path: "/mnt/xfs/f".into(),
+            };
+            let walks = |f: &Flow| {
+                Classifier {
+                    topology: &f.state.topology,
+                }
+                .dax_file(&vma)
+                .is_some()
+            };
+            assert!(walks(&f), "a live device's files are walked");
+            f.handle_event(departing(5, DevicePhase::Departing), &mut k);
+            let _ = outputs(&mut f);
+            assert_eq!(walks(&f), devmap, "devmap {devmap}");
+            // A re-read of sysfs mid-unbind, which still lists the device.
+            f.state.topology = topology();
+            f.state.hide_departing();
+            assert_eq!(walks(&f), devmap, "devmap {devmap}, after a re-read");
+        }
     }
 
     #[test]

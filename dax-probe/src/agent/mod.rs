@@ -123,7 +123,7 @@ impl Agent {
                 .map_err(|e| crate::metrics::warn_unserved(&e))
                 .ok()
         });
-        let enforcer = if opts.enforce {
+        let mut enforcer = if opts.enforce {
             let log = AuditLog::open(&opts.audit_log).map_err(|e| {
                 Failure::new(
                     Code::Config,
@@ -183,14 +183,18 @@ impl Agent {
                  still signalled, and faults on it are signalled by the fault program"
             );
         }
+        // How a departing device's holders are proven: never by their page tables where
+        // reading those can oops.
+        enforcer = enforcer.map(|e| e.with_devmap(session.facts.dax_devmap()));
         let mut incidents = Incidents::new(opts.departed.clone());
         incidents.end_hooked = departure_end_hooked(&session);
-        let state = State::new(
+        let mut state = State::new(
             topology,
             Applier::new(Box::new(LiveProc::new(&src.root))),
             incidents,
             src.root.clone(),
         );
+        state.devmap = session.facts.dax_devmap();
         let mut agent = Self {
             session,
             flow: Flow::new(

@@ -32,6 +32,10 @@ pub struct State {
     pub(super) counts: Summary,
     /// Files whose `file` line went out.
     announced: HashSet<FileKey>,
+    /// Does the kernel survive a walk of page tables into a departing device (devmap DAX
+    /// entries, up to 6.12)? Where it does not, a departing device counts as gone for
+    /// every walk from its departure on (see [`State::hide_departing`]).
+    pub devmap: bool,
 }
 
 impl State {
@@ -45,16 +49,40 @@ impl State {
             started: Instant::now(),
             counts: Summary::default(),
             announced: HashSet::new(),
+            devmap: true,
+        }
+    }
+
+    /// On a kernel without devmap DAX entries, marks the namespaces of every departure in
+    /// progress as disabled in the topology, so no resync, reconcile or scan walks the
+    /// page tables of their files from now on: once the unbind freed the memmap such a
+    /// walk oopses the walker (the agent itself, in `pagemap_read`, on 7.2), and the
+    /// unbind does not wait for the agent. Their holders were listed at the departure.
+    pub fn hide_departing(&mut self) {
+        if self.devmap {
+            return;
+        }
+        let devs: Vec<_> = self
+            .incidents
+            .departing
+            .iter()
+            .flat_map(|d| d.devs.iter().copied())
+            .collect();
+        for n in &mut self.topology.namespaces {
+            if n.devices().iter().any(|d| devs.contains(d)) {
+                n.enabled = false;
+            }
         }
     }
 
     /// Re-reads the topology (at most once a second); a `topology` line when it changed.
     pub fn refresh_topology(&mut self) -> Option<Line> {
         if self.last_topology.elapsed() > Duration::from_secs(1) {
-            let topology = Topology::read(&self.root);
+            let old = std::mem::replace(&mut self.topology, Topology::read(&self.root));
             self.last_topology = Instant::now();
-            if topology != self.topology {
-                self.topology = topology;
+            // sysfs may still list a device the unbind is taking away.
+            self.hide_departing();
+            if self.topology != old {
                 return Some(self.topology_line());
             }
         }

@@ -28,7 +28,7 @@ pub const DEV: DevId = DevId {
 pub const FIRST_PFN: u64 = 0x10_0000;
 pub const END_PFN: u64 = 0x14_0000;
 /// Pages each mapping process has present.
-const PAGES: u64 = 4;
+pub const PAGES: u64 = 4;
 
 /// One thing the code under test did, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,6 +131,9 @@ pub struct State {
     pub kernel_sent: Vec<crate::event::FenceSignal>,
     /// Every audit record written, as the log file would hold it (JSON).
     pub audit_json: Vec<String>,
+    /// Page tables opened (/proc/PID/pagemap), by pid: a departure's re-check on a kernel
+    /// without devmap DAX entries must open none.
+    pub pagemap_opens: Vec<u32>,
 }
 
 /// The fake machine. Clones share one state.
@@ -271,6 +274,7 @@ impl Procfs for FakeOs {
     }
 
     fn pagemap(&self, pid: u32) -> io::Result<Box<dyn PagemapSource + '_>> {
+        self.state.borrow_mut().pagemap_opens.push(pid);
         let s = self.state.borrow();
         let p = s.procs.get(&pid).ok_or(io::ErrorKind::NotFound)?;
         let mm = p.mm_of.unwrap_or(pid);

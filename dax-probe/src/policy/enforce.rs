@@ -11,11 +11,11 @@ use serde::{Deserialize, Serialize};
 use super::{
     audit::{Record, now},
     config::{Action, Rule},
-    guard::{Candidate, Refusal, admit},
+    guard::{Candidate, Held, Proof, Refusal, Scope, admit},
     signal::Signal,
 };
 use crate::{
-    holders::{query::HolderRow, scan::Classifier},
+    holders::{map::FileKey, query::HolderRow, scan::Classifier},
     os::{AuditSink, Os},
     proc::cgroup::Container,
 };
@@ -50,6 +50,8 @@ struct Whom {
     cgroup: Option<String>,
     container: Option<Container>,
     pod_uid: Option<String>,
+    /// Every file of the device it holds pages of, as the holder map says.
+    held: Vec<Held>,
 }
 
 impl Whom {
@@ -61,7 +63,32 @@ impl Whom {
             cgroup: h.cgroup.clone(),
             container: h.container.clone(),
             pod_uid: h.pod_uid.clone(),
+            held: vec![held_of(h)],
         }
+    }
+
+    /// One target per process, whatever number of its files the rows name.
+    fn of_rows(holders: &[HolderRow]) -> Vec<Self> {
+        let mut targets: Vec<Whom> = Vec::with_capacity(holders.len());
+        let mut rows: Vec<&HolderRow> = holders.iter().collect();
+        rows.sort_by(|a, b| (a.pid, a.start_time, &a.comm).cmp(&(b.pid, b.start_time, &b.comm)));
+        for h in rows {
+            match targets.last_mut() {
+                Some(t) if t.pid == h.pid => t.held.push(held_of(h)),
+                _ => targets.push(Whom::of(h)),
+            }
+        }
+        targets
+    }
+}
+
+fn held_of(h: &HolderRow) -> Held {
+    Held {
+        file: FileKey {
+            dev: h.dev,
+            ino: h.ino,
+        },
+        offsets: h.offsets.clone(),
     }
 }
 
@@ -107,6 +134,7 @@ struct Pending {
     due: Instant,
     device: String,
     pfn_ranges: Vec<(u64, u64)>,
+    proof: Proof,
     rule: Rule,
     targets: Vec<Whom>,
     since_ns: u64,
@@ -115,6 +143,9 @@ struct Pending {
 pub struct Enforcer {
     pub audit: Box<dyn AuditSink>,
     pending: Vec<Pending>,
+    /// How the holders of a departing device are proven to map it (see [`Proof`]): page
+    /// tables where the kernel survives reading them, mappings where it does not.
+    pub departure_proof: Proof,
 }
 
 impl Enforcer {
@@ -122,7 +153,18 @@ impl Enforcer {
         Self {
             audit: Box::new(audit),
             pending: Vec::new(),
+            departure_proof: Proof::PageTables,
         }
+    }
+
+    /// For a kernel with (`true`) or without devmap DAX entries.
+    pub fn with_devmap(mut self, devmap: bool) -> Self {
+        self.departure_proof = if devmap {
+            Proof::PageTables
+        } else {
+            Proof::Mappings
+        };
+        self
     }
 
     /// Writes a record; false (and an error logged) when it could not be made durable.
@@ -157,8 +199,7 @@ impl Enforcer {
     #[allow(clippy::too_many_arguments)]
     pub fn act(
         &mut self,
-        device: &str,
-        pfn_ranges: &[(u64, u64)],
+        scope: Scope,
         holders: &[HolderRow],
         rule: &Rule,
         since_ns: u64,
@@ -166,10 +207,9 @@ impl Enforcer {
         class: &Classifier,
         why: &str,
     ) -> Vec<ActionReport> {
+        let device = scope.device;
         let mut out = Vec::new();
-        let mut targets: Vec<Whom> = holders.iter().map(Whom::of).collect();
-        targets.sort_by(|a, b| (a.pid, a.start, &a.comm).cmp(&(b.pid, b.start, &b.comm)));
-        targets.dedup_by_key(|t| t.pid);
+        let targets = Whom::of_rows(holders);
         self.log(Record {
             time: now(),
             action: "decide",
@@ -216,8 +256,7 @@ impl Enforcer {
             return out;
         }
         let signalled = self.signal_all(
-            device,
-            pfn_ranges,
+            scope,
             &targets,
             rule,
             rule.signal,
@@ -231,7 +270,8 @@ impl Enforcer {
             self.pending.push(Pending {
                 due: os.now() + rule.grace,
                 device: device.into(),
-                pfn_ranges: pfn_ranges.to_vec(),
+                pfn_ranges: scope.pfn_ranges.to_vec(),
+                proof: scope.proof,
                 rule: rule.clone(),
                 targets: signalled,
                 since_ns,
@@ -243,8 +283,7 @@ impl Enforcer {
     #[allow(clippy::too_many_arguments)]
     fn signal_all(
         &mut self,
-        device: &str,
-        pfn_ranges: &[(u64, u64)],
+        scope: Scope,
         targets: &[Whom],
         rule: &Rule,
         sig: Signal,
@@ -254,6 +293,7 @@ impl Enforcer {
         class: &Classifier,
         out: &mut Vec<ActionReport>,
     ) -> Vec<Whom> {
+        let device = scope.device;
         let mut sent = Vec::new();
         // Every record and report of a target names the same process and signal.
         let record = |w, action, detail| record_of(w, device, sig, action, detail);
@@ -282,8 +322,9 @@ impl Enforcer {
                     pid: w.pid,
                     start_time: w.start,
                     comm: &w.comm,
+                    held: &w.held,
                 };
-                match admit(&c, rule, pfn_ranges, os, class) {
+                match admit(&c, rule, scope, os, class) {
                     Err(refusal) => {
                         verdicts.push(record(w, "skip", refusal.to_string()));
                         // A holder that left in time is the good outcome, not worth a line
@@ -364,17 +405,13 @@ impl Enforcer {
         let mut out = Vec::new();
         for p in due {
             let Some(sig) = p.rule.escalate else { continue };
+            let scope = Scope {
+                device: &p.device,
+                pfn_ranges: &p.pfn_ranges,
+                proof: p.proof,
+            };
             self.signal_all(
-                &p.device,
-                &p.pfn_ranges,
-                &p.targets,
-                &p.rule,
-                sig,
-                "escalate",
-                p.since_ns,
-                os,
-                class,
-                &mut out,
+                scope, &p.targets, &p.rule, sig, "escalate", p.since_ns, os, class, &mut out,
             );
         }
         out

@@ -4,9 +4,65 @@ use std::fmt;
 
 use super::config::Rule;
 use crate::{
-    holders::scan::{Classifier, maps_any_pfn},
+    holders::{
+        map::FileKey,
+        scan::{Classifier, Procfs, Vma, maps_any_pfn},
+    },
     os::{Os, PF_KTHREAD, Pidfd},
 };
+
+/// How a holder's mapping of the device is proven before it is signalled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Proof {
+    /// A present page in the pfn ranges, read from the holder's page tables (pagemap):
+    /// the page itself.
+    #[default]
+    PageTables,
+    /// A vma of a file the holder map says it holds pages of, over those offsets, read
+    /// from /proc/PID/maps and never from its page tables. For a departing device on
+    /// kernels without devmap DAX entries (7.x): there, walking page tables that still
+    /// point into the device once the unbind freed its memmap oopses the walker (the
+    /// agent's own pagemap read died so in `pagemap_pmd_range` during a dm member's
+    /// unbind on 7.2), and the unbind does not wait for us.
+    Mappings,
+}
+
+/// A file (or device-dax device, `ino` 0) a holder maps, and the byte ranges of it the
+/// holder map says it holds pages of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub file: FileKey,
+    pub offsets: Vec<(u64, u64)>,
+}
+
+impl Held {
+    /// Does `v` map this file over some of the held offsets? A device-dax device is known
+    /// by its node (`/dev/NAME`, `device` being the departing device's name) or by what
+    /// the classifier says the vma maps.
+    fn mapped_by(&self, v: &Vma, device: &str, class: &Classifier) -> bool {
+        let same = if self.file.is_devdax() {
+            v.path.strip_prefix("/dev/") == Some(device) || class.dax_file(v) == Some(self.file)
+        } else {
+            v.dev == self.file.dev && v.ino == self.file.ino
+        };
+        let (vs, ve) = (v.offset, v.offset + (v.end - v.start));
+        same && self.offsets.iter().any(|&(s, e)| s < ve && e > vs)
+    }
+}
+
+/// Does `pid` still map one of `held` (its maps only, no page table read)?
+fn maps_held(
+    proc: &dyn Procfs,
+    class: &Classifier,
+    pid: u32,
+    device: &str,
+    held: &[Held],
+) -> std::io::Result<bool> {
+    Ok(proc
+        .maps(pid)?
+        .iter()
+        .any(|v| held.iter().any(|h| h.mapped_by(v, device, class))))
+}
 
 /// Why a process was not signalled.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +96,16 @@ pub struct Candidate<'a> {
     /// Start time we saw it with (0: unknown).
     pub start_time: u64,
     pub comm: &'a str,
+    /// What the holder map says it holds (for [`Proof::Mappings`]).
+    pub held: &'a [Held],
+}
+
+/// What a signal is about: the device, its pfn ranges, and how a mapping of it is proven.
+#[derive(Clone, Copy)]
+pub struct Scope<'a> {
+    pub device: &'a str,
+    pub pfn_ranges: &'a [(u64, u64)],
+    pub proof: Proof,
 }
 
 /// Runs every check and returns a pidfd pinned to the verified process.
@@ -49,7 +115,7 @@ pub struct Candidate<'a> {
 pub fn admit<'o>(
     c: &Candidate,
     rule: &Rule,
-    pfn_ranges: &[(u64, u64)],
+    scope: Scope,
     os: &'o dyn Os,
     class: &Classifier,
 ) -> Result<Box<dyn Pidfd + 'o>, Refusal> {
@@ -73,8 +139,12 @@ pub fn admit<'o>(
     if rule.exclude.iter().any(|e| e.matches(c.pid, &comm)) {
         return Err(Refusal::Excluded);
     }
-    // The bounded reader stops at the first present page in the ranges.
-    if !maps_any_pfn(os.procfs(), class, c.pid, pfn_ranges).map_err(|_| Refusal::Gone)? {
+    let maps = match scope.proof {
+        // The bounded reader stops at the first present page in the ranges.
+        Proof::PageTables => maps_any_pfn(os.procfs(), class, c.pid, scope.pfn_ranges),
+        Proof::Mappings => maps_held(os.procfs(), class, c.pid, scope.device, c.held),
+    };
+    if !maps.map_err(|_| Refusal::Gone)? {
         return Err(Refusal::NoLongerMaps);
     }
     Ok(fd)
@@ -84,7 +154,7 @@ pub fn admit<'o>(
 mod tests {
     use super::*;
     use crate::{
-        os::fake::{Call, END_PFN, FIRST_PFN, FakeOs, FakeProc, topology},
+        os::fake::{Call, DEV, END_PFN, FIRST_PFN, FakeOs, FakeProc, PAGES, topology},
         policy::config::Exclusion,
     };
 
@@ -103,8 +173,79 @@ mod tests {
             pid,
             start_time,
             comm,
+            held: &[],
         };
-        admit(&c, rule, RANGES, os, &class).map(|fd| assert_eq!(fd.pid(), pid))
+        let scope = Scope {
+            device: "pmem0",
+            pfn_ranges: RANGES,
+            proof: Proof::PageTables,
+        };
+        admit(&c, rule, scope, os, &class).map(|fd| assert_eq!(fd.pid(), pid))
+    }
+
+    /// The fake's holders map `/mnt/pmem0/file` (inode 12 on `DEV`) over `PAGES` pages.
+    fn admit_by_maps(os: &FakeOs, pid: u32, held: &[Held]) -> Result<(), Refusal> {
+        let topo = topology(&["/mnt/pmem0"]);
+        let class = Classifier { topology: &topo };
+        let c = Candidate {
+            pid,
+            start_time: 7,
+            comm: "app",
+            held,
+        };
+        let scope = Scope {
+            device: "pmem0",
+            pfn_ranges: RANGES,
+            proof: Proof::Mappings,
+        };
+        admit(&c, &Rule::default(), scope, os, &class).map(|_| ())
+    }
+
+    fn held(ino: u64, offsets: (u64, u64)) -> Held {
+        Held {
+            file: FileKey { dev: DEV, ino },
+            offsets: vec![offsets],
+        }
+    }
+
+    /// 7.2 oopsed in the agent's own pagemap read of a holder during a dm member's
+    /// unbind: the proof by mappings reads the maps, never a page table.
+    #[test]
+    fn a_proof_by_mappings_reads_no_page_table() {
+        let os = FakeOs::new(&[(100, FakeProc::holder("app", 7))], &["/mnt/pmem0"]);
+        assert_eq!(admit_by_maps(&os, 100, &[held(12, (0, 4096))]), Ok(()));
+        assert_eq!(os.state.borrow().pagemap_opens, Vec::<u32>::new());
+        // The page-table proof of the same holder does read them (the fake sees it).
+        assert_eq!(try_admit(&os, 100, 7, "app", &Rule::default()), Ok(()));
+        assert_eq!(os.state.borrow().pagemap_opens, vec![100]);
+    }
+
+    /// Only the held file over the held offsets proves a mapping: another file of the
+    /// device, offsets past the vma, or no vma at all do not.
+    #[test]
+    fn a_proof_by_mappings_needs_the_held_file_over_held_offsets() {
+        let os = FakeOs::new(&[(100, FakeProc::holder("app", 7))], &["/mnt/pmem0"]);
+        let end = PAGES * 4096;
+        assert_eq!(
+            admit_by_maps(&os, 100, &[held(13, (0, 4096))]),
+            Err(Refusal::NoLongerMaps)
+        );
+        assert_eq!(
+            admit_by_maps(&os, 100, &[held(12, (end, end + 4096))]),
+            Err(Refusal::NoLongerMaps)
+        );
+        assert_eq!(
+            admit_by_maps(&os, 100, &[held(13, (0, 1)), held(12, (end - 4096, end))]),
+            Ok(())
+        );
+        assert_eq!(admit_by_maps(&os, 100, &[]), Err(Refusal::NoLongerMaps));
+        let mut gone = FakeProc::holder("app", 7);
+        gone.maps = false;
+        let os = FakeOs::new(&[(100, gone)], &["/mnt/pmem0"]);
+        assert_eq!(
+            admit_by_maps(&os, 100, &[held(12, (0, 4096))]),
+            Err(Refusal::NoLongerMaps)
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use super::{
     audit::{Record, now},
     config::Exclusion,
     enforce::{ActionReport, Enforcer},
+    guard::{Proof, Scope},
     signal::Signal,
 };
 use crate::{
@@ -125,9 +126,13 @@ pub fn depart(
             Err(e) => log::error!("{e}"),
         }
     }
+    let scope = Scope {
+        device: &dep.device,
+        pfn_ranges: &dep.pfn_ranges,
+        proof: enf.departure_proof,
+    };
     enf.act(
-        &dep.device,
-        &dep.pfn_ranges,
+        scope,
         &dep.holders,
         rule,
         dep.started_ns,
@@ -156,9 +161,14 @@ pub fn media_error(
         action: rule.on_media_error,
         ..rule.clone()
     };
+    // The device stays: its page tables are safe to read.
+    let scope = Scope {
+        device: &m.device,
+        pfn_ranges: &[range],
+        proof: Proof::PageTables,
+    };
     enf.act(
-        &m.device,
-        &[range],
+        scope,
         &m.holders,
         &rule,
         m.ts_ns,
@@ -728,7 +738,13 @@ fn drain_fenced(
         text: format!("{} process(es) map {name}", holders.len()),
     });
     let class = Classifier { topology: topo };
-    for a in enf.act(name, ranges, &holders, rule, 0, os, &class, "drain") {
+    // A drain signals before it unbinds: the device is live, its page tables safe to read.
+    let scope = Scope {
+        device: name,
+        pfn_ranges: ranges,
+        proof: Proof::PageTables,
+    };
+    for a in enf.act(scope, &holders, rule, 0, os, &class, "drain") {
         out(Progress::Action(a));
     }
 
@@ -1108,6 +1124,47 @@ mod tests {
                 (200, KILL, Duration::from_secs(2)),
             ]
         );
+    }
+
+    /// A kernel without devmap DAX entries (7.x) oopses whoever walks page tables into a
+    /// device whose memmap the unbind freed: the agent read such a holder's pagemap during
+    /// a dm member's unbind and died in the kernel. There a departure, and its escalation,
+    /// prove every holder by its maps alone and signal exactly as before.
+    #[test]
+    fn without_devmap_a_departure_signals_and_escalates_reading_no_page_table() {
+        for devmap in [true, false] {
+            let os = FakeOs::new(
+                &[
+                    (100, FakeProc::holder("leaves", 7)),
+                    (200, FakeProc::stubborn("stays", 8)),
+                ],
+                &["/mnt/pmem0"],
+            );
+            let topo = topology(&["/mnt/pmem0"]);
+            let class = Classifier { topology: &topo };
+            let mut enf = Enforcer::new(os.audit()).with_devmap(devmap);
+            let dep = departure(&os, &topo);
+            let before = os.state.borrow().pagemap_opens.len();
+            let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
+            os.sleep(Duration::from_secs(2));
+            let esc = escalate(&os, &mut enf, &class);
+            let did: Vec<_> = acts
+                .iter()
+                .chain(&esc)
+                .map(|a| (a.pid, a.action.as_ref()))
+                .collect();
+            assert_eq!(
+                did,
+                vec![(100, "signal"), (200, "signal"), (200, "escalate")],
+                "devmap {devmap}"
+            );
+            let read = os.state.borrow().pagemap_opens.len() - before;
+            if devmap {
+                assert_eq!(read, 3, "two verdicts and one escalation from page tables");
+            } else {
+                assert_eq!(read, 0, "no page table read without devmap");
+            }
+        }
     }
 
     /// The fence's arming in the log.

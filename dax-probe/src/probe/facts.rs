@@ -49,6 +49,13 @@ pub enum FactsError {
 }
 
 impl LiveFacts {
+    /// Are DAX pages `pfn_t`/devmap special entries here (up to 6.12)? Without them (7.x)
+    /// every walk of page tables that still point into a device whose memmap an unbind
+    /// freed (pagemap reads, munmap, exit) dereferences the freed memmap and oopses.
+    pub fn dax_devmap(&self) -> bool {
+        self.btf.has_typedef("pfn_t")
+    }
+
     /// Reads facts below `root` (normally `/`), with the BTF from `btf_override` if given.
     pub fn collect(root: &Path, btf_override: Option<&Path>) -> Result<Self, FactsError> {
         let btf_path = btf_override

@@ -196,7 +196,7 @@ pub fn run(src: &KernelSource, json: bool, departed_file: &Path) -> anyhow::Resu
     // Only kernels with devmap DAX entries (pfn_t in BTF, up to 6.12) survive reading the
     // page tables of a mapping into a pulled device.
     let devmap = probe::collect_facts(src)
-        .map(|f| f.btf.has_typedef("pfn_t"))
+        .map(|f| f.dax_devmap())
         .unwrap_or(false);
     let bindings = Bindings::read(root, &topo);
     let stale = scan(&LiveProc::new(root), &topo, &bindings, &ranges, devmap);

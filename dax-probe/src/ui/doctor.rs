@@ -275,7 +275,7 @@ fn build(
                 .and_then(|d| std::fs::read_dir(d).ok())
                 .is_some_and(|d| d.flatten().any(|e| e.file_name() != "vmlinux")),
             bpf_lsm_active: facts.bpf_lsm_active(),
-            dax_devmap: facts.btf.has_typedef("pfn_t"),
+            dax_devmap: facts.dax_devmap(),
         },
     }
 }
