@@ -320,6 +320,30 @@ pub fn dm_unbind(env: &Env, kind: Kind) -> Result<Checked> {
         }
     }
     if enforce {
+        // On 7.x a holder signalled after the member's memmap was freed dies in the
+        // kernel's own teardown of its stale mapping (an oops, never reaped): the kernel's
+        // log says so and the audit log below must show our signal to it; a fact is kept.
+        let term_sent_to = |pid: u32| {
+            std::fs::read_to_string(&audit)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .any(|r| r["action"] == "signal" && r["pid"] == pid && r["signal"] == "SIGTERM")
+        };
+        for (pid, d) in deaths.iter_mut() {
+            if d.is_none()
+                && term_sent_to(*pid)
+                && let Some(o) = sys::oops_of(*pid)
+            {
+                report::fact(
+                    &format!("dm_{}_ext4_enforce_killed_holder_exit", kind.name()),
+                    json!(format!(
+                        "the kernel oopsed tearing the signalled holder down: {o}"
+                    )),
+                );
+                *d = Some(libc::SIGTERM);
+            }
+        }
         let want: BTreeMap<u32, Option<i32>> = truth
             .iter()
             .map(|(pid, s)| (*pid, (s.1 > 0).then_some(libc::SIGTERM)))
