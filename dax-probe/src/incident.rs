@@ -44,6 +44,8 @@ pub struct Departure {
     /// Every name the policy may know the device by.
     pub names: Vec<String>,
     pub started_ns: u64,
+    /// CLOCK_BOOTTIME when the agent read the kernel's report (0: not from one).
+    pub received_ns: u64,
     pub tid: u32,
     pub pre_remove: bool,
     pub holders: Vec<HolderRow>,
@@ -286,6 +288,7 @@ impl Incidents {
                     devs,
                     names: vec![n.name.clone(), n.device_name().to_string()],
                     started_ns: now_ns,
+                    received_ns: 0,
                     tid: 0,
                     pre_remove: false,
                     holders: holders.clone(),
@@ -497,6 +500,7 @@ impl Incidents {
                     devs: nss.iter().flat_map(|n| n.devices()).collect(),
                     names,
                     started_ns: d.ts_ns,
+                    received_ns: crate::policy::enforce::boottime_ns(),
                     tid: d.tid,
                     pre_remove: false,
                     holders: holders.clone(),

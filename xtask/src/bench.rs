@@ -288,17 +288,31 @@ pub fn reaction(kernel: &str, verbose: bool) -> Result<()> {
          agent's kill(2) through the pidfd (CLOCK_BOOTTIME, same clock as the hook)"
     );
     println!(
-        "  {:>7} {:>5} {:>7} {:>9} {:>14} {:>13} {:>10}",
-        "holders", "round", "listed", "signalled", "first (ms)", "last (ms)", "unbind ms"
+        "  steps after the hook: read (the agent read the ring), verdict (first holder proven), \
+         first and last signal"
+    );
+    println!(
+        "  {:>7} {:>5} {:>7} {:>9} {:>9} {:>12} {:>11} {:>10} {:>10}",
+        "holders",
+        "round",
+        "listed",
+        "signalled",
+        "read ms",
+        "verdict ms",
+        "first ms",
+        "last ms",
+        "unbind ms"
     );
     let rows = r["rows"].as_array().cloned().unwrap_or_default();
     for row in &rows {
         println!(
-            "  {:>7} {:>5} {:>7} {:>9} {:>14.2} {:>13.2} {:>10.1}",
+            "  {:>7} {:>5} {:>7} {:>9} {:>9.2} {:>12.2} {:>11.2} {:>10.2} {:>10.1}",
             row["holders"].as_u64().unwrap_or(0),
             row["round"].as_u64().unwrap_or(0),
             row["listed"].as_u64().unwrap_or(0),
             row["signalled"].as_u64().unwrap_or(0),
+            row["received_ms"].as_f64().unwrap_or(f64::NAN),
+            row["first_verdict_ms"].as_f64().unwrap_or(f64::NAN),
             row["first_ms"].as_f64().unwrap_or(f64::NAN),
             row["last_ms"].as_f64().unwrap_or(f64::NAN),
             row["unbind_ms"].as_f64().unwrap_or(f64::NAN)

@@ -1162,6 +1162,8 @@ mod tests {
                 signal: Some("SIGTERM".into()),
                 reason: String::new(),
                 since_departure_us: None,
+                received_us: None,
+                verdict_us: None,
                 cgroup: None,
                 container: None,
                 pod_uid: None,

@@ -351,6 +351,8 @@ mod tests {
                 signal: Some("TERM".into()),
                 reason: "device departing".into(),
                 since_departure_us: Some(5),
+                received_us: None,
+                verdict_us: None,
                 cgroup: None,
                 container: None,
                 pod_uid: None,

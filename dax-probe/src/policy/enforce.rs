@@ -32,6 +32,15 @@ pub struct ActionReport {
     pub reason: String,
     /// Microseconds from the kernel reporting the departure to this action (CLOCK_BOOTTIME).
     pub since_departure_us: Option<u64>,
+    /// Microseconds from the kernel's report to the agent reading it (the ring and the
+    /// agent's queue), the same for every action of one departure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_us: Option<u64>,
+    /// Microseconds from the kernel's report to this process's verdict (pidfd opened, its
+    /// identity and mapping proven); `since_departure_us` minus this is the audit flush
+    /// and the signals sent before this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict_us: Option<u64>,
     /// The process's cgroup, container and pod, as its holder row has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
@@ -135,6 +144,7 @@ struct Pending {
     device: String,
     pfn_ranges: Vec<(u64, u64)>,
     proof: Proof,
+    received_ns: u64,
     rule: Rule,
     targets: Vec<Whom>,
     since_ns: u64,
@@ -248,6 +258,8 @@ impl Enforcer {
                     signal: None,
                     reason: "policy action is report".into(),
                     since_departure_us: None,
+                    received_us: None,
+                    verdict_us: None,
                     cgroup: w.cgroup.clone(),
                     container: w.container.clone(),
                     pod_uid: w.pod_uid.clone(),
@@ -272,6 +284,7 @@ impl Enforcer {
                 device: device.into(),
                 pfn_ranges: scope.pfn_ranges.to_vec(),
                 proof: scope.proof,
+                received_ns: scope.received_ns,
                 rule: rule.clone(),
                 targets: signalled,
                 since_ns,
@@ -297,15 +310,20 @@ impl Enforcer {
         let mut sent = Vec::new();
         // Every record and report of a target names the same process and signal.
         let record = |w, action, detail| record_of(w, device, sig, action, detail);
+        // Microseconds since the kernel's report, for a time on CLOCK_BOOTTIME.
+        let since = |t: u64| (since_ns != 0 && t != 0).then(|| t.saturating_sub(since_ns) / 1000);
+        let received_us = since(scope.received_ns);
         let report =
-            |w: &Whom, action: &'static str, reason: String, since_departure_us| ActionReport {
+            |w: &Whom, action: &'static str, reason: String, at: Option<(u64, u64)>| ActionReport {
                 device: device.into(),
                 pid: w.pid,
                 comm: w.comm.clone(),
                 action: action.into(),
                 signal: Some(sig.name()),
                 reason,
-                since_departure_us,
+                since_departure_us: at.and_then(|(_, sent)| since(sent)),
+                received_us,
+                verdict_us: at.and_then(|(verdict, _)| since(verdict)),
                 cgroup: w.cgroup.clone(),
                 container: w.container.clone(),
                 pod_uid: w.pod_uid.clone(),
@@ -341,12 +359,12 @@ impl Enforcer {
                             action,
                             "verified through a pidfd: maps the device".into(),
                         ));
-                        admitted.push((w, fd));
+                        admitted.push((w, fd, boottime_ns()));
                     }
                 }
             }
             if !self.log_all(&verdicts) {
-                for (w, _) in &admitted {
+                for (w, _, _) in &admitted {
                     out.push(report(
                         w,
                         "skip",
@@ -357,9 +375,9 @@ impl Enforcer {
                 continue;
             }
             let mut results = Vec::with_capacity(admitted.len());
-            for (w, fd) in admitted {
+            for (w, fd, verdict_ns) in admitted {
                 let result = fd.send(sig);
-                let since = boottime_ns().saturating_sub(since_ns) / 1000;
+                let sent_ns = boottime_ns();
                 // What happened to the signal: a record that only announced it would leave
                 // "sent?" open after a crash or an error.
                 results.push(record(
@@ -377,7 +395,7 @@ impl Enforcer {
                             w,
                             action,
                             "maps the device".into(),
-                            (since_ns != 0).then_some(since),
+                            Some((verdict_ns, sent_ns)),
                         ));
                     }
                     Err(e) => {
@@ -409,6 +427,7 @@ impl Enforcer {
                 device: &p.device,
                 pfn_ranges: &p.pfn_ranges,
                 proof: p.proof,
+                received_ns: p.received_ns,
             };
             self.signal_all(
                 scope, &p.targets, &p.rule, sig, "escalate", p.since_ns, os, class, &mut out,

@@ -100,12 +100,16 @@ pub struct Candidate<'a> {
     pub held: &'a [Held],
 }
 
-/// What a signal is about: the device, its pfn ranges, and how a mapping of it is proven.
+/// What a signal is about: the device, its pfn ranges, how a mapping of it is proven, and
+/// when the agent read the kernel's report of it.
 #[derive(Clone, Copy)]
 pub struct Scope<'a> {
     pub device: &'a str,
     pub pfn_ranges: &'a [(u64, u64)],
     pub proof: Proof,
+    /// CLOCK_BOOTTIME when the agent read the event that started this (0: not from an
+    /// event): with the kernel's own time of it, the ring's share of the reaction.
+    pub received_ns: u64,
 }
 
 /// Runs every check and returns a pidfd pinned to the verified process.
@@ -179,6 +183,7 @@ mod tests {
             device: "pmem0",
             pfn_ranges: RANGES,
             proof: Proof::PageTables,
+            received_ns: 0,
         };
         admit(&c, rule, scope, os, &class).map(|fd| assert_eq!(fd.pid(), pid))
     }
@@ -197,6 +202,7 @@ mod tests {
             device: "pmem0",
             pfn_ranges: RANGES,
             proof: Proof::Mappings,
+            received_ns: 0,
         };
         admit(&c, &Rule::default(), scope, os, &class).map(|_| ())
     }

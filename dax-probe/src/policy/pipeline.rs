@@ -130,6 +130,7 @@ pub fn depart(
         device: &dep.device,
         pfn_ranges: &dep.pfn_ranges,
         proof: enf.departure_proof,
+        received_ns: dep.received_ns,
     };
     enf.act(
         scope,
@@ -166,6 +167,7 @@ pub fn media_error(
         device: &m.device,
         pfn_ranges: &[range],
         proof: Proof::PageTables,
+        received_ns: 0,
     };
     enf.act(
         scope,
@@ -743,6 +745,7 @@ fn drain_fenced(
         device: name,
         pfn_ranges: ranges,
         proof: Proof::PageTables,
+        received_ns: 0,
     };
     for a in enf.act(scope, &holders, rule, 0, os, &class, "drain") {
         out(Progress::Action(a));
@@ -988,6 +991,7 @@ mod tests {
             devs: vec![DEV],
             names: vec!["pmem0".into()],
             started_ns: 1,
+            received_ns: 0,
             tid: 77,
             pre_remove: false,
             holders: holders(os, topo),
@@ -1124,6 +1128,28 @@ mod tests {
                 (200, KILL, Duration::from_secs(2)),
             ]
         );
+    }
+
+    /// Each signal's line times the steps after the kernel's report: the agent reading it,
+    /// this holder's verdict, its signal, in that order.
+    #[test]
+    fn enforcement_lines_time_read_verdict_and_signal() {
+        let os = FakeOs::new(&[(100, FakeProc::holder("app", 7))], &["/mnt/pmem0"]);
+        let topo = topology(&["/mnt/pmem0"]);
+        let class = Classifier { topology: &topo };
+        let mut enf = Enforcer::new(os.audit());
+        let mut dep = departure(&os, &topo);
+        dep.started_ns = crate::policy::enforce::boottime_ns() - 5_000_000;
+        dep.received_ns = dep.started_ns + 2_000_000;
+        let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
+        let a = acts.iter().find(|a| a.action == "signal").unwrap();
+        assert_eq!(a.received_us, Some(2000));
+        let (v, s) = (a.verdict_us.unwrap(), a.since_departure_us.unwrap());
+        assert!(5000 <= v && v <= s, "{a:?}");
+        // Without the kernel's time (a drain) there is nothing to time against.
+        dep.started_ns = 0;
+        let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
+        assert!(acts.iter().all(|a| a.received_us.is_none() && a.verdict_us.is_none()));
     }
 
     /// A kernel without devmap DAX entries (7.x) oopses whoever walks page tables into a

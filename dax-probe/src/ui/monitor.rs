@@ -268,7 +268,16 @@ pub fn format_output(o: &Line) -> String {
                 a.device,
                 a.reason,
                 a.since_departure_us
-                    .map(|us| format!(" [{:.1} ms after the departure]", us as f64 / 1000.0))
+                    .map(|us| {
+                        let ms = |u: Option<u64>| u.map(|u| format!("{:.1}", u as f64 / 1000.0));
+                        match (ms(a.received_us), ms(a.verdict_us)) {
+                            (Some(r), Some(v)) => format!(
+                                " [{:.1} ms after the departure: read at {r}, proven at {v}]",
+                                us as f64 / 1000.0
+                            ),
+                            _ => format!(" [{:.1} ms after the departure]", us as f64 / 1000.0),
+                        }
+                    })
                     .unwrap_or_default()
             )
         }

@@ -574,6 +574,11 @@ fn bench_reaction(env: &Env) -> Result<()> {
                 .filter_map(|a| a.since_departure_us)
                 .map(|us| us as f64 / 1e3)
                 .collect();
+            // hook -> the agent read it -> first verdict: the steps before the signals.
+            let ms = |u: Option<u64>| u.map_or(f64::NAN, |u| u as f64 / 1e3);
+            let sig_lines: Vec<_> = out.enforcement().filter(|a| a.action == "signal").collect();
+            let received_ms = ms(sig_lines.iter().find_map(|a| a.received_us));
+            let first_verdict_ms = ms(sig_lines.iter().filter_map(|a| a.verdict_us).min());
             let listed = out
                 .departures()
                 .next()
@@ -582,6 +587,8 @@ fn bench_reaction(env: &Env) -> Result<()> {
             rows.push(json!({"holders": n, "round": round, "listed": listed,
                 "caught_up": caught_up,
                 "signalled": signalled.len(),
+                "received_ms": received_ms,
+                "first_verdict_ms": first_verdict_ms,
                 "first_ms": signalled.iter().cloned().fold(f64::NAN, f64::min),
                 "last_ms": signalled.iter().cloned().fold(f64::NAN, f64::max),
                 "unbind_ms": unbind_ms}));
