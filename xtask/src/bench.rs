@@ -282,6 +282,13 @@ pub fn holders(kernel: &str, verbose: bool) -> Result<()> {
 }
 
 pub fn reaction(kernel: &str, verbose: bool) -> Result<()> {
+    // The same pipeline natively first: its figure is no TCG artefact.
+    eprintln!("bench: the departure pipeline on the host (real processes and pidfds)");
+    crate::cmd::run_visible(
+        std::process::Command::new("cargo")
+            .current_dir(paths::workspace())
+            .args(["bench", "-q", "-p", "dax-probe", "--bench", "reaction"]),
+    )?;
     let r = vm_bench("reaction", kernel, verbose)?;
     println!(
         "monitor --enforce (policy: SIGKILL) on an ext4 DAX file; clock: kernel unbind hook -> \

@@ -1149,7 +1149,10 @@ mod tests {
         // Without the kernel's time (a drain) there is nothing to time against.
         dep.started_ns = 0;
         let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
-        assert!(acts.iter().all(|a| a.received_us.is_none() && a.verdict_us.is_none()));
+        assert!(
+            acts.iter()
+                .all(|a| a.received_us.is_none() && a.verdict_us.is_none())
+        );
     }
 
     /// A kernel without devmap DAX entries (7.x) oopses whoever walks page tables into a
