@@ -120,6 +120,8 @@ pub struct State {
     pub mounts: Vec<Mount>,
     /// Durable writes of several records at once (`write_all`).
     pub audit_flushes: usize,
+    /// Every durable write (one `write` or one `write_all`): each is an fdatasync.
+    pub durable_writes: usize,
     /// Mount points whose unmount fails (EBUSY).
     pub busy_mounts: Vec<String>,
     /// dm devices whose removal fails (EBUSY: still open).
@@ -446,20 +448,8 @@ pub struct FakeAudit {
 
 impl AuditSink for FakeAudit {
     fn write(&mut self, r: &Record) -> io::Result<()> {
-        let mut s = self.state.borrow_mut();
-        if s.failing_audit.iter().any(|a| a == r.action) {
-            s.log.push(Call::AuditFailed {
-                action: r.action.into(),
-            });
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-        }
-        s.audit_json
-            .push(serde_json::to_string(r).expect("records serialize"));
-        s.log.push(Call::Audit {
-            action: r.action.into(),
-            pid: r.pid,
-            detail: r.detail.clone(),
-        });
+        self.append(r)?;
+        self.state.borrow_mut().durable_writes += 1;
         Ok(())
     }
     fn write_all(&mut self, rs: &[Record]) -> io::Result<()> {
@@ -478,13 +468,36 @@ impl AuditSink for FakeAudit {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         for r in rs {
-            self.write(r)?;
+            self.append(r)?;
         }
-        self.state.borrow_mut().audit_flushes += 1;
+        let mut s = self.state.borrow_mut();
+        s.audit_flushes += 1;
+        s.durable_writes += 1;
         Ok(())
     }
     fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl FakeAudit {
+    /// One record into the log (made durable by the caller's count).
+    fn append(&mut self, r: &Record) -> io::Result<()> {
+        let mut s = self.state.borrow_mut();
+        if s.failing_audit.iter().any(|a| a == r.action) {
+            s.log.push(Call::AuditFailed {
+                action: r.action.into(),
+            });
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        s.audit_json
+            .push(serde_json::to_string(r).expect("records serialize"));
+        s.log.push(Call::Audit {
+            action: r.action.into(),
+            pid: r.pid,
+            detail: r.detail.clone(),
+        });
+        Ok(())
     }
 }
 

@@ -55,6 +55,12 @@ impl Os for LiveOs {
         parse_stat_flags(&text)
     }
 
+    fn identity(&self, pid: u32) -> Option<(u64, String, u64)> {
+        let text = std::fs::read_to_string(self.proc.root.join(format!("{pid}/stat"))).ok()?;
+        let (start, comm) = crate::holders::scan::parse_stat(&text)?;
+        Some((start, comm, parse_stat_flags(&text).unwrap_or(0)))
+    }
+
     fn self_pid(&self) -> u32 {
         std::process::id()
     }
@@ -195,5 +201,26 @@ mod tests {
         assert_eq!(parse_stat_flags(stat), Some(2129984));
         assert!(parse_stat_flags(stat).unwrap() & super::super::PF_KTHREAD != 0);
         assert_eq!(parse_stat_flags("garbage"), None);
+    }
+
+    /// One read of /proc/PID/stat gives the start time, the comm and the flags alike (the
+    /// guard used to read it twice); a stat with no start time is no identity.
+    #[test]
+    fn identity_from_one_stat() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("proc/2");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("stat"),
+            "2 (kthr) (x)) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0",
+        )
+        .unwrap();
+        let os = LiveOs::new(root.path());
+        let (start, comm, flags) = os.identity(2).unwrap();
+        assert_eq!((start, comm.as_str()), (5, "kthr) (x)"));
+        assert!(flags & super::super::PF_KTHREAD != 0);
+        std::fs::write(dir.join("stat"), "2 (short) S 0").unwrap();
+        assert_eq!(os.identity(2), None);
+        assert_eq!(os.identity(3), None);
     }
 }

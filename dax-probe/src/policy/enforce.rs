@@ -220,7 +220,7 @@ impl Enforcer {
         let device = scope.device;
         let mut out = Vec::new();
         let targets = Whom::of_rows(holders);
-        self.log(Record {
+        let decide = Record {
             time: now(),
             action: "decide",
             device,
@@ -246,8 +246,9 @@ impl Enforcer {
                     ),
                 }
             ),
-        });
+        };
         if rule.action == Action::Report {
+            self.log(decide);
             for w in &targets {
                 let (pid, comm) = (&w.pid, &w.comm);
                 out.push(ActionReport {
@@ -267,8 +268,11 @@ impl Enforcer {
             }
             return out;
         }
+        // The decision goes to disk with the first batch's verdicts: one fdatasync fewer
+        // before the first signal, and still none leaves before its decision is durable.
         let signalled = self.signal_all(
             scope,
+            Some(decide),
             &targets,
             rule,
             rule.signal,
@@ -294,10 +298,11 @@ impl Enforcer {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn signal_all(
+    fn signal_all<'a>(
         &mut self,
-        scope: Scope,
-        targets: &[Whom],
+        scope: Scope<'a>,
+        mut lead: Option<Record<'a>>,
+        targets: &'a [Whom],
         rule: &Rule,
         sig: Signal,
         action: &'static str,
@@ -333,7 +338,8 @@ impl Enforcer {
         // flushes per batch instead of two per process, and still every signal is on disk
         // before it leaves. Batches bound the pidfds open at once.
         for batch in targets.chunks(SIGNAL_BATCH) {
-            let mut verdicts = Vec::with_capacity(batch.len());
+            let mut verdicts: Vec<Record<'a>> = Vec::with_capacity(batch.len() + 1);
+            verdicts.extend(lead.take());
             let mut admitted = Vec::with_capacity(batch.len());
             for w in batch {
                 let c = Candidate {
@@ -430,7 +436,7 @@ impl Enforcer {
                 received_ns: p.received_ns,
             };
             self.signal_all(
-                scope, &p.targets, &p.rule, sig, "escalate", p.since_ns, os, class, &mut out,
+                scope, None, &p.targets, &p.rule, sig, "escalate", p.since_ns, os, class, &mut out,
             );
         }
         out

@@ -133,10 +133,10 @@ pub fn admit<'o>(
         return Err(Refusal::Excluded);
     }
     let fd = os.pidfd_open(c.pid).map_err(|_| Refusal::Gone)?;
-    if os.stat_flags(c.pid).is_some_and(|f| f & PF_KTHREAD != 0) {
+    let (start, comm, flags) = os.identity(c.pid).ok_or(Refusal::Gone)?;
+    if flags & PF_KTHREAD != 0 {
         return Err(Refusal::KernelThread);
     }
-    let (start, comm) = os.procfs().stat(c.pid).ok_or(Refusal::Gone)?;
     if c.start_time != 0 && start != c.start_time {
         return Err(Refusal::PidReused);
     }

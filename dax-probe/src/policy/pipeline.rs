@@ -1130,6 +1130,32 @@ mod tests {
         );
     }
 
+    /// Before the first signal of a departure: the fence record, then the decision with
+    /// the first batch's verdicts in one durable write (it was a write of its own: one
+    /// fdatasync more between the hook and the first signal). Then the results.
+    #[test]
+    fn a_departure_makes_two_durable_writes_before_its_first_signal() {
+        let os = FakeOs::new(&[(100, FakeProc::holder("app", 7))], &["/mnt/pmem0"]);
+        let topo = topology(&["/mnt/pmem0"]);
+        let class = Classifier { topology: &topo };
+        let mut enf = Enforcer::new(os.audit());
+        let dep = departure(&os, &topo);
+        let once = Rule {
+            escalate: None,
+            ..rule(2)
+        };
+        depart(&dep, &once, &os, &mut os.fence(), &mut enf, &class);
+        assert_eq!(
+            os.state.borrow().durable_writes,
+            3,
+            "fence, decide+verdicts, results"
+        );
+        let w = words(&os);
+        let pos = |x: &str| w.iter().position(|y| y == x).unwrap();
+        assert!(pos("audit:decide") < pos("audit:signal:100"), "{w:?}");
+        assert!(pos("audit:signal:100") < pos("signal:100:15"), "{w:?}");
+    }
+
     /// Each signal's line times the steps after the kernel's report: the agent reading it,
     /// this holder's verdict, its signal, in that order.
     #[test]
