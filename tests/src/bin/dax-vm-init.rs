@@ -455,6 +455,17 @@ fn bench_fault_overhead(env: &Env) -> Result<()> {
                         );
                         row.insert(format!("{key}_faults"), json!(s.faults_seen_by_kernel));
                         row.insert(format!("{key}_lines"), json!(out.faults().count()));
+                        // What the agent reported, fault by fault: the bench's unit.
+                        let (mut small, mut huge) = (0u64, 0u64);
+                        for f in out.faults() {
+                            if f.page_size > 4096 {
+                                huge += f.pages;
+                            } else {
+                                small += f.pages;
+                            }
+                        }
+                        row.insert(format!("{key}_line_faults"), json!(small + huge));
+                        row.insert(format!("{key}_line_pmd_faults"), json!(huge));
                         row.insert(format!("{key}_dropped"), json!(s.dropped));
                         row.insert(format!("{key}_programs"), json!(s.programs));
                     }
