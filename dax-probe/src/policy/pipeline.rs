@@ -1080,15 +1080,20 @@ mod tests {
         assert!(!words(&os).iter().any(|x| x.starts_with("signal:")));
     }
 
-    #[test]
-    fn escalation_kills_only_those_still_mapping_after_the_grace() {
-        let os = FakeOs::new(
+    /// Two holders of pmem0: 100 leaves on SIGTERM, 200 only on SIGKILL.
+    fn leaves_and_stays() -> FakeOs {
+        FakeOs::new(
             &[
                 (100, FakeProc::holder("leaves", 7)),
                 (200, FakeProc::stubborn("stays", 8)),
             ],
             &["/mnt/pmem0"],
-        );
+        )
+    }
+
+    #[test]
+    fn escalation_kills_only_those_still_mapping_after_the_grace() {
+        let os = leaves_and_stays();
         let topo = topology(&["/mnt/pmem0"]);
         let class = Classifier { topology: &topo };
         let mut enf = Enforcer::new(os.audit());
@@ -1188,13 +1193,7 @@ mod tests {
     #[test]
     fn without_devmap_a_departure_signals_and_escalates_reading_no_page_table() {
         for devmap in [true, false] {
-            let os = FakeOs::new(
-                &[
-                    (100, FakeProc::holder("leaves", 7)),
-                    (200, FakeProc::stubborn("stays", 8)),
-                ],
-                &["/mnt/pmem0"],
-            );
+            let os = leaves_and_stays();
             let topo = topology(&["/mnt/pmem0"]);
             let class = Classifier { topology: &topo };
             let mut enf = Enforcer::new(os.audit()).with_devmap(devmap);
