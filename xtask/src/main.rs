@@ -112,7 +112,9 @@ enum BenchCmd {
     },
     /// Dashboard frame cost at 80x24, 120x40 and 200x60 (host).
     Tui,
-    /// `monitor --enforce`: unbind hook to last holder signalled, 1/10/100 holders (VM).
+    /// `monitor --enforce`: the departure pipeline natively on the host beside a bare
+    /// pidfd-kill floor, then in the VM unbind hook to last holder signalled, 1/10/100/1000
+    /// holders.
     Reaction {
         #[arg(long, default_value = "6.12")]
         kernel: String,
