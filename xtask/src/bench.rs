@@ -336,6 +336,9 @@ pub fn reaction(kernel: &str, verbose: bool) -> Result<()> {
             row["last_ms"].as_f64().unwrap_or(f64::NAN),
             row["unbind_ms"].as_f64().unwrap_or(f64::NAN)
         );
+        if let Some(s) = row["skipped"].as_object().filter(|s| !s.is_empty()) {
+            println!("          not signalled: {}", Value::Object(s.clone()));
+        }
     }
     for n in [1u64, 10, 100, 1000] {
         let mut last: Vec<f64> = rows

@@ -541,6 +541,13 @@ fn bench_holders(env: &Env) -> Result<()> {
 /// each on a fresh device, the agent caught up (its `holders` answer lists them all) before
 /// the unbind.
 fn bench_reaction(env: &Env) -> Result<()> {
+    // The audit log on a disk file system (the shared ext4, never the device that leaves):
+    // its fdatasyncs are part of the reaction, and tmpfs would make them free.
+    let disk = env
+        .fs(Target::Ext4)
+        .context("ext4 not prepared")?
+        .mnt
+        .clone();
     let mut rows = Vec::new();
     for n in [1u32, 10, 100, 1000] {
         for round in 0..5 {
@@ -557,7 +564,7 @@ fn bench_reaction(env: &Env) -> Result<()> {
                     fs.dev.block
                 ),
             )?;
-            let audit = format!("/tmp/reaction-{n}-{round}.jsonl");
+            let audit = format!("{disk}/reaction-{n}-{round}.jsonl");
             let mon = agent::Monitor::start(
                 &format!("reaction-{n}-{round}"),
                 &["--enforce", "--policy", &policy, "--audit-log", &audit],
@@ -575,7 +582,21 @@ fn bench_reaction(env: &Env) -> Result<()> {
             let t = Instant::now();
             pmem::unbind_fsdax(&fs.dev)?;
             let unbind_ms = t.elapsed().as_secs_f64() * 1e3;
-            std::thread::sleep(Duration::from_millis(500));
+            // The holders stay until the agent decided about every one (a `result` or a
+            // `skip` record each): released earlier, the slow ones would exit by themselves
+            // and be counted as not signalled.
+            let decided = |audit: &str| -> usize {
+                std::fs::read_to_string(audit)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter(|r| r["action"] == "result" || r["action"] == "skip")
+                    .filter_map(|r| r["pid"].as_u64())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            };
+            sys::wait_for(Duration::from_secs(60), || decided(&audit) >= n as usize);
+            std::thread::sleep(Duration::from_millis(200));
             drop(hold.stdin.take());
             hold.wait()?;
             let out = mon.stop()?;
@@ -595,7 +616,12 @@ fn bench_reaction(env: &Env) -> Result<()> {
                 .next()
                 .map(|d| d.holders.len())
                 .unwrap_or(0);
+            let mut skipped: std::collections::BTreeMap<String, u64> = Default::default();
+            for a in out.enforcement().filter(|a| a.action == "skip") {
+                *skipped.entry(a.reason.clone()).or_default() += 1;
+            }
             rows.push(json!({"holders": n, "round": round, "listed": listed,
+                "skipped": skipped,
                 "caught_up": caught_up,
                 "signalled": signalled.len(),
                 "received_ms": received_ms,
