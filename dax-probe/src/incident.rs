@@ -455,6 +455,8 @@ impl Incidents {
     fn device(&mut self, d: &DeviceChange, app: &mut Applier, topo: &Topology) -> Outcome {
         match d.phase {
             DevicePhase::Departing => {
+                // Read off the ring now: listing the holders below is the agent's work.
+                let received_ns = crate::policy::enforce::boottime_ns();
                 self.learn(topo);
                 let nss: Vec<Namespace> = namespaces_for(topo, &d.device)
                     .into_iter()
@@ -500,7 +502,7 @@ impl Incidents {
                     devs: nss.iter().flat_map(|n| n.devices()).collect(),
                     names,
                     started_ns: d.ts_ns,
-                    received_ns: crate::policy::enforce::boottime_ns(),
+                    received_ns,
                     tid: d.tid,
                     pre_remove: false,
                     holders: holders.clone(),

@@ -33,7 +33,8 @@ pub struct ActionReport {
     /// Microseconds from the kernel reporting the departure to this action (CLOCK_BOOTTIME).
     pub since_departure_us: Option<u64>,
     /// Microseconds from the kernel's report to the agent reading it (the ring and the
-    /// agent's queue), the same for every action of one departure.
+    /// agent's queue; listing the holders comes after), the same for every action of one
+    /// departure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub received_us: Option<u64>,
     /// Microseconds from the kernel's report to this process's verdict (pidfd opened, its
