@@ -1471,10 +1471,23 @@ mod tests {
             f.handle_event(departing(5, DevicePhase::Departing), &mut k);
             let _ = outputs(&mut f);
             assert_eq!(walks(&f), devmap, "devmap {devmap}");
-            // A re-read of sysfs mid-unbind, which still lists the device.
-            f.state.topology = topology();
-            f.state.hide_departing();
+            // A re-read of sysfs mid-unbind, which still lists the device: no change to
+            // report, and the device stays hidden.
+            assert!(f.state.take_read(topology()).is_none());
             assert_eq!(walks(&f), devmap, "devmap {devmap}, after a re-read");
+            // sysfs changed (the namespace gone): reported as sysfs says, hidden or not.
+            let mut gone = topology();
+            gone.namespaces[0].enabled = false;
+            gone.namespaces[0].block = None;
+            match f.state.take_read(gone.clone()) {
+                Some(Line::Topology(t)) => assert_eq!(t, gone),
+                other => panic!("{other:?}"),
+            }
+            // The reported topology never carries the hiding.
+            let Line::Topology(t) = f.state.topology_line() else {
+                unreachable!()
+            };
+            assert_eq!(t, gone);
         }
     }
 

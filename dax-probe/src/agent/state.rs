@@ -21,7 +21,12 @@ use crate::{
 };
 
 pub struct State {
+    /// The topology every walk and decision uses: sysfs's, with departing devices hidden
+    /// where walking them oopses (see [`State::hide_departing`]).
     pub topology: Topology,
+    /// The topology as sysfs last said it: what `topology` lines report, and what a new
+    /// read is compared with (a hidden device is no change to report).
+    read_topology: Topology,
     pub applier: Applier,
     pub incidents: Incidents,
     /// The machine's root (`--root`): procfs and sysfs are read below it.
@@ -41,6 +46,7 @@ pub struct State {
 impl State {
     pub fn new(topology: Topology, applier: Applier, incidents: Incidents, root: PathBuf) -> Self {
         Self {
+            read_topology: topology.clone(),
             topology,
             applier,
             incidents,
@@ -78,19 +84,29 @@ impl State {
     /// Re-reads the topology (at most once a second); a `topology` line when it changed.
     pub fn refresh_topology(&mut self) -> Option<Line> {
         if self.last_topology.elapsed() > Duration::from_secs(1) {
-            let old = std::mem::replace(&mut self.topology, Topology::read(&self.root));
+            let read = Topology::read(&self.root);
             self.last_topology = Instant::now();
-            // sysfs may still list a device the unbind is taking away.
-            self.hide_departing();
-            if self.topology != old {
-                return Some(self.topology_line());
-            }
+            return self.take_read(read);
         }
         None
     }
 
+    /// A fresh read of sysfs: a `topology` line when sysfs changed. A device hidden for
+    /// its departure is no change: reporting the hidden copy, then the read, would show a
+    /// departed device come back and leave again (a replay then saw a second departure).
+    pub fn take_read(&mut self, read: Topology) -> Option<Line> {
+        if read == self.read_topology {
+            return None;
+        }
+        self.read_topology = read.clone();
+        self.topology = read;
+        // sysfs may still list a device the unbind is taking away.
+        self.hide_departing();
+        Some(self.topology_line())
+    }
+
     pub fn topology_line(&self) -> Line {
-        Line::Topology(self.topology.clone())
+        Line::Topology(self.read_topology.clone())
     }
 
     /// The holder map (all of it, or the complete state of `pids`) as a `holders` line.
