@@ -20,7 +20,10 @@ use std::{
 };
 
 use dax_probe::{
-    holders::{query::HolderRow, scan::Classifier},
+    holders::{
+        query::HolderRow,
+        scan::{Classifier, parse_stat},
+    },
     os::LiveOs,
     policy::{
         audit::AuditLog,
@@ -93,11 +96,7 @@ fn reap(pids: &[u32]) {
 
 fn start_time(pid: u32) -> u64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit(')')
-        .next()
-        .and_then(|r| r.split_whitespace().nth(19))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    parse_stat(&stat).map_or(0, |(start, _)| start)
 }
 
 fn rows(file: &Path, pids: &[u32]) -> Vec<HolderRow> {

@@ -348,8 +348,10 @@ impl Os for FakeOs {
         self
     }
 
-    fn stat_flags(&self, pid: u32) -> Option<u64> {
-        self.state.borrow().procs.get(&pid).map(|p| p.flags)
+    fn identity(&self, pid: u32) -> Option<(u64, String, u64)> {
+        let (start, comm) = self.stat(pid)?;
+        let flags = self.state.borrow().procs.get(&pid).map_or(0, |p| p.flags);
+        Some((start, comm, flags))
     }
 
     fn self_pid(&self) -> u32 {

@@ -50,11 +50,6 @@ impl Os for LiveOs {
         &self.proc
     }
 
-    fn stat_flags(&self, pid: u32) -> Option<u64> {
-        let text = std::fs::read_to_string(self.proc.root.join(format!("{pid}/stat"))).ok()?;
-        parse_stat_flags(&text)
-    }
-
     fn identity(&self, pid: u32) -> Option<(u64, String, u64)> {
         let text = std::fs::read_to_string(self.proc.root.join(format!("{pid}/stat"))).ok()?;
         let (start, comm) = crate::holders::scan::parse_stat(&text)?;

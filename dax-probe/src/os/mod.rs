@@ -44,16 +44,9 @@ pub trait Pidfd {
 pub trait Os {
     /// Page tables (pagemap), maps and stat of other processes.
     fn procfs(&self) -> &dyn Procfs;
-    /// The `flags` field of /proc/PID/stat (`PF_KTHREAD`, …).
-    fn stat_flags(&self, pid: u32) -> Option<u64>;
-    /// (start time, comm, flags) of `pid`, from one look at it (the live OS reads
-    /// /proc/PID/stat once, not once for the flags and once for the rest). `None`: gone.
-    /// Flags unknown read as 0.
-    fn identity(&self, pid: u32) -> Option<(u64, String, u64)> {
-        let flags = self.stat_flags(pid).unwrap_or(0);
-        let (start, comm) = self.procfs().stat(pid)?;
-        Some((start, comm, flags))
-    }
+    /// (start time, comm, `flags` (`PF_KTHREAD`, …)) of `pid`, from one read of
+    /// /proc/PID/stat. `None`: gone. Flags unknown read as 0.
+    fn identity(&self, pid: u32) -> Option<(u64, String, u64)>;
     /// Our own pid: the agent never signals itself.
     fn self_pid(&self) -> u32;
     fn pidfd_open(&self, pid: u32) -> io::Result<Box<dyn Pidfd + '_>>;

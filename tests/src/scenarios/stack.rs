@@ -323,11 +323,14 @@ pub fn dm_unbind(env: &Env, kind: Kind) -> Result<Checked> {
         // On 7.x a holder signalled after the member's memmap was freed dies in the
         // kernel's own teardown of its stale mapping (an oops, never reaped): the kernel's
         // log says so and the audit log below must show our signal to it; a fact is kept.
+        let records: Vec<Value> = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
         let term_sent_to = |pid: u32| {
-            std::fs::read_to_string(&audit)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            records
+                .iter()
                 .any(|r| r["action"] == "signal" && r["pid"] == pid && r["signal"] == "SIGTERM")
         };
         for (pid, d) in deaths.iter_mut() {
@@ -353,10 +356,8 @@ pub fn dm_unbind(env: &Env, kind: Kind) -> Result<Checked> {
             deaths == want,
             format!("died of {deaths:?}, expected {want:?}"),
         );
-        let signalled: Vec<u32> = std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        let signalled: Vec<u32> = records
+            .iter()
             .filter(|r| r["action"] == "signal")
             .filter_map(|r| r["pid"].as_u64().map(|p| p as u32))
             .collect();
