@@ -210,7 +210,6 @@ impl Puppet {
 
 impl Drop for Puppet {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::sys::end_child(&mut self.child, std::time::Duration::from_secs(5));
     }
 }

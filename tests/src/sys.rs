@@ -5,7 +5,7 @@ use std::{
     fs,
     os::unix::ffi::OsStrExt,
     path::Path,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -240,6 +240,108 @@ pub fn dmesg_tail(lines: usize) -> Vec<String> {
     all[all.len().saturating_sub(lines)..].to_vec()
 }
 
+/// SIGKILLs a child and reaps it, waiting at most `within`: a process that died in the
+/// kernel (an oops in its exit, on 7.x after an unbind) is never reaped, and a plain
+/// `wait` on it would hang the guest until the host's timeout. False if it was left so.
+pub fn end_child(child: &mut Child, within: Duration) -> bool {
+    let _ = child.kill();
+    let reaped = wait_for(within, || child.try_wait().ok().flatten().is_some());
+    if !reaped {
+        eprintln!(
+            "[dax-vm] pid {} not reaped {within:?} after SIGKILL, left: {}",
+            child.id(),
+            kernel_stacks(&[child.id()])
+        );
+    }
+    reaped
+}
+
+/// Kernel stacks of the threads of `pids` (state and innermost frames): where processes
+/// the kernel holds are waiting.
+pub fn kernel_stacks(pids: &[u32]) -> String {
+    let mut out = Vec::new();
+    for pid in pids {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let dir = t.path();
+            let stat = fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            let stack = fs::read_to_string(dir.join("stack")).unwrap_or_default();
+            let frames: Vec<&str> = stack
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .take(12)
+                .collect();
+            if !frames.is_empty() {
+                out.push(format!(
+                    "{}[{}] {:?}: {}",
+                    pid,
+                    t.file_name().to_string_lossy(),
+                    state,
+                    frames.join(" < ")
+                ));
+            }
+        }
+    }
+    out.join(" | ")
+}
+
+/// The printk time (seconds since boot) of the kernel log's last line: a mark for
+/// [`kernel_trouble_since`].
+pub fn kernel_log_mark() -> f64 {
+    dmesg_tail(1)
+        .last()
+        .and_then(|l| printk_time(l))
+        .unwrap_or(0.0)
+}
+
+/// The printk time of one `dmesg` line (`<6>[  118.38] text`).
+pub fn printk_time(line: &str) -> Option<f64> {
+    let open = line.find('[')?;
+    let close = line[open..].find(']')? + open;
+    line[open + 1..close].trim().parse().ok()
+}
+
+/// The first line after `mark` by which the kernel says it is damaged: an oops, a BUG, a
+/// general protection fault, an RCU stall, a soft lockup or a task hung for minutes.
+/// Whatever ran after such a line in the same boot proves nothing.
+pub fn kernel_trouble_since(mark: f64) -> Option<String> {
+    dmesg_tail(4000)
+        .into_iter()
+        .filter(|l| printk_time(l).is_some_and(|t| t > mark))
+        .find(|l| is_kernel_trouble(l))
+}
+
+/// Whether one kernel log line reports damage (see [`kernel_trouble_since`]).
+pub fn is_kernel_trouble(line: &str) -> bool {
+    const SIGNS: [&str; 7] = [
+        "BUG:",
+        "Oops:",
+        "general protection fault",
+        "detected stalls on CPUs",
+        "detected stall on CPU",
+        "soft lockup",
+        "blocked for more than",
+    ];
+    SIGNS.iter().any(|s| line.contains(s))
+}
+
+/// Whether the kernel log reports an RCU stall: no grace period ends any more, so every
+/// `synchronize_rcu` (a BPF link's release among them) waits for ever.
+pub fn rcu_stalled() -> bool {
+    dmesg_tail(4000).iter().any(|l| {
+        l.contains("rcu: INFO:")
+            && (l.contains("detected stalls on CPUs") || l.contains("detected stall on CPU"))
+    })
+}
+
 /// The kernel's own report of an oops in process `pid` (its `RIP:` line), if the log has
 /// one: on 7.x a holder killed during an unbind can die in the kernel tearing its stale
 /// mapping down, and is then never reaped.
@@ -336,4 +438,29 @@ pub fn cpu_ns_of(pid: u32) -> u64 {
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines as CI's 7.2 guest logged them when a holder's exit oopsed and RCU stalled:
+    /// the damage is found after the mark, not before it, and ordinary lines are not damage.
+    #[test]
+    fn kernel_damage_is_found_by_its_own_words_after_the_mark() {
+        let log = [
+            "<6>[  117.901000] pmem pmem15: unbinding",
+            "<1>[  118.384080] BUG: unable to handle page fault for address: fffff9cac77e8008",
+            "<4>[  118.443876]  make_task_dead.cold+0x6b/0x11d",
+            "<3>[  139.398730] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
+        ];
+        assert_eq!(printk_time(log[1]), Some(118.38408));
+        assert_eq!(printk_time("no time"), None);
+        let trouble: Vec<&str> = log.iter().copied().filter(|l| is_kernel_trouble(l)).collect();
+        assert_eq!(trouble, [log[1], log[3]]);
+        assert!(!is_kernel_trouble("<4>[ 1.0] WARNING: CPU: 0 PID: 1 at mm/memremap.c"));
+        assert!(is_kernel_trouble(
+            "<3>[ 300.1] INFO: task dmsetup:412 blocked for more than 120 seconds."
+        ));
+    }
 }

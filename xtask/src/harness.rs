@@ -55,6 +55,8 @@ pub struct Boot<'a> {
     pub retry_early_death: bool,
     /// (host port, guest port) to forward to the host's loopback (see `VmConfig`).
     pub hostfwd: Option<(u16, u16)>,
+    /// See `VmConfig::stall`.
+    pub stall: Option<Duration>,
 }
 
 impl Default for Boot<'_> {
@@ -67,6 +69,7 @@ impl Default for Boot<'_> {
             dir: None,
             retry_early_death: true,
             hostfwd: None,
+            stall: None,
         }
     }
 }
@@ -122,6 +125,7 @@ impl Guest {
             interactive: b.interactive,
             dir: dir.to_path_buf(),
             hostfwd: b.hostfwd,
+            stall: b.stall,
         };
         let vm = qemu::run(&cfg)?;
         if b.interactive || !b.retry_early_death {
@@ -158,6 +162,7 @@ mod tests {
             records: events.iter().map(|e| json!({ "event": e })).collect(),
             console_log: PathBuf::from("console.log"),
             timed_out,
+            hung: None,
             kernel_trouble: trouble.map(str::to_string),
             accel: "tcg",
             seconds: 1.0,

@@ -39,12 +39,17 @@ pub struct VmConfig<'a> {
     /// is forwarded to the host's loopback (for a host-side Prometheus to scrape the
     /// guest). None: the guest has no network device at all.
     pub hostfwd: Option<(u16, u16)>,
+    /// Stop a guest that reported nothing for this long (a scenario hung in the kernel):
+    /// the rest of the run then goes on in a fresh boot instead of waiting for `timeout`.
+    pub stall: Option<Duration>,
 }
 
 pub struct VmRun {
     pub records: Vec<Value>,
     pub console_log: PathBuf,
     pub timed_out: bool,
+    /// Stopped because it reported nothing for the stall limit: after which record.
+    pub hung: Option<String>,
     /// The first kernel panic / oops / BUG line, if any.
     pub kernel_trouble: Option<String>,
     pub accel: &'static str,
@@ -63,7 +68,9 @@ impl VmRun {
 
     /// One phrase for why a guest stopped without `done`.
     pub fn trouble_summary(&self) -> String {
-        if self.timed_out {
+        if let Some(h) = &self.hung {
+            format!("hung: {h}")
+        } else if self.timed_out {
             "timed out".to_string()
         } else if let Some(t) = &self.kernel_trouble {
             format!("kernel trouble: {t}")
@@ -244,9 +251,22 @@ fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Op
     });
 
     let mut timed_out = false;
+    let mut hung = None;
+    let mut progress = Progress::new(started);
     let mut done_at: Option<Instant> = None;
     loop {
         let records = read_records(&results);
+        if let Some(limit) = cfg.stall
+            && let Some(idle) = progress.idle_beyond(records.len(), Instant::now(), limit)
+        {
+            hung = Some(format!(
+                "no report for {:.0} s after {}",
+                idle.as_secs_f64(),
+                records.last().map_or("the start".to_string(), last_said)
+            ));
+            kill(&mut child);
+            break;
+        }
         let booted = records.iter().any(|r| r["event"] == "boot");
         if child.try_wait()?.is_some() {
             if boot_deadline.is_some() && !booted {
@@ -306,11 +326,51 @@ fn boot(cfg: &VmConfig, kvm: bool, boot_deadline: Option<Duration>) -> Result<Op
         records,
         console_log,
         timed_out,
+        hung,
         kernel_trouble,
         accel: if kvm { "kvm" } else { "tcg" },
         seconds: started.elapsed().as_secs_f64(),
         retried: None,
     }))
+}
+
+/// When the guest last reported something: the stall watchdog's clock.
+struct Progress {
+    seen: usize,
+    since: Instant,
+}
+
+impl Progress {
+    fn new(start: Instant) -> Self {
+        Self {
+            seen: 0,
+            since: start,
+        }
+    }
+
+    /// Given the records so far, how long the guest has said nothing when that exceeds
+    /// `limit` (a new record restarts the clock).
+    fn idle_beyond(&mut self, records: usize, now: Instant, limit: Duration) -> Option<Duration> {
+        if records != self.seen {
+            self.seen = records;
+            self.since = now;
+            return None;
+        }
+        let idle = now.saturating_duration_since(self.since);
+        (idle > limit).then_some(idle)
+    }
+}
+
+/// A record in a few words, for where a guest hung: a scenario's result names it.
+fn last_said(r: &Value) -> String {
+    let event = r["event"].as_str().unwrap_or("?");
+    match (
+        r["result"]["scenario"].as_str(),
+        r["result"]["target"].as_str(),
+    ) {
+        (Some(s), Some(t)) => format!("the result of {s}/{t}"),
+        _ => format!("its {event} record"),
+    }
 }
 
 /// The network part of the command line. Without a forward, `-nic none`: QEMU would
@@ -418,6 +478,35 @@ pub fn read_records(path: &Path) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A guest that keeps reporting is never called hung; one silent past the limit is,
+    /// counted from its last record (not from the boot), and the record is named.
+    #[test]
+    fn a_guest_silent_past_the_limit_is_hung_from_its_last_record() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let limit = s(300);
+        let mut p = Progress::new(t0);
+        assert_eq!(p.idle_beyond(0, t0 + s(200), limit), None);
+        assert_eq!(
+            p.idle_beyond(1, t0 + s(290), limit),
+            None,
+            "a record restarts it"
+        );
+        assert_eq!(
+            p.idle_beyond(1, t0 + s(500), limit),
+            None,
+            "200 s since the record"
+        );
+        assert_eq!(p.idle_beyond(1, t0 + s(591), limit), Some(s(301)));
+        assert_eq!(p.idle_beyond(2, t0 + s(592), limit), None);
+        let r = serde_json::json!({"event": "result", "result": {"scenario": "dm-linear", "target": "ext4"}});
+        assert_eq!(last_said(&r), "the result of dm-linear/ext4");
+        assert_eq!(
+            last_said(&serde_json::json!({"event": "ready"})),
+            "its ready record"
+        );
+    }
 
     /// The oops header and call trace are kept, not only the panic that followed them.
     #[test]

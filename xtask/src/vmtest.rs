@@ -93,6 +93,9 @@ pub fn run(opts: &Options) -> Result<()> {
             let vm = guest.boot(&Boot {
                 append: &append,
                 timeout: Duration::from_secs(25 * 60),
+                // The longest scenario reports within ~1 min under TCG; a guest silent for
+                // 5 is stuck in the kernel (CI once waited 25 min on one).
+                stall: Some(Duration::from_secs(5 * 60)),
                 echo: opts.verbose,
                 dir: Some(dir),
                 hostfwd,

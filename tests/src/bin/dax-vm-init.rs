@@ -242,6 +242,7 @@ fn run_tests(env: &Env, cmdline: &str) {
             .find(|s| s.name == name)
             .expect("planned scenario");
         let t = Instant::now();
+        let mark = sys::kernel_log_mark();
         println!("[dax-vm] running {name}/{target}");
         let mut o: Outcome = scenarios::execute(s, env, target);
         if let serde_json::Value::Object(m) = &mut o.counts {
@@ -251,7 +252,7 @@ fn run_tests(env: &Env, cmdline: &str) {
         let rest = &plan[i + 1..];
         if !rest.is_empty()
             && scenarios::ISOLATED.contains(&(name, target))
-            && let Some(why) = nvdimm_bus_wedged(env)
+            && let Some(why) = nvdimm_bus_wedged(env, mark)
         {
             // Everything after it would wait on the bus; the host boots again for them.
             report::send(json!({
@@ -268,12 +269,17 @@ fn run_tests(env: &Env, cmdline: &str) {
     }
 }
 
-/// Whether the nvdimm bus still answers after a scenario that may wedge it (an xfs unbind
-/// that never finishes holds the bus's probe lock): reads a spare region's
-/// `available_size`, which waits for probes in flight, the way the next scenario's
-/// namespace creation would. `Some(why)` when a scenario saw an unbind never finish, or
-/// the read does not return within 10 s.
-fn nvdimm_bus_wedged(env: &Env) -> Option<String> {
+/// Whether the kernel can still run scenarios after one that may wedge it (an xfs unbind
+/// that never finishes holds the bus's probe lock; on 7.x a holder's exit after an unbind
+/// can oops, and an oops inside an RCU read-side section stalls RCU for good, so the next
+/// scenario would hang until the host's timeout). `Some(why)` when the kernel's log
+/// reports damage since `mark` (the scenario's start), a scenario saw an unbind never
+/// finish, or a spare region's `available_size` (which waits for probes in flight, the way
+/// the next scenario's namespace creation would) does not return within 10 s.
+fn nvdimm_bus_wedged(env: &Env, mark: f64) -> Option<String> {
+    if let Some(line) = sys::kernel_trouble_since(mark) {
+        return Some(format!("the kernel reported damage: {}", line.trim()));
+    }
     if pmem::bus_wedged() {
         return Some("an unbind in this boot never finished".into());
     }

@@ -270,7 +270,7 @@ fn unbind_with_holder(
             report::note(&format!(
                 "unbind of {} blocks with a live holder; kernel stacks: {}",
                 fs.dev.pfn_dev,
-                blocked_stacks(&[std::process::id(), p.pid])
+                sys::kernel_stacks(&[std::process::id(), p.pid])
             ));
             before_kill(p);
             report::note("holder's signal counts taken; killing it");
@@ -283,7 +283,7 @@ fn unbind_with_holder(
                         "the unbind of {} still blocks 30 s after its only holder was killed: \
                          the kernel is wedged; kernel stacks: {}",
                         fs.dev.pfn_dev,
-                        blocked_stacks(&[std::process::id(), p.pid])
+                        sys::kernel_stacks(&[std::process::id(), p.pid])
                     ));
                     pmem::mark_bus_wedged();
                     Ok(UnbindFate::Wedged)
@@ -291,42 +291,6 @@ fn unbind_with_holder(
             }
         }
     }
-}
-
-/// Kernel stacks of the threads of `pids` (state and innermost frames).
-fn blocked_stacks(pids: &[u32]) -> String {
-    let mut out = Vec::new();
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let dir = t.path();
-            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .next();
-            let stack = std::fs::read_to_string(dir.join("stack")).unwrap_or_default();
-            let frames: Vec<&str> = stack
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .take(12)
-                .collect();
-            if !frames.is_empty() {
-                out.push(format!(
-                    "{}[{}] {:?}: {}",
-                    pid,
-                    t.file_name().to_string_lossy(),
-                    state,
-                    frames.join(" < ")
-                ));
-            }
-        }
-    }
-    out.join(" | ")
 }
 
 /// A holder of a pulled device is left running: on kernels whose DAX pages are plain
@@ -369,7 +333,7 @@ pub fn unbind_enforce(env: &Env, t: Target) -> Result<Checked> {
     });
     let raw = std::fs::read(status)?;
     let last_read = u64::from_le_bytes(raw[0..8].try_into()?);
-    let out = m.stop()?;
+    let out = m.stop_unless_wedged(&[reader.id()])?;
     let sig = st.and_then(|s| s.signal());
     // On 7.x (DAX pages without devmap) a killed holder whose exit loses the race with the
     // unbind's freeing of the memmap oopses in the kernel and is never reaped: the kernel's
