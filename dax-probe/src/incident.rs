@@ -368,6 +368,7 @@ impl Incidents {
                     pages: len >> 12,
                     offsets: vec![(v.offset, v.offset + len)],
                     extents: None,
+                    probe_at: Vec::new(),
                     cgroup: None,
                     container: None,
                     pod_uid: None,

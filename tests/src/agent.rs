@@ -96,19 +96,16 @@ impl Monitor {
     }
 
     /// Ctrl-C the agent, wait for it, and return every JSON line it printed.
-    pub fn stop(self) -> Result<Output> {
-        self.stop_unless_wedged(&[])
-    }
-
-    /// Like [`Monitor::stop`], after a departure on a kernel where a signalled holder may
-    /// die in the kernel's teardown of its stale mapping (7.x). Such an oops can leave the
-    /// dying task inside an RCU read-side section: no grace period ends again, and the
-    /// agent's exit (its BPF links' release waits for one) never finishes. An agent still
-    /// running 30 s after SIGINT is taken as the kernel's doing only when the kernel's log
-    /// has both an oops of one of `signalled` and an RCU stall; its lines so far are
-    /// returned then (no summary, `exit_code` None), a fact is kept and the boot is marked
-    /// wedged so later scenarios run in a fresh one. Otherwise it is the agent's failure.
-    pub fn stop_unless_wedged(mut self, signalled: &[u32]) -> Result<Output> {
+    ///
+    /// On 7.x a holder signalled during an unbind can die in the kernel's teardown of its
+    /// stale mapping; when that oops leaves the task inside an RCU read-side section, no
+    /// grace period ends again and the agent's exit (its BPF links' release waits for one)
+    /// never finishes. An agent still running 30 s after SIGINT is taken as the kernel's
+    /// doing only when the kernel's log has both an oops of another process and an RCU
+    /// stall: its lines so far are returned then (no summary, `exit_code` None), a fact
+    /// is kept and the boot is marked wedged, so later scenarios run in a fresh one.
+    /// Otherwise it is the agent's failure, reported with its kernel stack.
+    pub fn stop(mut self) -> Result<Output> {
         let mut child = self.child.take().unwrap();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -120,29 +117,29 @@ impl Monitor {
         if let Some(s) = status {
             return self.read(s.code());
         }
-        let stacks = sys::kernel_stacks(&[child.id()]);
-        let oops = signalled
-            .iter()
-            .find_map(|&p| sys::oops_of(p).map(|o| (p, o)));
+        let me = child.id();
+        let stacks = sys::kernel_stacks(&[me]);
+        let oopsed = || sys::oopsed().into_iter().find(|(pid, _)| *pid != me);
+        let oops = oopsed();
         // The kernel reports a stall ~21 s after it began: give it that long past an oops.
         let stalled = sys::rcu_stalled()
             || (oops.is_some() && sys::wait_for(Duration::from_secs(30), sys::rcu_stalled));
         sys::end_child(&mut child, Duration::from_secs(5));
         match oops {
-            Some((pid, o)) if stalled => {
+            Some((pid, comm)) if stalled => {
                 crate::report::fact(
-                    "agent_exit_waits_on_rcu_stalled_by_holder_oops",
+                    "agent_exit_waits_on_rcu_stalled_by_an_oops",
                     serde_json::json!(format!(
-                        "holder {pid} oopsed in the kernel ({o}) and RCU stalled: the agent's \
-                         exit cannot finish; agent's kernel stack: {stacks}"
+                        "{comm} ({pid}) oopsed in the kernel and RCU stalled: the agent's exit \
+                         cannot finish; its kernel stack: {stacks}"
                     )),
                 );
                 crate::pmem::mark_bus_wedged();
                 self.read(None)
             }
             _ => bail!(
-                "agent ignored SIGINT for 30 s (kernel stack: {stacks}; oops of a signalled \
-                 holder: {oops:?}; RCU stall: {stalled})"
+                "agent ignored SIGINT for 30 s (kernel stack: {stacks}; another process's \
+                 oops: {oops:?}; RCU stall: {stalled})"
             ),
         }
     }

@@ -333,6 +333,35 @@ pub fn is_kernel_trouble(line: &str) -> bool {
     SIGNS.iter().any(|s| line.contains(s))
 }
 
+/// Every process the kernel log reports an oops in: (pid, comm) from the `PID: N Comm: X`
+/// line that follows an oops or BUG header.
+pub fn oopsed() -> Vec<(u32, String)> {
+    oopsed_in(&dmesg_tail(4000))
+}
+
+/// [`oopsed`] of the given kernel log lines: the first `PID: N Comm: X` after an oops or
+/// BUG header, before the report ends or another (a WARNING's) begins.
+pub fn oopsed_in(log: &[String]) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let mut in_oops = false;
+    for l in log {
+        if l.contains("BUG:") || l.contains("Oops:") {
+            in_oops = true;
+        } else if l.contains("cut here") || l.contains("WARNING:") || l.contains("end trace") {
+            in_oops = false;
+        } else if in_oops && let Some(rest) = l.split(" PID: ").nth(1) {
+            let mut words = rest.split_whitespace();
+            if let (Some(Ok(pid)), Some("Comm:"), Some(comm)) =
+                (words.next().map(str::parse), words.next(), words.next())
+            {
+                out.push((pid, comm.to_string()));
+                in_oops = false;
+            }
+        }
+    }
+    out
+}
+
 /// Whether the kernel log reports an RCU stall: no grace period ends any more, so every
 /// `synchronize_rcu` (a BPF link's release among them) waits for ever.
 pub fn rcu_stalled() -> bool {
@@ -456,11 +485,34 @@ mod tests {
         ];
         assert_eq!(printk_time(log[1]), Some(118.38408));
         assert_eq!(printk_time("no time"), None);
-        let trouble: Vec<&str> = log.iter().copied().filter(|l| is_kernel_trouble(l)).collect();
+        let trouble: Vec<&str> = log
+            .iter()
+            .copied()
+            .filter(|l| is_kernel_trouble(l))
+            .collect();
         assert_eq!(trouble, [log[1], log[3]]);
-        assert!(!is_kernel_trouble("<4>[ 1.0] WARNING: CPU: 0 PID: 1 at mm/memremap.c"));
+        assert!(!is_kernel_trouble(
+            "<4>[ 1.0] WARNING: CPU: 0 PID: 1 at mm/memremap.c"
+        ));
         assert!(is_kernel_trouble(
             "<3>[ 300.1] INFO: task dmsetup:412 blocked for more than 120 seconds."
         ));
+    }
+
+    /// The process an oops happened in, from the lines a 7.2 guest logged; a `PID:` line
+    /// with no oops header before it (a WARNING) names nobody.
+    #[test]
+    fn an_oops_names_its_process() {
+        let log: Vec<String> = [
+            "<1>[  100.213512] BUG: unable to handle page fault for address: fffff9344620c008",
+            "<1>[  100.213999] #PF: supervisor read access in kernel mode",
+            "<4>[  100.215406] CPU: 1 UID: 0 PID: 271 Comm: dax-workload Tainted: G W 7.2.13",
+            "<4>[  101.0] ------------[ cut here ]------------",
+            "<4>[  101.1] WARNING: CPU: 0 PID: 12 at mm/memremap.c:1 x",
+            "<4>[  101.2] CPU: 0 UID: 0 PID: 12 Comm: kworker/0:1 Not tainted",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(oopsed_in(&log), vec![(271, "dax-workload".to_string())]);
     }
 }

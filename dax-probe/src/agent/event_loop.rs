@@ -992,6 +992,7 @@ mod tests {
             file: Some("/mnt/xfs/db".into()),
             pages: 2,
             offsets: vec![(0, 8192)],
+            probe_at: Vec::new(),
             extents: Some(vec![RowExtent {
                 vaddr: 0x7f00_0000_0000,
                 pfn,

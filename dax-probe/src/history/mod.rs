@@ -168,6 +168,7 @@ pub fn stale_incidents(stale: &[crate::schema::Stale]) -> Vec<Incident> {
             pages: s.pages,
             offsets: vec![(s.vaddr_start, s.vaddr_end)],
             extents: None,
+            probe_at: Vec::new(),
             cgroup: None,
             container: None,
             pod_uid: None,

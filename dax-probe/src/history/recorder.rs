@@ -278,6 +278,7 @@ mod tests {
             pages: 1024,
             offsets: vec![(0, 4 << 20)],
             extents: None,
+            probe_at: Vec::new(),
             cgroup: None,
             container: None,
             pod_uid: None,

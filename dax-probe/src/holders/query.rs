@@ -177,6 +177,9 @@ pub fn select(map: &HolderMap, t: &Target) -> Vec<ExtentView> {
     }
 }
 
+/// How many addresses a row carries for the re-check (see [`HolderRow::probe_at`]).
+pub const PROBES: usize = 4;
+
 /// One holder of one file, as `holders` prints it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct HolderRow {
@@ -193,6 +196,11 @@ pub struct HolderRow {
     /// Every extent, when asked for (`--pages`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extents: Option<Vec<RowExtent>>,
+    /// Virtual addresses of the first page of up to [`PROBES`] held extents: where the
+    /// re-check before a signal looks first (one page-table entry or one vma each,
+    /// instead of the whole maps). Never printed; empty when not known (a recording).
+    #[serde(skip)]
+    pub probe_at: Vec<u64>,
     /// The process's cgroup path (/proc/PID/cgroup), when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
@@ -307,6 +315,7 @@ pub fn rows(map: &HolderMap, extents: &[ExtentView], with_extents: bool) -> Vec<
                         })
                         .collect()
                 }),
+                probe_at: vs.iter().take(PROBES).map(|v| v.vaddr).collect(),
                 cgroup: cg.map(|c| c.path.clone()),
                 container: cg.and_then(|c| c.container.clone()),
                 pod_uid: cg.and_then(|c| c.pod_uid.clone()),
@@ -410,6 +419,7 @@ pub(crate) mod tests {
             file: None,
             pages,
             offsets: vec![],
+            probe_at: Vec::new(),
             extents: Some(vec![RowExtent {
                 vaddr,
                 pfn,

@@ -40,6 +40,14 @@ pub trait Procfs {
     fn pagemap(&self, pid: u32) -> io::Result<Box<dyn PagemapSource + '_>>;
     /// (start time in clock ticks, comm).
     fn stat(&self, pid: u32) -> Option<(u64, String)>;
+    /// The vma of `pid` that covers `addr`, if any. The live procfs asks the kernel for that
+    /// one vma (`PROCMAP_QUERY`, 6.11+); the default reads every line of the maps.
+    fn vma_at(&self, pid: u32, addr: u64) -> io::Result<Option<Vma>> {
+        Ok(self
+            .maps(pid)?
+            .into_iter()
+            .find(|v| v.start <= addr && addr < v.end))
+    }
     /// The size of the regular file `pid` maps at `v` (through /proc/PID/map_files), if it
     /// can be read: no page past the end of a file is ever mapped, so no page table past it
     /// needs reading.
@@ -92,6 +100,22 @@ impl Procfs for LiveProc {
     fn maps(&self, pid: u32) -> io::Result<Vec<Vma>> {
         let text = std::fs::read_to_string(self.root.join(format!("{pid}/maps")))?;
         Ok(text.lines().filter_map(parse_maps_line).collect())
+    }
+
+    fn vma_at(&self, pid: u32, addr: u64) -> io::Result<Option<Vma>> {
+        use crate::proc::procmap::{Answer, vma_at};
+        let maps = std::fs::File::open(self.root.join(format!("{pid}/maps")))?;
+        match vma_at(&maps, addr)? {
+            Answer::Vma(v) => Ok(Some(v)),
+            Answer::None => Ok(None),
+            Answer::Unsupported => {
+                let text = std::io::read_to_string(maps)?;
+                Ok(text
+                    .lines()
+                    .filter_map(parse_maps_line)
+                    .find(|v| v.start <= addr && addr < v.end))
+            }
+        }
     }
 
     fn pagemap(&self, pid: u32) -> io::Result<Box<dyn PagemapSource + '_>> {
@@ -304,6 +328,36 @@ pub fn walk_range(proc: &dyn Procfs, pid: u32, v: &Vma) -> (u64, u64) {
         }
         None => (s, e),
     }
+}
+
+/// Does one of the pages of `pid` at `at` (virtual addresses the holder map says it holds)
+/// map a pfn in one of `ranges`? Reads those page-table entries only, no maps: the
+/// guard's first try; `false` sends it to [`maps_any_pfn`].
+pub fn pages_at_in_ranges(
+    proc: &dyn Procfs,
+    class: &Classifier,
+    pid: u32,
+    at: &[u64],
+    ranges: &[(u64, u64)],
+) -> io::Result<bool> {
+    if at.is_empty() {
+        return Ok(false);
+    }
+    let mut src = proc.pagemap(pid)?;
+    for &a in at {
+        let page = a >> 12;
+        let flow = visit_present(src.as_mut(), page, page + 1, |_, pfn| {
+            if ranges.iter().any(|&(s, e)| pfn >= s && pfn < e) && class.on_dax_device(pfn) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        if flow.is_break() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Does `pid` map any pfn in one of `ranges` (`[start, end)`)? Stops at the first page that

@@ -136,6 +136,10 @@ pub struct State {
     /// Page tables opened (/proc/PID/pagemap), by pid: a departure's re-check on a kernel
     /// without devmap DAX entries must open none.
     pub pagemap_opens: Vec<u32>,
+    /// Whole maps read (/proc/PID/maps), by pid.
+    pub maps_reads: Vec<u32>,
+    /// Single-vma queries (`PROCMAP_QUERY`), by pid.
+    pub vma_queries: Vec<u32>,
 }
 
 /// The fake machine. Clones share one state.
@@ -185,6 +189,26 @@ pub fn topology(mounts: &[&str]) -> Topology {
 }
 
 impl FakeOs {
+    /// The one vma a holder of the fake has: `/mnt/pmem0/file` over `PAGES` pages.
+    fn vmas(&self, pid: u32) -> io::Result<Vec<Vma>> {
+        let s = self.state.borrow();
+        let p = s.procs.get(&pid).ok_or(io::ErrorKind::NotFound)?;
+        Ok(if p.maps {
+            vec![Vma {
+                start: 0x7f00_0000_0000,
+                end: 0x7f00_0000_0000 + PAGES * 4096,
+                shared: true,
+                write: true,
+                offset: 0,
+                dev: p.file_dev,
+                ino: 12,
+                path: "/mnt/pmem0/file".into(),
+            }]
+        } else {
+            Vec::new()
+        })
+    }
+
     pub fn new(procs: &[(u32, FakeProc)], mounts: &[&str]) -> Self {
         let state = State {
             procs: procs.iter().cloned().collect(),
@@ -257,22 +281,16 @@ impl Procfs for FakeOs {
     }
 
     fn maps(&self, pid: u32) -> io::Result<Vec<Vma>> {
-        let s = self.state.borrow();
-        let p = s.procs.get(&pid).ok_or(io::ErrorKind::NotFound)?;
-        Ok(if p.maps {
-            vec![Vma {
-                start: 0x7f00_0000_0000,
-                end: 0x7f00_0000_0000 + PAGES * 4096,
-                shared: true,
-                write: true,
-                offset: 0,
-                dev: p.file_dev,
-                ino: 12,
-                path: "/mnt/pmem0/file".into(),
-            }]
-        } else {
-            Vec::new()
-        })
+        self.state.borrow_mut().maps_reads.push(pid);
+        self.vmas(pid)
+    }
+
+    fn vma_at(&self, pid: u32, addr: u64) -> io::Result<Option<Vma>> {
+        self.state.borrow_mut().vma_queries.push(pid);
+        Ok(self
+            .vmas(pid)?
+            .into_iter()
+            .find(|v| v.start <= addr && addr < v.end))
     }
 
     fn pagemap(&self, pid: u32) -> io::Result<Box<dyn PagemapSource + '_>> {

@@ -15,7 +15,11 @@ use super::{
     signal::Signal,
 };
 use crate::{
-    holders::{map::FileKey, query::HolderRow, scan::Classifier},
+    holders::{
+        map::FileKey,
+        query::{HolderRow, PROBES},
+        scan::Classifier,
+    },
     os::{AuditSink, Os},
     proc::cgroup::Container,
 };
@@ -62,6 +66,8 @@ struct Whom {
     pod_uid: Option<String>,
     /// Every file of the device it holds pages of, as the holder map says.
     held: Vec<Held>,
+    /// Addresses of some of those pages (the re-check looks there first).
+    at: Vec<u64>,
 }
 
 impl Whom {
@@ -74,6 +80,7 @@ impl Whom {
             container: h.container.clone(),
             pod_uid: h.pod_uid.clone(),
             held: vec![held_of(h)],
+            at: h.probe_at.clone(),
         }
     }
 
@@ -84,7 +91,11 @@ impl Whom {
         rows.sort_by(|a, b| (a.pid, a.start_time, &a.comm).cmp(&(b.pid, b.start_time, &b.comm)));
         for h in rows {
             match targets.last_mut() {
-                Some(t) if t.pid == h.pid => t.held.push(held_of(h)),
+                Some(t) if t.pid == h.pid => {
+                    t.held.push(held_of(h));
+                    let room = PROBES.saturating_sub(t.at.len());
+                    t.at.extend(h.probe_at.iter().take(room));
+                }
                 _ => targets.push(Whom::of(h)),
             }
         }
@@ -348,6 +359,7 @@ impl Enforcer {
                     start_time: w.start,
                     comm: &w.comm,
                     held: &w.held,
+                    at: &w.at,
                 };
                 match admit(&c, rule, scope, os, class) {
                     Err(refusal) => {

@@ -6,7 +6,7 @@ use super::config::Rule;
 use crate::{
     holders::{
         map::FileKey,
-        scan::{Classifier, Procfs, Vma, maps_any_pfn},
+        scan::{Classifier, Procfs, Vma, maps_any_pfn, pages_at_in_ranges},
     },
     os::{Os, PF_KTHREAD, Pidfd},
 };
@@ -48,6 +48,27 @@ impl Held {
         let (vs, ve) = (v.offset, v.offset + (v.end - v.start));
         same && self.offsets.iter().any(|&(s, e)| s < ve && e > vs)
     }
+}
+
+/// Does the vma of `pid` at one of `at` (addresses the holder map says it holds) map one
+/// of `held`? One `PROCMAP_QUERY` per address, no page table read; `false` sends the guard
+/// to [`maps_held`].
+fn held_at(
+    proc: &dyn Procfs,
+    class: &Classifier,
+    pid: u32,
+    device: &str,
+    held: &[Held],
+    at: &[u64],
+) -> std::io::Result<bool> {
+    for &a in at {
+        if let Some(v) = proc.vma_at(pid, a)?
+            && held.iter().any(|h| h.mapped_by(&v, device, class))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Does `pid` still map one of `held` (its maps only, no page table read)?
@@ -98,6 +119,8 @@ pub struct Candidate<'a> {
     pub comm: &'a str,
     /// What the holder map says it holds (for [`Proof::Mappings`]).
     pub held: &'a [Held],
+    /// Addresses of pages the holder map says it holds there: looked at first.
+    pub at: &'a [u64],
 }
 
 /// What a signal is about: the device, its pfn ranges, how a mapping of it is proven, and
@@ -143,10 +166,29 @@ pub fn admit<'o>(
     if rule.exclude.iter().any(|e| e.matches(c.pid, &comm)) {
         return Err(Refusal::Excluded);
     }
+    // First where the holder map says the pages are (one page-table entry, or one vma,
+    // per address); the whole maps only when that finds nothing, since a holder may have
+    // moved its mapping (mremap) since the map learned of it.
+    let proc = os.procfs();
     let maps = match scope.proof {
-        // The bounded reader stops at the first present page in the ranges.
-        Proof::PageTables => maps_any_pfn(os.procfs(), class, c.pid, scope.pfn_ranges),
-        Proof::Mappings => maps_held(os.procfs(), class, c.pid, scope.device, c.held),
+        Proof::PageTables => pages_at_in_ranges(proc, class, c.pid, c.at, scope.pfn_ranges)
+            .and_then(|hit| {
+                // The bounded reader stops at the first present page in the ranges.
+                if hit {
+                    Ok(true)
+                } else {
+                    maps_any_pfn(proc, class, c.pid, scope.pfn_ranges)
+                }
+            }),
+        Proof::Mappings => {
+            held_at(proc, class, c.pid, scope.device, c.held, c.at).and_then(|hit| {
+                if hit {
+                    Ok(true)
+                } else {
+                    maps_held(proc, class, c.pid, scope.device, c.held)
+                }
+            })
+        }
     };
     if !maps.map_err(|_| Refusal::Gone)? {
         return Err(Refusal::NoLongerMaps);
@@ -171,6 +213,18 @@ mod tests {
         comm: &str,
         rule: &Rule,
     ) -> Result<(), Refusal> {
+        admit_by_pages(os, pid, start_time, comm, rule, &[])
+    }
+
+    /// The page-table proof, looking at `at` first.
+    fn admit_by_pages(
+        os: &FakeOs,
+        pid: u32,
+        start_time: u64,
+        comm: &str,
+        rule: &Rule,
+        at: &[u64],
+    ) -> Result<(), Refusal> {
         let topo = topology(&["/mnt/pmem0"]);
         let class = Classifier { topology: &topo };
         let c = Candidate {
@@ -178,6 +232,7 @@ mod tests {
             start_time,
             comm,
             held: &[],
+            at,
         };
         let scope = Scope {
             device: "pmem0",
@@ -190,6 +245,10 @@ mod tests {
 
     /// The fake's holders map `/mnt/pmem0/file` (inode 12 on `DEV`) over `PAGES` pages.
     fn admit_by_maps(os: &FakeOs, pid: u32, held: &[Held]) -> Result<(), Refusal> {
+        admit_by_maps_at(os, pid, held, &[])
+    }
+
+    fn admit_by_maps_at(os: &FakeOs, pid: u32, held: &[Held], at: &[u64]) -> Result<(), Refusal> {
         let topo = topology(&["/mnt/pmem0"]);
         let class = Classifier { topology: &topo };
         let c = Candidate {
@@ -197,6 +256,7 @@ mod tests {
             start_time: 7,
             comm: "app",
             held,
+            at,
         };
         let scope = Scope {
             device: "pmem0",
@@ -212,6 +272,56 @@ mod tests {
             file: FileKey { dev: DEV, ino },
             offsets: vec![offsets],
         }
+    }
+
+    /// Where the fake's holders map their file.
+    const MAPPED: u64 = 0x7f00_0000_0000;
+
+    /// With an address the holder map knows, the page-table proof reads that one entry and
+    /// not the maps; an address that no longer holds a page of the device (the holder
+    /// moved it) falls back to the whole maps, and still proves or refuses by them.
+    #[test]
+    fn a_targeted_page_table_proof_reads_one_entry_and_no_maps() {
+        // 101 maps the file at the same address, but its pages lie past the device's.
+        let mut elsewhere = FakeProc::holder("sh", 8);
+        elsewhere.pfn_shift = END_PFN;
+        let os = FakeOs::new(
+            &[(100, FakeProc::holder("app", 7)), (101, elsewhere)],
+            &["/mnt/pmem0"],
+        );
+        let rule = Rule::default();
+        assert_eq!(
+            admit_by_pages(&os, 100, 7, "app", &rule, &[MAPPED + 4096]),
+            Ok(())
+        );
+        assert_eq!(os.state.borrow().maps_reads, Vec::<u32>::new());
+        assert_eq!(os.state.borrow().pagemap_opens, vec![100]);
+        // A stale address: the whole maps, then the walk, prove it.
+        assert_eq!(admit_by_pages(&os, 100, 7, "app", &rule, &[0x1000]), Ok(()));
+        assert_eq!(os.state.borrow().maps_reads, vec![100]);
+        // A present page at the address, but not the device's, nor anywhere: refused.
+        assert_eq!(
+            admit_by_pages(&os, 101, 8, "sh", &rule, &[MAPPED]),
+            Err(Refusal::NoLongerMaps)
+        );
+    }
+
+    /// The same for the proof by mappings: one vma query at the address, no maps read,
+    /// and the held file over held offsets is still what proves it.
+    #[test]
+    fn a_targeted_proof_by_mappings_asks_for_one_vma() {
+        let os = FakeOs::new(&[(100, FakeProc::holder("app", 7))], &["/mnt/pmem0"]);
+        let held12 = [held(12, (0, 4096))];
+        assert_eq!(admit_by_maps_at(&os, 100, &held12, &[MAPPED]), Ok(()));
+        assert_eq!(os.state.borrow().vma_queries, vec![100]);
+        assert_eq!(os.state.borrow().maps_reads, Vec::<u32>::new());
+        assert_eq!(os.state.borrow().pagemap_opens, Vec::<u32>::new());
+        // The vma there is another file than the one held: the maps decide, and refuse.
+        assert_eq!(
+            admit_by_maps_at(&os, 100, &[held(13, (0, 4096))], &[MAPPED]),
+            Err(Refusal::NoLongerMaps)
+        );
+        assert_eq!(os.state.borrow().maps_reads, vec![100]);
     }
 
     /// 7.2 oopsed in the agent's own pagemap read of a holder during a dm member's

@@ -1199,6 +1199,10 @@ mod tests {
             let mut enf = Enforcer::new(os.audit()).with_devmap(devmap);
             let dep = departure(&os, &topo);
             let before = os.state.borrow().pagemap_opens.len();
+            let (maps_before, vmas_before) = {
+                let s = os.state.borrow();
+                (s.maps_reads.len(), s.vma_queries.len())
+            };
             let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
             os.sleep(Duration::from_secs(2));
             let esc = escalate(&os, &mut enf, &class);
@@ -1213,10 +1217,16 @@ mod tests {
                 "devmap {devmap}"
             );
             let read = os.state.borrow().pagemap_opens.len() - before;
+            let s = os.state.borrow();
+            // Every proof looks where the holder map says the pages are: no whole maps.
+            assert_eq!(s.maps_reads.len() - maps_before, 0, "devmap {devmap}");
+            let vmas = s.vma_queries.len() - vmas_before;
             if devmap {
                 assert_eq!(read, 3, "two verdicts and one escalation from page tables");
+                assert_eq!(vmas, 0);
             } else {
                 assert_eq!(read, 0, "no page table read without devmap");
+                assert_eq!(vmas, 3, "one vma query per proof");
             }
         }
     }

@@ -253,6 +253,7 @@ mod tests {
             pages: 1,
             offsets: vec![(0, 4096)],
             extents: None,
+            probe_at: Vec::new(),
             cgroup: None,
             container: None,
             pod_uid: None,

@@ -333,7 +333,7 @@ pub fn unbind_enforce(env: &Env, t: Target) -> Result<Checked> {
     });
     let raw = std::fs::read(status)?;
     let last_read = u64::from_le_bytes(raw[0..8].try_into()?);
-    let out = m.stop_unless_wedged(&[reader.id()])?;
+    let out = m.stop()?;
     let sig = st.and_then(|s| s.signal());
     // On 7.x (DAX pages without devmap) a killed holder whose exit loses the race with the
     // unbind's freeing of the memmap oopses in the kernel and is never reaped: the kernel's

@@ -319,8 +319,6 @@ pub fn dm_unbind(env: &Env, kind: Kind) -> Result<Checked> {
             did.insert(p.pid, kernel_did(p, *addr, *len));
         }
     }
-    // Holders the audit log says the agent signalled.
-    let mut signalled: Vec<u32> = Vec::new();
     if enforce {
         // On 7.x a holder signalled after the member's memmap was freed dies in the
         // kernel's own teardown of its stale mapping (an oops, never reaped): the kernel's
@@ -358,7 +356,7 @@ pub fn dm_unbind(env: &Env, kind: Kind) -> Result<Checked> {
             deaths == want,
             format!("died of {deaths:?}, expected {want:?}"),
         );
-        signalled = records
+        let signalled: Vec<u32> = records
             .iter()
             .filter(|r| r["action"] == "signal")
             .filter_map(|r| r["pid"].as_u64().map(|p| p as u32))
@@ -378,7 +376,7 @@ pub fn dm_unbind(env: &Env, kind: Kind) -> Result<Checked> {
     let out = if fate == "blocked" {
         m.peek()?
     } else {
-        m.stop_unless_wedged(&signalled)?
+        m.stop()?
     };
     let dep = out.departing(&b.block);
     let listed: BTreeMap<u32, u64> = dep
