@@ -330,6 +330,25 @@ pub fn walk_range(proc: &dyn Procfs, pid: u32, v: &Vma) -> (u64, u64) {
     }
 }
 
+/// Is a page of `[vstart, vend)` (virtual page numbers) present at a DAX pfn in one of
+/// `ranges`? Stops at the first.
+fn present_in_ranges(
+    src: &mut dyn PagemapSource,
+    class: &Classifier,
+    vstart: u64,
+    vend: u64,
+    ranges: &[(u64, u64)],
+) -> io::Result<bool> {
+    let flow = visit_present(src, vstart, vend, |_, pfn| {
+        if ranges.iter().any(|&(s, e)| pfn >= s && pfn < e) && class.on_dax_device(pfn) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })?;
+    Ok(flow.is_break())
+}
+
 /// Does one of the pages of `pid` at `at` (virtual addresses the holder map says it holds)
 /// map a pfn in one of `ranges`? Reads those page-table entries only, no maps: the
 /// guard's first try; `false` sends it to [`maps_any_pfn`].
@@ -346,14 +365,7 @@ pub fn pages_at_in_ranges(
     let mut src = proc.pagemap(pid)?;
     for &a in at {
         let page = a >> 12;
-        let flow = visit_present(src.as_mut(), page, page + 1, |_, pfn| {
-            if ranges.iter().any(|&(s, e)| pfn >= s && pfn < e) && class.on_dax_device(pfn) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })?;
-        if flow.is_break() {
+        if present_in_ranges(src.as_mut(), class, page, page + 1, ranges)? {
             return Ok(true);
         }
     }
@@ -378,14 +390,7 @@ pub fn maps_any_pfn(
             None => pagemap.insert(proc.pagemap(pid)?),
         };
         let (s, e) = walk_range(proc, pid, &v);
-        let flow = visit_present(src.as_mut(), s, e, |_, pfn| {
-            if ranges.iter().any(|&(s, e)| pfn >= s && pfn < e) && class.on_dax_device(pfn) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })?;
-        if flow.is_break() {
+        if present_in_ranges(src.as_mut(), class, s, e, ranges)? {
             return Ok(true);
         }
     }
