@@ -119,8 +119,10 @@ impl Monitor {
         }
         let me = child.id();
         let stacks = sys::kernel_stacks(&[me]);
-        let oopsed = || sys::oopsed().into_iter().find(|(pid, _)| *pid != me);
-        let oops = oopsed();
+        let oops = sys::oopses()
+            .into_iter()
+            .find(|o| o.pid != me)
+            .map(|o| (o.pid, o.comm));
         // The kernel reports a stall ~21 s after it began: give it that long past an oops.
         let stalled = sys::rcu_stalled()
             || (oops.is_some() && sys::wait_for(Duration::from_secs(30), sys::rcu_stalled));

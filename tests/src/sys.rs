@@ -333,30 +333,61 @@ pub fn is_kernel_trouble(line: &str) -> bool {
     SIGNS.iter().any(|s| line.contains(s))
 }
 
-/// Every process the kernel log reports an oops in: (pid, comm) from the `PID: N Comm: X`
-/// line that follows an oops or BUG header.
-pub fn oopsed() -> Vec<(u32, String)> {
-    oopsed_in(&dmesg_tail(4000))
+/// One oops or BUG report of the kernel log: the process it happened in, and where (the
+/// text of its `RIP:` line, when it has one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Oops {
+    pub pid: u32,
+    pub comm: String,
+    pub rip: Option<String>,
 }
 
-/// [`oopsed`] of the given kernel log lines: the first `PID: N Comm: X` after an oops or
-/// BUG header, before the report ends or another (a WARNING's) begins.
+/// Every oops the kernel log reports.
+pub fn oopses() -> Vec<Oops> {
+    oopses_in(&dmesg_tail(4000))
+}
+
+/// Every process the kernel log reports an oops in: (pid, comm).
 pub fn oopsed_in(log: &[String]) -> Vec<(u32, String)> {
-    let mut out = Vec::new();
+    oopses_in(log)
+        .into_iter()
+        .map(|o| (o.pid, o.comm))
+        .collect()
+}
+
+/// The oopses of the given kernel log lines: the first `PID: N Comm: X` after an oops or
+/// BUG header, before the report ends or another (a WARNING's) begins, and the first
+/// `RIP:` line of the kernel's frame after it.
+pub fn oopses_in(log: &[String]) -> Vec<Oops> {
+    let mut out: Vec<Oops> = Vec::new();
     let mut in_oops = false;
+    // The report whose RIP line is still to come.
+    let mut open = false;
     for l in log {
         if l.contains("BUG:") || l.contains("Oops:") {
             in_oops = true;
+            open = false;
         } else if l.contains("cut here") || l.contains("WARNING:") || l.contains("end trace") {
             in_oops = false;
+            open = false;
         } else if in_oops && let Some(rest) = l.split(" PID: ").nth(1) {
             let mut words = rest.split_whitespace();
             if let (Some(Ok(pid)), Some("Comm:"), Some(comm)) =
                 (words.next().map(str::parse), words.next(), words.next())
             {
-                out.push((pid, comm.to_string()));
+                out.push(Oops {
+                    pid,
+                    comm: comm.to_string(),
+                    rip: None,
+                });
                 in_oops = false;
+                open = true;
             }
+        } else if open && let Some(rip) = l.split("RIP:").nth(1) {
+            if let Some(o) = out.last_mut() {
+                o.rip = Some(rip.trim().to_string());
+            }
+            open = false;
         }
     }
     out
@@ -375,23 +406,10 @@ pub fn rcu_stalled() -> bool {
 /// one: on 7.x a holder killed during an unbind can die in the kernel tearing its stale
 /// mapping down, and is then never reaped.
 pub fn oops_of(pid: u32) -> Option<String> {
-    let log = dmesg_tail(4000);
-    let me = format!(" PID: {pid} Comm: ");
-    let at = log.iter().position(|l| l.contains(&me))?;
-    // The oops header comes just before its CPU line.
-    let from = at.saturating_sub(6);
-    if !log[from..at]
-        .iter()
-        .any(|l| l.contains("Oops") || l.contains("BUG:"))
-    {
-        return None;
-    }
-    log[at..]
-        .iter()
-        .take(6)
-        .find(|l| l.contains("RIP:"))
-        .map(|l| l.split("RIP:").nth(1).unwrap_or("").trim().to_string())
-        .or_else(|| Some("an oops".into()))
+    oopses()
+        .into_iter()
+        .find(|o| o.pid == pid)
+        .map(|o| o.rip.unwrap_or_else(|| "an oops".into()))
 }
 
 /// Names of every BPF program loaded in the kernel (BPF_PROG_GET_NEXT_ID + GET_INFO), to
@@ -514,5 +532,14 @@ mod tests {
         .map(String::from)
         .to_vec();
         assert_eq!(oopsed_in(&log), vec![(271, "dax-workload".to_string())]);
+        let mut with_rip = log.clone();
+        with_rip.insert(
+            3,
+            "<4>[  100.2155] RIP: 0010:pagemap_pmd_range+0x1a/0x3c0".into(),
+        );
+        assert_eq!(
+            oopses_in(&with_rip)[0].rip.as_deref(),
+            Some("0010:pagemap_pmd_range+0x1a/0x3c0")
+        );
     }
 }

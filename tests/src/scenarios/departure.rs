@@ -293,6 +293,22 @@ fn unbind_with_holder(
     }
 }
 
+/// Whether a holder the agent signalled, not reaped (`reaped` false), died in the kernel's
+/// own teardown of its stale mapping: on 7.x (DAX pages without devmap) a holder whose exit
+/// loses the race with the unbind's freeing of the memmap oopses and is never reaped. The
+/// kernel's log says so of that very pid (the oops's `RIP:`, returned); a fact `fact` is
+/// kept. The caller still needs the agent's own record of its signal to that pid.
+pub(super) fn died_in_kernel(fact: &str, pid: u32, reaped: bool) -> Option<String> {
+    let o = (!reaped).then(|| sys::oops_of(pid)).flatten()?;
+    report::fact(
+        fact,
+        json!(format!(
+            "the kernel oopsed tearing the signalled holder down: {o}"
+        )),
+    );
+    Some(o)
+}
+
 /// A holder of a pulled device is left running: on kernels whose DAX pages are plain
 /// folios (7.x), tearing down such a stale mapping touches the freed memmap and oopses the
 /// kernel (the agent's `audit` finds these processes instead). The VM powers off at the end.
@@ -338,19 +354,11 @@ pub fn unbind_enforce(env: &Env, t: Target) -> Result<Checked> {
     // On 7.x (DAX pages without devmap) a killed holder whose exit loses the race with the
     // unbind's freeing of the memmap oopses in the kernel and is never reaped: the kernel's
     // log then says so, and that the signal got it there (`get_signal` → `do_group_exit`).
-    let oops = if st.is_none() {
-        sys::oops_of(reader.id())
-    } else {
-        None
-    };
-    if let Some(o) = &oops {
-        report::fact(
-            "unbind_enforce_killed_holder_exit",
-            json!(format!(
-                "the kernel oopsed tearing the killed holder down: {o}"
-            )),
-        );
-    }
+    let oops = died_in_kernel(
+        "unbind_enforce_killed_holder_exit",
+        reader.id(),
+        st.is_some(),
+    );
     let delivered = out
         .enforcement()
         .any(|a| a.pid == reader.id() && a.action == "signal");

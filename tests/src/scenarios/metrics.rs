@@ -25,7 +25,7 @@ use crate::{
     agent::{Monitor, run_once},
     pmem,
     puppet::{Huge, Puppet},
-    report, sys,
+    sys,
     truth::kernel_pages,
 };
 
@@ -406,22 +406,11 @@ pub fn run(env: &Env) -> Result<Checked> {
     // teardown of its stale mapping (an oops, never reaped): then the kernel's log must
     // say so of this very process, and the agent's line must show its SIGKILL to it.
     let sig = st.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s));
-    let oops = if st.is_none() {
-        sys::oops_of(p.pid)
-    } else {
-        None
-    };
+    let oops =
+        super::departure::died_in_kernel("metrics_enforce_killed_holder_exit", p.pid, st.is_some());
     let killed_by_agent = out
         .enforcement()
         .any(|a| a.pid == p.pid && a.signal.as_deref() == Some("SIGKILL"));
-    if let Some(o) = &oops {
-        report::fact(
-            "metrics_enforce_killed_holder_exit",
-            json!(format!(
-                "the kernel oopsed tearing the killed holder down: {o}"
-            )),
-        );
-    }
     check(
         "the holder died of the policy's SIGKILL (or, the kernel's log says, of it in the \
          kernel's own teardown)",

@@ -336,14 +336,13 @@ pub fn dm_unbind(env: &Env, kind: Kind) -> Result<Checked> {
         for (pid, d) in deaths.iter_mut() {
             if d.is_none()
                 && term_sent_to(*pid)
-                && let Some(o) = sys::oops_of(*pid)
-            {
-                report::fact(
+                && super::departure::died_in_kernel(
                     &format!("dm_{}_ext4_enforce_killed_holder_exit", kind.name()),
-                    json!(format!(
-                        "the kernel oopsed tearing the signalled holder down: {o}"
-                    )),
-                );
+                    *pid,
+                    false,
+                )
+                .is_some()
+            {
                 *d = Some(libc::SIGTERM);
             }
         }
