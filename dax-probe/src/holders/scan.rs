@@ -31,6 +31,13 @@ pub struct Vma {
     pub path: String,
 }
 
+impl Vma {
+    /// Does this vma cover the virtual address `addr`?
+    pub fn covers(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+}
+
 /// What procfs offers the scanner.
 pub trait Procfs {
     fn pids(&self) -> Vec<u32>;
@@ -43,10 +50,7 @@ pub trait Procfs {
     /// The vma of `pid` that covers `addr`, if any. The live procfs asks the kernel for that
     /// one vma (`PROCMAP_QUERY`, 6.11+); the default reads every line of the maps.
     fn vma_at(&self, pid: u32, addr: u64) -> io::Result<Option<Vma>> {
-        Ok(self
-            .maps(pid)?
-            .into_iter()
-            .find(|v| v.start <= addr && addr < v.end))
+        Ok(self.maps(pid)?.into_iter().find(|v| v.covers(addr)))
     }
     /// The size of the regular file `pid` maps at `v` (through /proc/PID/map_files), if it
     /// can be read: no page past the end of a file is ever mapped, so no page table past it
@@ -113,7 +117,7 @@ impl Procfs for LiveProc {
                 Ok(text
                     .lines()
                     .filter_map(parse_maps_line)
-                    .find(|v| v.start <= addr && addr < v.end))
+                    .find(|v| v.covers(addr)))
             }
         }
     }

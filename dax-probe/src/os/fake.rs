@@ -287,10 +287,7 @@ impl Procfs for FakeOs {
 
     fn vma_at(&self, pid: u32, addr: u64) -> io::Result<Option<Vma>> {
         self.state.borrow_mut().vma_queries.push(pid);
-        Ok(self
-            .vmas(pid)?
-            .into_iter()
-            .find(|v| v.start <= addr && addr < v.end))
+        Ok(self.vmas(pid)?.into_iter().find(|v| v.covers(addr)))
     }
 
     fn pagemap(&self, pid: u32) -> io::Result<Box<dyn PagemapSource + '_>> {

@@ -85,6 +85,29 @@ fn maps_held(
         .any(|v| held.iter().any(|h| h.mapped_by(v, device, class))))
 }
 
+/// Does the candidate map the device, as `scope.proof` proves it? First where the holder
+/// map says the pages are (one page-table entry, or one vma, per address); the whole maps
+/// only when that finds nothing, since a holder may have moved its mapping (mremap) since
+/// the map learned of it. The page-table walk stops at the first present page in the
+/// ranges.
+fn proven(
+    c: &Candidate,
+    scope: Scope,
+    proc: &dyn Procfs,
+    class: &Classifier,
+) -> std::io::Result<bool> {
+    Ok(match scope.proof {
+        Proof::PageTables => {
+            pages_at_in_ranges(proc, class, c.pid, c.at, scope.pfn_ranges)?
+                || maps_any_pfn(proc, class, c.pid, scope.pfn_ranges)?
+        }
+        Proof::Mappings => {
+            held_at(proc, class, c.pid, scope.device, c.held, c.at)?
+                || maps_held(proc, class, c.pid, scope.device, c.held)?
+        }
+    })
+}
+
 /// Why a process was not signalled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -166,31 +189,7 @@ pub fn admit<'o>(
     if rule.exclude.iter().any(|e| e.matches(c.pid, &comm)) {
         return Err(Refusal::Excluded);
     }
-    // First where the holder map says the pages are (one page-table entry, or one vma,
-    // per address); the whole maps only when that finds nothing, since a holder may have
-    // moved its mapping (mremap) since the map learned of it.
-    let proc = os.procfs();
-    let maps = match scope.proof {
-        Proof::PageTables => pages_at_in_ranges(proc, class, c.pid, c.at, scope.pfn_ranges)
-            .and_then(|hit| {
-                // The bounded reader stops at the first present page in the ranges.
-                if hit {
-                    Ok(true)
-                } else {
-                    maps_any_pfn(proc, class, c.pid, scope.pfn_ranges)
-                }
-            }),
-        Proof::Mappings => {
-            held_at(proc, class, c.pid, scope.device, c.held, c.at).and_then(|hit| {
-                if hit {
-                    Ok(true)
-                } else {
-                    maps_held(proc, class, c.pid, scope.device, c.held)
-                }
-            })
-        }
-    };
-    if !maps.map_err(|_| Refusal::Gone)? {
+    if !proven(c, scope, os.procfs(), class).map_err(|_| Refusal::Gone)? {
         return Err(Refusal::NoLongerMaps);
     }
     Ok(fd)
