@@ -376,6 +376,7 @@ impl Flow {
     pub fn start_scan(&mut self, k: &mut dyn KernelMaps) {
         self.state.applier.reconcile(&self.state.topology);
         self.state.applier.stats = Default::default();
+        self.sync_pins();
         self.push_watch(k);
         self.update_guard(k);
     }
@@ -524,6 +525,7 @@ impl Flow {
         }
         let resyncs = self.state.applier.stats.resyncs;
         self.state.applier.apply(&ev, &self.state.topology);
+        self.pin_new_holders(&ev);
         self.push_watch(k);
         self.update_guard(k);
         if matches!(
@@ -541,6 +543,46 @@ impl Flow {
                 self.pending_out.push(line);
             }
             self.pending_out.extend(Line::from_event(ev));
+        }
+    }
+
+    /// Pins the processes a fault or a fork made holders (an enforcing agent only): a
+    /// departure then opens nothing for them. One lookup per event for a process already
+    /// pinned.
+    fn pin_new_holders(&mut self, ev: &Event) {
+        let Some(enf) = self.enforcer.as_mut() else {
+            return;
+        };
+        let pids = match ev {
+            Event::Fault(f) => [Some(f.tgid), None],
+            Event::Fork(f) => [Some(f.child_tgid), Some(f.parent_tgid)],
+            _ => return,
+        };
+        let map = &self.state.applier.map;
+        if enf.pins.len() >= enf.pins.cap() {
+            // Full: first close the pins of processes that are holders no more.
+            enf.pins
+                .retain(|pid, start| map.start_time_of(pid) == Some(start));
+        }
+        for pid in pids.into_iter().flatten() {
+            if let Some(start) = map.start_time_of(pid) {
+                enf.pins.pin(self.os.as_ref(), pid, start);
+            }
+        }
+    }
+
+    /// One pin per holder process of the map, and none for anyone else (an enforcing agent
+    /// only): at start, after the start-up scan, and on every reconcile, which may find
+    /// holders no event told of.
+    pub fn sync_pins(&mut self) {
+        let Some(enf) = self.enforcer.as_mut() else {
+            return;
+        };
+        let map = &self.state.applier.map;
+        enf.pins
+            .retain(|pid, start| map.start_time_of(pid) == Some(start));
+        for (pid, start) in map.processes() {
+            enf.pins.pin(self.os.as_ref(), pid, start);
         }
     }
 
@@ -663,6 +705,7 @@ impl Flow {
         self.flush(out)?;
         self.state.forget_gone();
         let (missing, extra) = self.state.applier.reconcile(&self.state.topology);
+        self.sync_pins();
         self.push_watch(k);
         self.update_guard(k);
         if missing + extra > 0 {
@@ -1490,6 +1533,43 @@ mod tests {
             };
             assert_eq!(t, gone);
         }
+    }
+
+    /// An enforcing agent pins every holder: those of the start-up scan, and each process
+    /// a fault makes one (once); a holder gone is unpinned by the next reconcile.
+    #[test]
+    fn holders_are_pinned_as_they_appear_and_unpinned_when_gone() {
+        use crate::os::fake::{Call, FakeOs, FakeProc};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, recorded, mut k) = flow(dir.path());
+        let os = FakeOs::new(
+            &[
+                (150, FakeProc::holder("db", 1150)),
+                (160, FakeProc::holder("db", 1160)),
+            ],
+            &["/mnt/xfs"],
+        );
+        f.os = Box::new(os.clone());
+        f.sync_pins();
+        let pinned = |f: &Flow, pid: u32| {
+            let pins = &f.enforcer.as_ref().unwrap().pins;
+            pins.get(pid, 1000 + pid as u64).is_some()
+        };
+        assert!(pinned(&f, 150) && !pinned(&f, 160));
+        recorded
+            .borrow_mut()
+            .replace_all(&[row(150, PFN0), row(160, PFN0 + 2)]);
+        f.handle_event(fault(160, PFN0 + 2), &mut k);
+        f.handle_event(fault(160, PFN0 + 3), &mut k);
+        assert!(pinned(&f, 160));
+        let opens = os.log().iter().filter(|c| **c == Call::Pin(160)).count();
+        assert_eq!(opens, 1, "{:?}", os.log());
+        // 150 exits.
+        os.state.borrow_mut().procs.remove(&150);
+        recorded.borrow_mut().replace_all(&[row(160, PFN0 + 2)]);
+        f.reconcile("periodic", &mut k, &mut |_| Ok(())).unwrap();
+        assert!(!pinned(&f, 150) && pinned(&f, 160));
+        assert_eq!(f.enforcer.as_ref().unwrap().pins.len(), 1);
     }
 
     #[test]

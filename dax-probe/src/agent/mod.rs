@@ -124,6 +124,8 @@ impl Agent {
                 .ok()
         });
         let mut enforcer = if opts.enforce {
+            // Holders are pinned (three descriptors each) as they appear.
+            crate::policy::pins::raise_open_file_limit();
             let log = AuditLog::open(&opts.audit_log).map_err(|e| {
                 Failure::new(
                     Code::Config,

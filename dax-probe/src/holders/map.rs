@@ -270,6 +270,26 @@ impl HolderMap {
         self.by_tgid.get(&tgid).copied()
     }
 
+    /// The start time of process `tgid` as the map knows it (named holder or sharer).
+    pub fn start_time_of(&self, tgid: u32) -> Option<u64> {
+        let h = self.info(self.holder_of(tgid)?)?;
+        if h.tgid == tgid {
+            return Some(h.start_time);
+        }
+        h.sharers
+            .iter()
+            .find(|p| p.tgid == tgid)
+            .map(|p| p.start_time)
+    }
+
+    /// Every process holding pages, with its start time.
+    pub fn processes(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.holders().flat_map(|(_, h)| {
+            std::iter::once((h.tgid, h.start_time))
+                .chain(h.sharers.iter().map(|p| (p.tgid, p.start_time)))
+        })
+    }
+
     pub fn info(&self, id: HolderId) -> Option<&Holder> {
         self.holders.get(id as usize)?.as_ref()
     }

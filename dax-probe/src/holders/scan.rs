@@ -13,7 +13,7 @@ use std::{
 
 use super::map::{F_HUGE, F_SHARED, FileKey, Run};
 use crate::{
-    proc::pagemap::{LivePagemap, PagemapSource, visit_present},
+    proc::pagemap::{LivePagemap, PM_PFN_MASK, PM_PRESENT, PagemapSource, visit_present},
     topology::{DaxOption, DevId, Mode, Topology},
 };
 
@@ -334,6 +334,11 @@ pub fn walk_range(proc: &dyn Procfs, pid: u32, v: &Vma) -> (u64, u64) {
     }
 }
 
+/// Is `pfn` in one of `ranges`, on a DAX device?
+fn of_ranges(pfn: u64, class: &Classifier, ranges: &[(u64, u64)]) -> bool {
+    ranges.iter().any(|&(s, e)| pfn >= s && pfn < e) && class.on_dax_device(pfn)
+}
+
 /// Is a page of `[vstart, vend)` (virtual page numbers) present at a DAX pfn in one of
 /// `ranges`? Stops at the first.
 fn present_in_ranges(
@@ -344,7 +349,7 @@ fn present_in_ranges(
     ranges: &[(u64, u64)],
 ) -> io::Result<bool> {
     let flow = visit_present(src, vstart, vend, |_, pfn| {
-        if ranges.iter().any(|&(s, e)| pfn >= s && pfn < e) && class.on_dax_device(pfn) {
+        if of_ranges(pfn, class, ranges) {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
@@ -353,23 +358,21 @@ fn present_in_ranges(
     Ok(flow.is_break())
 }
 
-/// Does one of the pages of `pid` at `at` (virtual addresses the holder map says it holds)
-/// map a pfn in one of `ranges`? Reads those page-table entries only, no maps: the
-/// guard's first try; `false` sends it to [`maps_any_pfn`].
+/// Does one of the pages at `at` (virtual addresses the holder map says the process holds)
+/// map a pfn in one of `ranges`, as its page tables `src` say? One entry read per address
+/// and no maps: the guard's first try; `false` sends it to [`maps_any_pfn`].
 pub fn pages_at_in_ranges(
-    proc: &dyn Procfs,
+    src: &mut dyn PagemapSource,
     class: &Classifier,
-    pid: u32,
     at: &[u64],
     ranges: &[(u64, u64)],
 ) -> io::Result<bool> {
-    if at.is_empty() {
-        return Ok(false);
-    }
-    let mut src = proc.pagemap(pid)?;
     for &a in at {
-        let page = a >> 12;
-        if present_in_ranges(src.as_mut(), class, page, page + 1, ranges)? {
+        let mut entry = [0u64];
+        src.read(a >> 12, &mut entry)?;
+        let pfn = entry[0] & PM_PFN_MASK;
+        // pfn 0 is what the kernel reports to the unprivileged: unknown, never pfn 0.
+        if entry[0] & PM_PRESENT != 0 && pfn != 0 && of_ranges(pfn, class, ranges) {
             return Ok(true);
         }
     }

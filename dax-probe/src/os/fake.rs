@@ -12,10 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{AuditSink, Fence, FenceArm, Os, Pidfd};
+use super::{AuditSink, Fence, FenceArm, Os, Pidfd, Pinned};
 use crate::{
     holders::scan::{Procfs, Vma},
-    policy::{audit::Record, signal::Signal},
+    policy::{audit::Record, guard::Proof, signal::Signal},
     proc::pagemap::PagemapSource,
     topology::{DaxOption, DevId, Mode, Mount, Namespace, PhysRange, Topology},
 };
@@ -45,6 +45,8 @@ pub enum Call {
     Fence(DevId, FenceArm),
     Unfence(DevId),
     PidfdOpen(u32),
+    /// A holder pinned ([`Os::pin`]).
+    Pin(u32),
     /// A signal delivered, and when (fake time since the start).
     Signal {
         pid: u32,
@@ -140,6 +142,10 @@ pub struct State {
     pub maps_reads: Vec<u32>,
     /// Single-vma queries (`PROCMAP_QUERY`), by pid.
     pub vma_queries: Vec<u32>,
+    /// stat reads by pid through /proc/PID/stat opened afresh ([`Os::identity`]).
+    pub stat_opens: Vec<u32>,
+    /// Reads through a pin (its stat, pagemap or maps), by pid.
+    pub pin_reads: Vec<u32>,
 }
 
 /// The fake machine. Clones share one state.
@@ -191,22 +197,7 @@ pub fn topology(mounts: &[&str]) -> Topology {
 impl FakeOs {
     /// The one vma a holder of the fake has: `/mnt/pmem0/file` over `PAGES` pages.
     fn vmas(&self, pid: u32) -> io::Result<Vec<Vma>> {
-        let s = self.state.borrow();
-        let p = s.procs.get(&pid).ok_or(io::ErrorKind::NotFound)?;
-        Ok(if p.maps {
-            vec![Vma {
-                start: 0x7f00_0000_0000,
-                end: 0x7f00_0000_0000 + PAGES * 4096,
-                shared: true,
-                write: true,
-                offset: 0,
-                dev: p.file_dev,
-                ino: 12,
-                path: "/mnt/pmem0/file".into(),
-            }]
-        } else {
-            Vec::new()
-        })
+        vmas_in(&self.state.borrow(), pid)
     }
 
     pub fn new(procs: &[(u32, FakeProc)], mounts: &[&str]) -> Self {
@@ -234,7 +225,7 @@ impl FakeOs {
     pub fn actions(&self) -> Vec<Call> {
         self.log()
             .into_iter()
-            .filter(|c| !matches!(c, Call::PidfdOpen(_)))
+            .filter(|c| !matches!(c, Call::PidfdOpen(_) | Call::Pin(_)))
             .collect()
     }
 
@@ -358,12 +349,90 @@ impl Pidfd for FakePidfd {
     }
 }
 
+/// The vmas of `pid`: its one mapping of `/mnt/pmem0/file`, or none.
+fn vmas_in(s: &State, pid: u32) -> io::Result<Vec<Vma>> {
+    let p = s.procs.get(&pid).ok_or(io::ErrorKind::NotFound)?;
+    Ok(if p.maps {
+        vec![Vma {
+            start: 0x7f00_0000_0000,
+            end: 0x7f00_0000_0000 + PAGES * 4096,
+            shared: true,
+            write: true,
+            offset: 0,
+            dev: p.file_dev,
+            ino: 12,
+            path: "/mnt/pmem0/file".into(),
+        }]
+    } else {
+        Vec::new()
+    })
+}
+
+/// A fake pin: the process at `pid` started at `start_time`, and no other.
+struct FakePinned {
+    state: Rc<RefCell<State>>,
+    pid: u32,
+    start_time: u64,
+}
+
+impl FakePinned {
+    /// The pinned process, when it still holds its pid; the read is counted.
+    fn alive(&self) -> Option<FakeProc> {
+        let mut s = self.state.borrow_mut();
+        s.pin_reads.push(self.pid);
+        s.procs
+            .get(&self.pid)
+            .filter(|p| p.start_time == self.start_time)
+            .cloned()
+    }
+}
+
+impl Pidfd for FakePinned {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    fn send(&self, sig: Signal) -> io::Result<()> {
+        FakePidfd {
+            state: self.state.clone(),
+            pid: self.pid,
+            start_time: self.start_time,
+        }
+        .send(sig)
+    }
+}
+
+impl Pinned for FakePinned {
+    fn identity(&self) -> Option<(u64, String, u64)> {
+        self.alive().map(|p| (p.start_time, p.comm, p.flags))
+    }
+
+    fn pagemap(&self) -> Option<Box<dyn PagemapSource + '_>> {
+        let p = self.alive()?;
+        let mm = p.mm_of.unwrap_or(self.pid);
+        let s = self.state.borrow();
+        let shift = s.procs.get(&mm).map_or(p.pfn_shift, |o| o.pfn_shift);
+        Some(Box::new(FakePagemap {
+            pid: mm,
+            maps: p.maps,
+            shift,
+        }))
+    }
+
+    fn vma_at(&self, addr: u64) -> io::Result<Option<Vma>> {
+        self.alive().ok_or(io::ErrorKind::NotFound)?;
+        Ok(vmas_in(&self.state.borrow(), self.pid)?
+            .into_iter()
+            .find(|v| v.covers(addr)))
+    }
+}
+
 impl Os for FakeOs {
     fn procfs(&self) -> &dyn Procfs {
         self
     }
 
     fn identity(&self, pid: u32) -> Option<(u64, String, u64)> {
+        self.state.borrow_mut().stat_opens.push(pid);
         let (start, comm) = self.stat(pid)?;
         let flags = self.state.borrow().procs.get(&pid).map_or(0, |p| p.flags);
         Some((start, comm, flags))
@@ -388,6 +457,25 @@ impl Os for FakeOs {
             state: self.state.clone(),
             pid,
             start_time,
+        }))
+    }
+
+    /// The pid as it is after the open: a pid recycled on open is pinned as the new
+    /// process, whose start time the caller then refuses.
+    fn pin(&self, pid: u32, _proof: Proof) -> io::Result<Box<dyn Pinned>> {
+        let mut s = self.state.borrow_mut();
+        s.log.push(Call::Pin(pid));
+        let p = s
+            .procs
+            .get_mut(&pid)
+            .ok_or(io::Error::from_raw_os_error(libc::ESRCH))?;
+        if let Some(new) = p.recycled_on_open.take() {
+            p.start_time = new;
+        }
+        Ok(Box::new(FakePinned {
+            state: self.state.clone(),
+            pid,
+            start_time: p.start_time,
         }))
     }
 

@@ -2,20 +2,24 @@
 //! and the audit file.
 
 use std::{
+    fs::File,
     io,
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use super::{AuditSink, Fence, FenceArm, Os, Pidfd};
+use super::{AuditSink, Fence, FenceArm, Os, Pidfd, Pinned};
 use crate::{
-    holders::scan::{LiveProc, Procfs},
+    holders::scan::{LiveProc, Procfs, Vma},
     policy::{
         audit::{AuditLog, Record},
+        guard::Proof,
         signal::{PidFd, Signal},
     },
     privilege,
     probe::Session,
+    proc::pagemap::{LivePagemap, PagemapSource},
     topology::{DevId, Mount, read_mounts},
 };
 
@@ -62,6 +66,24 @@ impl Os for LiveOs {
 
     fn pidfd_open(&self, pid: u32) -> io::Result<Box<dyn Pidfd + '_>> {
         Ok(Box::new(PidFd::open(pid)?))
+    }
+
+    fn pin(&self, pid: u32, proof: Proof) -> io::Result<Box<dyn Pinned>> {
+        // The pidfd first: whatever opens after it and reads as the process it pinned
+        // (the caller checks the start time) is that process's.
+        let pidfd = PidFd::open(pid)?;
+        let dir = self.proc.root.join(pid.to_string());
+        let stat = File::open(dir.join("stat"))?;
+        let tables = File::open(dir.join(match proof {
+            Proof::PageTables => "pagemap",
+            Proof::Mappings => "maps",
+        }))?;
+        Ok(Box::new(LivePinned {
+            pidfd,
+            stat,
+            tables,
+            proof,
+        }))
     }
 
     fn write_sysfs(&self, path: &Path, value: &str) -> io::Result<()> {
@@ -133,6 +155,54 @@ pub fn parse_stat_flags(text: &str) -> Option<u64> {
     text[close + 1..].split_whitespace().nth(6)?.parse().ok()
 }
 
+/// A holder pinned by [`LiveOs::pin`]. procfs files opened on a process answer for that
+/// process only (its `struct pid` and, for pagemap and maps, its address space, taken at
+/// open): its stat reads fail once it is gone, whatever took its pid since.
+struct LivePinned {
+    pidfd: PidFd,
+    stat: File,
+    /// Its pagemap (page-table proof) or its maps (mappings proof).
+    tables: File,
+    proof: Proof,
+}
+
+impl Pidfd for LivePinned {
+    fn pid(&self) -> u32 {
+        self.pidfd.pid
+    }
+    fn send(&self, sig: Signal) -> io::Result<()> {
+        self.pidfd.send(sig)
+    }
+}
+
+impl Pinned for LivePinned {
+    fn identity(&self) -> Option<(u64, String, u64)> {
+        // A seq_file read at offset 0 shows the file afresh.
+        let mut buf = [0u8; 1024];
+        let n = self.stat.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        let (start, comm) = crate::holders::scan::parse_stat(text)?;
+        Some((start, comm, parse_stat_flags(text).unwrap_or(0)))
+    }
+
+    fn pagemap(&self) -> Option<Box<dyn PagemapSource + '_>> {
+        (self.proof == Proof::PageTables)
+            .then(|| Box::new(LivePagemap::over(&self.tables)) as Box<dyn PagemapSource + '_>)
+    }
+
+    fn vma_at(&self, addr: u64) -> io::Result<Option<Vma>> {
+        use crate::proc::procmap::{Answer, vma_at};
+        if self.proof != Proof::Mappings {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        match vma_at(&self.tables, addr)? {
+            Answer::Vma(v) => Ok(Some(v)),
+            Answer::None => Ok(None),
+            Answer::Unsupported => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+}
+
 impl Pidfd for PidFd {
     fn pid(&self) -> u32 {
         self.pid
@@ -189,6 +259,52 @@ impl AuditSink for AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On this machine's kernel: a pin reads its process through the files it opened (its
+    /// start time and comm, the vma at an address its maps list), signals it through its
+    /// pidfd, and reads nothing once the process is gone.
+    #[test]
+    fn a_pin_reads_and_signals_its_process_until_it_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // exec'd when its maps name the binary
+        let mut maps = String::new();
+        for _ in 0..200 {
+            maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            if maps.contains("sleep") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let os = LiveOs::new(Path::new("/"));
+        let start = os.identity(pid).unwrap().0;
+        let pin = os.pin(pid, Proof::Mappings).unwrap();
+        let (s, comm, flags) = pin.identity().unwrap();
+        assert_eq!(
+            (s, comm.as_str(), flags & super::super::PF_KTHREAD),
+            (start, "sleep", 0)
+        );
+        let first = maps
+            .lines()
+            .filter_map(crate::holders::scan::parse_maps_line)
+            .next()
+            .unwrap();
+        match pin.vma_at(first.start) {
+            Ok(v) => assert_eq!(v, Some(first)),
+            // Before 6.11 the kernel has no PROCMAP_QUERY: the guard reads the maps.
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
+        }
+        assert!(pin.pagemap().is_none(), "pinned for the mappings proof");
+        pin.send(Signal(libc::SIGKILL)).unwrap();
+        child.wait().unwrap();
+        assert_eq!(pin.identity(), None, "gone and reaped");
+        assert!(pin.send(Signal(libc::SIGKILL)).is_err());
+        let tables = os.pin(std::process::id(), Proof::PageTables).unwrap();
+        assert!(tables.pagemap().is_some());
+    }
 
     #[test]
     fn stat_flags_after_an_awkward_comm() {

@@ -23,8 +23,9 @@ use std::{
 };
 
 use crate::{
-    holders::scan::Procfs,
-    policy::{audit::Record, config::Exclusion, signal::Signal},
+    holders::scan::{Procfs, Vma},
+    policy::{audit::Record, config::Exclusion, guard::Proof, signal::Signal},
+    proc::pagemap::PagemapSource,
     topology::{DevId, Mount},
 };
 
@@ -40,6 +41,24 @@ pub trait Pidfd {
     fn send(&self, sig: Signal) -> io::Result<()>;
 }
 
+/// A holder opened once, when it became one: a pidfd and, opened after it, the files a
+/// departure re-reads (its stat, and its pagemap or maps). All of them name that process
+/// for as long as they are open: a recycled pid is another process, whose stat read
+/// through this pin fails, and an `exec` leaves the page tables the pin reads empty (the
+/// guard then reads the process afresh). A departure re-checks a pinned holder with one
+/// read of each and signals it through the pidfd: nothing to open under the clock.
+pub trait Pinned: Pidfd {
+    /// (start time, comm, flags) as /proc/PID/stat says now, read through the open file;
+    /// `None`: the process is gone.
+    fn identity(&self) -> Option<(u64, String, u64)>;
+    /// Its page tables, when pinned for the page-table proof.
+    fn pagemap(&self) -> Option<Box<dyn PagemapSource + '_>>;
+    /// The vma covering `addr` (`PROCMAP_QUERY` on the open maps), when pinned for the
+    /// mappings proof. An error (no such ioctl, nothing pinned) sends the guard to the
+    /// whole maps.
+    fn vma_at(&self, addr: u64) -> io::Result<Option<Vma>>;
+}
+
 /// What the agent reads from and does to the machine.
 pub trait Os {
     /// Page tables (pagemap), maps and stat of other processes.
@@ -50,6 +69,10 @@ pub trait Os {
     /// Our own pid: the agent never signals itself.
     fn self_pid(&self) -> u32;
     fn pidfd_open(&self, pid: u32) -> io::Result<Box<dyn Pidfd + '_>>;
+    /// Pins `pid` ahead of a departure (see [`Pinned`]): its pidfd first, then its stat
+    /// and, for `proof`, its pagemap (page tables) or its maps (mappings). The caller
+    /// checks the start time through the pin afterwards.
+    fn pin(&self, pid: u32, proof: Proof) -> io::Result<Box<dyn Pinned>>;
     /// Writes `value` to a sysfs attribute (`…/driver/unbind`).
     fn write_sysfs(&self, path: &Path, value: &str) -> io::Result<()>;
     /// Unmounts `mount_point` without following symlinks (`UMOUNT_NOFOLLOW`).

@@ -12,6 +12,7 @@ use super::{
     audit::{Record, now},
     config::{Action, Rule},
     guard::{Candidate, Held, Proof, Refusal, Scope, admit},
+    pins::Pins,
     signal::Signal,
 };
 use crate::{
@@ -168,6 +169,8 @@ pub struct Enforcer {
     /// How the holders of a departing device are proven to map it (see [`Proof`]): page
     /// tables where the kernel survives reading them, mappings where it does not.
     pub departure_proof: Proof,
+    /// Holders opened when they became holders (the agent pins them, see [`Pins`]).
+    pub pins: Pins,
 }
 
 impl Enforcer {
@@ -176,6 +179,7 @@ impl Enforcer {
             audit: Box::new(audit),
             pending: Vec::new(),
             departure_proof: Proof::PageTables,
+            pins: Pins::within_open_file_limit(),
         }
     }
 
@@ -186,6 +190,7 @@ impl Enforcer {
         } else {
             Proof::Mappings
         };
+        self.pins.proof = self.departure_proof;
         self
     }
 
@@ -354,12 +359,14 @@ impl Enforcer {
             verdicts.extend(lead.take());
             let mut admitted = Vec::with_capacity(batch.len());
             for w in batch {
+                let pin = self.pins.get(w.pid, w.start);
                 let c = Candidate {
                     pid: w.pid,
                     start_time: w.start,
                     comm: &w.comm,
                     held: &w.held,
                     at: &w.at,
+                    pinned: pin.as_ref(),
                 };
                 match admit(&c, rule, scope, os, class) {
                     Err(refusal) => {

@@ -1,6 +1,6 @@
 //! Never signal what we have not proven: the checks every signal passes first.
 
-use std::fmt;
+use std::{fmt, rc::Rc};
 
 use super::config::Rule;
 use crate::{
@@ -8,7 +8,7 @@ use crate::{
         map::FileKey,
         scan::{Classifier, Procfs, Vma, maps_any_pfn, pages_at_in_ranges},
     },
-    os::{Os, PF_KTHREAD, Pidfd},
+    os::{Os, PF_KTHREAD, Pidfd, Pinned},
 };
 
 /// How a holder's mapping of the device is proven before it is signalled.
@@ -50,19 +50,18 @@ impl Held {
     }
 }
 
-/// Does the vma of `pid` at one of `at` (addresses the holder map says it holds) map one
-/// of `held`? One `PROCMAP_QUERY` per address, no page table read; `false` sends the guard
-/// to [`maps_held`].
+/// Does the vma at one of `at` (addresses the holder map says the process holds), as
+/// `vma_at` finds it, map one of `held`? One `PROCMAP_QUERY` per address, no page table
+/// read; `false` sends the guard to [`maps_held`].
 fn held_at(
-    proc: &dyn Procfs,
+    vma_at: &dyn Fn(u64) -> std::io::Result<Option<Vma>>,
     class: &Classifier,
-    pid: u32,
     device: &str,
     held: &[Held],
     at: &[u64],
 ) -> std::io::Result<bool> {
     for &a in at {
-        if let Some(v) = proc.vma_at(pid, a)?
+        if let Some(v) = vma_at(a)?
             && held.iter().any(|h| h.mapped_by(&v, device, class))
         {
             return Ok(true);
@@ -86,24 +85,44 @@ fn maps_held(
 }
 
 /// Does the candidate map the device, as `scope.proof` proves it? First where the holder
-/// map says the pages are (one page-table entry, or one vma, per address); the whole maps
-/// only when that finds nothing, since a holder may have moved its mapping (mremap) since
-/// the map learned of it. The page-table walk stops at the first present page in the
-/// ranges.
+/// map says the pages are (one page-table entry, or one vma, per address), through the
+/// candidate's pin when it has one; the whole maps, read afresh, only when that finds
+/// nothing, since a holder may have moved its mapping (mremap) or exec'd since the map
+/// learned of it. The page-table walk stops at the first present page in the ranges.
 fn proven(
     c: &Candidate,
     scope: Scope,
     proc: &dyn Procfs,
     class: &Classifier,
 ) -> std::io::Result<bool> {
+    let ranges = scope.pfn_ranges;
     Ok(match scope.proof {
         Proof::PageTables => {
-            pages_at_in_ranges(proc, class, c.pid, c.at, scope.pfn_ranges)?
-                || maps_any_pfn(proc, class, c.pid, scope.pfn_ranges)?
+            let at_pages = match c.pinned.and_then(|p| p.pagemap()) {
+                // A pin reads the address space it was opened on: nothing after an exec
+                // (or an exit) is an error here and sends the guard to the fresh read.
+                Some(mut src) => {
+                    pages_at_in_ranges(src.as_mut(), class, c.at, ranges).unwrap_or(false)
+                }
+                None if c.at.is_empty() => false,
+                None => pages_at_in_ranges(proc.pagemap(c.pid)?.as_mut(), class, c.at, ranges)?,
+            };
+            at_pages || maps_any_pfn(proc, class, c.pid, ranges)?
         }
         Proof::Mappings => {
-            held_at(proc, class, c.pid, scope.device, c.held, c.at)?
-                || maps_held(proc, class, c.pid, scope.device, c.held)?
+            let at_vmas = match c.pinned {
+                Some(p) => {
+                    held_at(&|a| p.vma_at(a), class, scope.device, c.held, c.at).unwrap_or(false)
+                }
+                None => held_at(
+                    &|a| proc.vma_at(c.pid, a),
+                    class,
+                    scope.device,
+                    c.held,
+                    c.at,
+                )?,
+            };
+            at_vmas || maps_held(proc, class, c.pid, scope.device, c.held)?
         }
     })
 }
@@ -144,6 +163,10 @@ pub struct Candidate<'a> {
     pub held: &'a [Held],
     /// Addresses of pages the holder map says it holds there: looked at first.
     pub at: &'a [u64],
+    /// Its pin, when the agent opened one as it became a holder (start time checked
+    /// then): identity and proof are read through it, and the signal goes through its
+    /// pidfd. `None`: everything is opened now.
+    pub pinned: Option<&'a Rc<dyn Pinned>>,
 }
 
 /// What a signal is about: the device, its pfn ranges, how a mapping of it is proven, and
@@ -161,7 +184,9 @@ pub struct Scope<'a> {
 /// Runs every check and returns a pidfd pinned to the verified process.
 ///
 /// Order matters: the pidfd is opened first and the identity (start time) checked after, so
-/// the process we verify is the process the pidfd will signal.
+/// the process we verify is the process the pidfd will signal. A pin was opened in that
+/// order when its process became a holder; its identity is read again now (comm,
+/// flags), through the pin.
 pub fn admit<'o>(
     c: &Candidate,
     rule: &Rule,
@@ -178,8 +203,14 @@ pub fn admit<'o>(
     if rule.exclude.iter().any(|e| e.matches(c.pid, c.comm)) {
         return Err(Refusal::Excluded);
     }
-    let fd = os.pidfd_open(c.pid).map_err(|_| Refusal::Gone)?;
-    let (start, comm, flags) = os.identity(c.pid).ok_or(Refusal::Gone)?;
+    let (fd, identity): (Box<dyn Pidfd + 'o>, _) = match c.pinned {
+        Some(p) => (Box::new(Shared(p.clone())), p.identity()),
+        None => {
+            let fd = os.pidfd_open(c.pid).map_err(|_| Refusal::Gone)?;
+            (fd, os.identity(c.pid))
+        }
+    };
+    let (start, comm, flags) = identity.ok_or(Refusal::Gone)?;
     if flags & PF_KTHREAD != 0 {
         return Err(Refusal::KernelThread);
     }
@@ -193,6 +224,18 @@ pub fn admit<'o>(
         return Err(Refusal::NoLongerMaps);
     }
     Ok(fd)
+}
+
+/// A pin's pidfd, handed out for one signal while the pin stays with the enforcer.
+struct Shared(Rc<dyn Pinned>);
+
+impl Pidfd for Shared {
+    fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+    fn send(&self, sig: super::signal::Signal) -> std::io::Result<()> {
+        self.0.send(sig)
+    }
 }
 
 #[cfg(test)]
@@ -232,6 +275,7 @@ mod tests {
             comm,
             held: &[],
             at,
+            pinned: None,
         };
         let scope = Scope {
             device: "pmem0",
@@ -256,6 +300,7 @@ mod tests {
             comm: "app",
             held,
             at,
+            pinned: None,
         };
         let scope = Scope {
             device: "pmem0",

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod config;
 pub mod enforce;
 pub mod guard;
+pub mod pins;
 pub mod pipeline;
 pub mod signal;
 pub mod unbind_guard;

@@ -978,7 +978,7 @@ mod tests {
                 Call::Unmount(m) => format!("unmount:{m}"),
                 Call::Sysfs(_, v) => format!("unbind:{v}"),
                 Call::DmRemove(d) => format!("dm_remove:{d}"),
-                Call::PidfdOpen(_) => unreachable!(),
+                Call::PidfdOpen(_) | Call::Pin(_) => unreachable!(),
             })
             .collect()
     }
@@ -1229,6 +1229,100 @@ mod tests {
                 assert_eq!(vmas, 3, "one vma query per proof");
             }
         }
+    }
+
+    /// Holders pinned when they became holders are proven and signalled through their pins:
+    /// the departure and its escalation open no pidfd, no stat, no pagemap and no maps,
+    /// and do exactly what they do unpinned.
+    #[test]
+    fn pinned_holders_are_proven_and_signalled_opening_nothing() {
+        for devmap in [true, false] {
+            let os = leaves_and_stays();
+            let topo = topology(&["/mnt/pmem0"]);
+            let class = Classifier { topology: &topo };
+            let mut enf = Enforcer::new(os.audit()).with_devmap(devmap);
+            let dep = departure(&os, &topo);
+            for h in &dep.holders {
+                assert!(enf.pins.pin(&os, h.pid, h.start_time), "pin {}", h.pid);
+            }
+            let log_before = os.log().len();
+            let counts = |os: &FakeOs| {
+                let s = os.state.borrow();
+                [
+                    s.pagemap_opens.len(),
+                    s.maps_reads.len(),
+                    s.vma_queries.len(),
+                    s.stat_opens.len(),
+                ]
+            };
+            let before = counts(&os);
+            let reads_before = os.state.borrow().pin_reads.len();
+            let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
+            os.sleep(Duration::from_secs(2));
+            let esc = escalate(&os, &mut enf, &class);
+            let did: Vec<_> = acts
+                .iter()
+                .chain(&esc)
+                .map(|a| (a.pid, a.action.as_ref()))
+                .collect();
+            assert_eq!(
+                did,
+                vec![(100, "signal"), (200, "signal"), (200, "escalate")],
+                "devmap {devmap}"
+            );
+            assert_eq!(counts(&os), before, "opened afresh (devmap {devmap})");
+            let log = os.log();
+            assert!(
+                !log[log_before..]
+                    .iter()
+                    .any(|c| matches!(c, Call::PidfdOpen(_) | Call::Pin(_))),
+                "{:?}",
+                &log[log_before..]
+            );
+            // Three verdicts, each an identity and a proof through the pin, and the
+            // escalation's identity read of 100, which left on the first signal.
+            assert_eq!(os.state.borrow().pin_reads.len() - reads_before, 7);
+        }
+    }
+
+    /// A pinned holder that exited and whose pid another process took is not signalled, and
+    /// neither is that process; a pinned holder whose pin cannot prove it where the map
+    /// says (it moved its mapping) is proven by its maps read afresh.
+    #[test]
+    fn a_pin_signals_its_own_process_or_no_one() {
+        let os = leaves_and_stays();
+        let topo = topology(&["/mnt/pmem0"]);
+        let class = Classifier { topology: &topo };
+        let mut enf = Enforcer::new(os.audit());
+        let mut dep = departure(&os, &topo);
+        for h in &dep.holders {
+            assert!(enf.pins.pin(&os, h.pid, h.start_time));
+        }
+        os.state
+            .borrow_mut()
+            .procs
+            .insert(100, FakeProc::holder("newcomer", 99));
+        for h in dep.holders.iter_mut().filter(|h| h.pid == 200) {
+            h.probe_at = vec![0x1000];
+        }
+        let once = Rule {
+            escalate: None,
+            ..rule(2)
+        };
+        let opened = os.state.borrow().pagemap_opens.len();
+        let acts = depart(&dep, &once, &os, &mut os.fence(), &mut enf, &class);
+        let did: Vec<_> = acts.iter().map(|a| (a.pid, a.action.as_ref())).collect();
+        assert_eq!(did, vec![(100, "skip"), (200, "signal")], "{acts:?}");
+        assert!(
+            !words(&os).contains(&"signal:100:15".to_string()),
+            "{:?}",
+            words(&os)
+        );
+        assert_eq!(
+            os.state.borrow().pagemap_opens[opened..],
+            [200],
+            "a fresh walk of 200 only"
+        );
     }
 
     /// The fence's arming in the log.

@@ -4,6 +4,7 @@
 //! which we treat as "unknown", never as pfn 0.
 
 use std::{
+    borrow::Borrow,
     fs::File,
     io,
     ops::ControlFlow,
@@ -91,18 +92,22 @@ pub fn visit_present(
 }
 
 /// `/proc/PID/pagemap`, opened once for a walk.
-pub struct LivePagemap {
-    file: File,
+pub struct LivePagemap<F: Borrow<File> = File> {
+    file: F,
     /// PAGEMAP_SCAN (Linux 6.7) works on this kernel; cleared at its first failure.
     scan: bool,
 }
 
 impl LivePagemap {
     pub fn open(path: &Path) -> io::Result<Self> {
-        Ok(Self {
-            file: File::open(path)?,
-            scan: true,
-        })
+        Ok(Self::over(File::open(path)?))
+    }
+}
+
+impl<F: Borrow<File>> LivePagemap<F> {
+    /// Over a pagemap already open (a pinned holder's).
+    pub fn over(file: F) -> Self {
+        Self { file, scan: true }
     }
 }
 
@@ -137,14 +142,14 @@ const PAGE_IS_PRESENT: u64 = 1 << 3;
 /// `_IOWR('f', 16, struct pm_scan_arg)`.
 const PAGEMAP_SCAN: u64 = (3 << 30) | ((size_of::<PmScanArg>() as u64) << 16) | (0x66 << 8) | 16;
 
-impl PagemapSource for LivePagemap {
+impl<F: Borrow<File>> PagemapSource for LivePagemap<F> {
     fn read(&mut self, vpage: u64, out: &mut [u64]) -> io::Result<()> {
         let mut bytes = [0u8; CHUNK_PAGES * 8];
         let bytes = &mut bytes[..out.len() * 8];
         let off = vpage
             .checked_mul(8)
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        self.file.read_exact_at(bytes, off)?;
+        self.file.borrow().read_exact_at(bytes, off)?;
         for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
             *o = u64::from_le_bytes(c.try_into().expect("8 bytes"));
         }
@@ -175,7 +180,7 @@ impl PagemapSource for LivePagemap {
         // regions into region and updates arg.walk_end.
         let rc = unsafe {
             libc::ioctl(
-                self.file.as_raw_fd(),
+                self.file.borrow().as_raw_fd(),
                 PAGEMAP_SCAN as _,
                 &mut arg as *mut PmScanArg,
             )
