@@ -525,7 +525,7 @@ impl Flow {
         }
         let resyncs = self.state.applier.stats.resyncs;
         self.state.applier.apply(&ev, &self.state.topology);
-        self.pin_new_holders(&ev);
+        self.adopt_new_holders(&ev);
         self.push_watch(k);
         self.update_guard(k);
         if matches!(
@@ -546,28 +546,31 @@ impl Flow {
         }
     }
 
-    /// Pins the processes a fault or a fork made holders (an enforcing agent only): a
-    /// departure then opens nothing for them. One lookup per event for a process already
-    /// pinned.
-    fn pin_new_holders(&mut self, ev: &Event) {
-        let Some(enf) = self.enforcer.as_mut() else {
-            return;
-        };
+    /// A process a fault or a fork made a holder is read now, not under a departure's
+    /// clock: its cgroup (which the departure's report and actions name) and, for an
+    /// enforcing agent, its pin (a departure then opens nothing for it). A process known
+    /// already costs a lookup or two per event.
+    fn adopt_new_holders(&mut self, ev: &Event) {
         let pids = match ev {
             Event::Fault(f) => [Some(f.tgid), None],
             Event::Fork(f) => [Some(f.child_tgid), Some(f.parent_tgid)],
             _ => return,
         };
-        let map = &self.state.applier.map;
-        if enf.pins.len() >= enf.pins.cap() {
-            // Full: first close the pins of processes that are holders no more.
-            enf.pins
-                .retain(|pid, start| map.start_time_of(pid) == Some(start));
-        }
         for pid in pids.into_iter().flatten() {
-            if let Some(start) = map.start_time_of(pid) {
-                enf.pins.pin(self.os.as_ref(), pid, start);
+            let Some(start) = self.state.applier.map.start_time_of(pid) else {
+                continue;
+            };
+            self.state.applier.cgroup_of(pid, start);
+            let Some(enf) = self.enforcer.as_mut() else {
+                continue;
+            };
+            if enf.pins.len() >= enf.pins.cap() {
+                // Full: first close the pins of processes that are holders no more.
+                let map = &self.state.applier.map;
+                enf.pins
+                    .retain(|pid, start| map.start_time_of(pid) == Some(start));
             }
+            enf.pins.pin(self.os.as_ref(), pid, start);
         }
     }
 
