@@ -112,6 +112,8 @@ pub struct Metrics {
     mmap_denied: Family<DeviceLabels, Counter>,
     unbind_refused: Family<DeviceLabels, Counter>,
     hooks: Family<HookLabels, Gauge>,
+    pinned: Gauge,
+    unpinned: Counter,
     state: Arc<std::sync::Mutex<Seen>>,
 }
 
@@ -122,6 +124,7 @@ struct Seen {
     kernel: HashMap<&'static str, u64>,
     drift_missing: u64,
     drift_extra: u64,
+    unpinned: u64,
     /// Fenced device → the signal its faults get from the kernel (0: none).
     hooks: HashMap<String, String>,
     devices: HashSet<String>,
@@ -209,6 +212,20 @@ impl Metrics {
             "Unbinds of a guarded device with holders the unbind guard refused",
             unbind_refused.clone(),
         );
+        let pinned = Gauge::default();
+        r.register(
+            "pinned_processes",
+            "Holder processes the enforcing agent holds open for a departure (pidfd, stat, \
+             page tables)",
+            pinned.clone(),
+        );
+        let unpinned = Counter::default();
+        r.register(
+            "unpinned_holders",
+            "Holder processes left unpinned because the pin limit (the open-file limit) was \
+             reached: a departure proves them the slower way",
+            unpinned.clone(),
+        );
         let hooks = Family::<HookLabels, Gauge>::default();
         // A gauge at 1 (see build_info); a module load can change the chosen way while the
         // agent runs, and the stale label set is then removed.
@@ -246,6 +263,8 @@ impl Metrics {
             mmap_denied,
             unbind_refused,
             hooks,
+            pinned,
+            unpinned,
             state: Default::default(),
         }
     }
@@ -413,6 +432,17 @@ impl Metrics {
             drift_missing,
         );
         add_increase(&self.drift, "extra", &mut seen.drift_extra, drift_extra);
+    }
+
+    /// The enforcer's pins: how many are open, and how many holders the cap has left
+    /// unpinned so far (cumulative: only its increase is added).
+    pub fn pins(&self, pinned: usize, unpinned: u64) {
+        self.pinned.set(pinned as i64);
+        let mut seen = self.seen();
+        if unpinned > seen.unpinned {
+            self.unpinned.inc_by(unpinned - seen.unpinned);
+        }
+        seen.unpinned = unpinned;
     }
 
     /// The kernel's loss counters (cumulative since attach).
@@ -752,6 +782,21 @@ mod tests {
             dax_probe_common::ABI_VERSION
         );
         assert!(text.contains(&build), "{text}");
+    }
+
+    /// Pins open now, and the holders the cap left unpinned, counted once each.
+    #[test]
+    fn pins_are_a_gauge_and_the_unpinned_a_counter() {
+        let m = Metrics::new();
+        m.pins(3, 2);
+        m.pins(1, 5);
+        m.pins(1, 5);
+        let text = m.encode();
+        assert!(text.contains("dax_probe_pinned_processes 1\n"), "{text}");
+        assert!(
+            text.contains("dax_probe_unpinned_holders_total 5\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -670,6 +670,9 @@ impl Flow {
             s.drift_missing,
             s.drift_extra,
         );
+        if let Some(enf) = &self.enforcer {
+            self.metrics.pins(enf.pins.len(), enf.pins.over_cap);
+        }
     }
 
     /// When the next escalation is due.
@@ -1168,6 +1171,9 @@ mod tests {
         for want in [
             "dax_probe_holder_processes{device=\"pmem1\"} 1\n",
             "dax_probe_mapped_bytes{device=\"pmem1\"} 8192\n",
+            // The flow's OS has no process 150 to pin (an empty root).
+            "dax_probe_pinned_processes 0\n",
+            "dax_probe_unpinned_holders_total 0\n",
         ] {
             assert!(text.contains(want), "{want} in {text}");
         }
@@ -1573,6 +1579,9 @@ mod tests {
         f.reconcile("periodic", &mut k, &mut |_| Ok(())).unwrap();
         assert!(!pinned(&f, 150) && pinned(&f, 160));
         assert_eq!(f.enforcer.as_ref().unwrap().pins.len(), 1);
+        f.refresh_metrics();
+        let text = f.metrics.encode();
+        assert!(text.contains("dax_probe_pinned_processes 1\n"), "{text}");
     }
 
     #[test]
