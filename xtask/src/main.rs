@@ -105,7 +105,7 @@ enum BenchCmd {
         #[arg(long, default_value = "seq,rand,pmd,mt,anon")]
         modes: String,
     },
-    /// Holder map memory/speed (host) and `holders` vs `fuser` with 500 processes (VM).
+    /// Holder map memory/speed (host) and `holders` vs `fuser` with 500 and 1,000 processes (VM).
     Holders {
         #[arg(long, default_value = "6.12")]
         kernel: String,

@@ -499,46 +499,67 @@ fn spawn_holders(file: &str, len: u64, n: u32) -> Result<std::process::Child> {
     Ok(hold)
 }
 
-/// `holders /dev/pmem0` from the running monitor against `fuser -m` and the agent's own
-/// procfs scan, with 500 processes mapping a DAX file.
+/// `holders /dev/pmem0` from the running monitor against `fuser -m`, the agent's own procfs
+/// scan and the bare process start (`--version`), with 500 and then 1,000 processes mapping
+/// a DAX file: the four commands interleaved round by round (the order rotating), the
+/// agent caught up (its answer lists every holder) before the first round.
 fn bench_holders(env: &Env) -> Result<()> {
+    const ROUNDS: usize = 9;
     let fs = env.fs(Target::Ext4).context("ext4 not prepared")?;
     let file = format!("{}/bench-holders", fs.mnt);
     pmem::write_file(Path::new(&file), 1 << 20)?;
     let mon = agent::Monitor::start("bench-holders", &[])?;
-    let mut hold = spawn_holders(&file, 1 << 20, 500)?;
     let dev = fs.dev.dev_path();
-    let time = |args: &[&str], prog: &str| -> Result<(Vec<f64>, String)> {
-        let mut v = Vec::new();
-        let mut last = String::new();
-        for _ in 0..7 {
-            let t = Instant::now();
-            let out = Command::new(prog).args(args).output()?;
-            v.push(t.elapsed().as_secs_f64() * 1e3);
-            last = String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        Ok((v, last))
+    let answer = || -> serde_json::Value {
+        agent::run_once(&["holders", &dev, "--json"])
+            .ok()
+            .and_then(|(_, out, _)| serde_json::from_str(out.trim()).ok())
+            .unwrap_or_default()
     };
-    let (baseline_ms, _) = time(&["--version"], agent::AGENT)?;
-    // What an operator types (text output), then one JSON answer for the counts.
-    let (monitor_ms, _) = time(&["holders", &dev], agent::AGENT)?;
-    let (scan_ms, _) = time(&["holders", &dev, "--scan"], agent::AGENT)?;
-    let mon_out = agent::run_once(&["holders", &dev, "--json"])?.1;
-    // psmisc's fuser (the one operators use), checking every process's files and maps.
-    let (fuser_ms, fuser_out) = time(&["-m", &fs.mnt], "/sbin/fuser")?;
-    let answer = serde_json::from_str::<serde_json::Value>(mon_out.trim()).unwrap_or_default();
-    let holders = answer["holders"].as_array().map(|a| a.len()).unwrap_or(0);
-    let agent_us = answer["agent_us"].clone();
-    let fuser_pids = fuser_out.split_whitespace().count();
-    drop(hold.stdin.take());
-    hold.wait()?;
+    let listed = |v: &serde_json::Value| v["holders"].as_array().map_or(0, |a| a.len());
+    // What an operator types (text output), psmisc's fuser (the one operators use, checking
+    // every process's files and maps), the agent's own scan, and process start alone.
+    let commands: [(&str, Vec<&str>); 4] = [
+        (agent::AGENT, vec!["--version"]),
+        (agent::AGENT, vec!["holders", &dev]),
+        (agent::AGENT, vec!["holders", &dev, "--scan"]),
+        ("/sbin/fuser", vec!["-m", &fs.mnt]),
+    ];
+    let mut holds = Vec::new();
+    let mut rows = Vec::new();
+    let mut have = 0;
+    for n in [500u32, 1000] {
+        holds.push(spawn_holders(&file, 1 << 20, n - have)?);
+        have = n;
+        let caught_up = sys::wait_for(Duration::from_secs(120), || listed(&answer()) >= n as usize);
+        let mut ms: [Vec<f64>; 4] = Default::default();
+        let mut fuser_out = String::new();
+        for round in 0..ROUNDS {
+            for k in 0..commands.len() {
+                let i = (round + k) % commands.len();
+                let (prog, args) = &commands[i];
+                let t = Instant::now();
+                let out = Command::new(prog).args(args).output()?;
+                ms[i].push(t.elapsed().as_secs_f64() * 1e3);
+                if i == 3 {
+                    fuser_out = String::from_utf8_lossy(&out.stdout).into_owned();
+                }
+            }
+        }
+        let last = answer();
+        let [start_ms, monitor_ms, scan_ms, fuser_ms] = ms;
+        rows.push(json!({"processes": n, "caught_up": caught_up,
+            "monitor_ms": monitor_ms, "scan_ms": scan_ms, "fuser_ms": fuser_ms,
+            "agent_start_ms": start_ms, "agent_answer_us": last["agent_us"].clone(),
+            "holders_reported": listed(&last),
+            "fuser_pids": fuser_out.split_whitespace().count()}));
+    }
+    for mut h in holds {
+        drop(h.stdin.take());
+        h.wait()?;
+    }
     mon.stop()?;
-    report::send(
-        json!({"event": "bench", "name": "holders", "processes": 500,
-        "monitor_ms": monitor_ms, "scan_ms": scan_ms, "fuser_ms": fuser_ms,
-        "agent_start_ms": baseline_ms, "agent_answer_us": agent_us,
-        "holders_reported": holders, "fuser_pids": fuser_pids}),
-    );
+    report::send(json!({"event": "bench", "name": "holders", "rows": rows}));
     Ok(())
 }
 
