@@ -103,7 +103,16 @@ pub struct Flow {
 
 impl Flow {
     /// `enforcer`: None reports departures without acting on them.
-    pub fn new(state: State, os: Box<dyn Os>, enforcer: Option<Enforcer>, policy: Policy) -> Self {
+    pub fn new(
+        mut state: State,
+        os: Box<dyn Os>,
+        enforcer: Option<Enforcer>,
+        policy: Policy,
+    ) -> Self {
+        // A pinned holder's exit is then one poll away, not a stat read.
+        if let Some(enf) = &enforcer {
+            state.applier.set_liveness(enf.pins.liveness());
+        }
         Self {
             state,
             os,
@@ -566,9 +575,8 @@ impl Flow {
             };
             if enf.pins.len() >= enf.pins.cap() {
                 // Full: first close the pins of processes that are holders no more.
-                let map = &self.state.applier.map;
-                enf.pins
-                    .retain(|pid, start| map.start_time_of(pid) == Some(start));
+                let app = &self.state.applier;
+                enf.pins.retain(|pid, start| app.holds(pid, start));
             }
             enf.pins.pin(self.os.as_ref(), pid, start);
         }
@@ -581,11 +589,12 @@ impl Flow {
         let Some(enf) = self.enforcer.as_mut() else {
             return;
         };
-        let map = &self.state.applier.map;
-        enf.pins
-            .retain(|pid, start| map.start_time_of(pid) == Some(start));
-        for (pid, start) in map.processes() {
-            enf.pins.pin(self.os.as_ref(), pid, start);
+        let app = &self.state.applier;
+        enf.pins.retain(|pid, start| app.holds(pid, start));
+        for (pid, start) in app.map.processes() {
+            if app.holds(pid, start) {
+                enf.pins.pin(self.os.as_ref(), pid, start);
+            }
         }
     }
 

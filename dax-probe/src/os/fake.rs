@@ -142,10 +142,13 @@ pub struct State {
     pub maps_reads: Vec<u32>,
     /// Single-vma queries (`PROCMAP_QUERY`), by pid.
     pub vma_queries: Vec<u32>,
-    /// stat reads by pid through /proc/PID/stat opened afresh ([`Os::identity`]).
+    /// stat reads by pid through /proc/PID/stat opened afresh ([`Os::identity`],
+    /// [`Procfs::stat`] and so every [`Procfs::gone`]).
     pub stat_opens: Vec<u32>,
     /// Reads through a pin (its stat, pagemap or maps), by pid.
     pub pin_reads: Vec<u32>,
+    /// Liveness polls of a pin's pidfd, by pid.
+    pub pin_polls: Vec<u32>,
 }
 
 /// The fake machine. Clones share one state.
@@ -295,6 +298,7 @@ impl Procfs for FakeOs {
     }
 
     fn stat(&self, pid: u32) -> Option<(u64, String)> {
+        self.state.borrow_mut().stat_opens.push(pid);
         let s = self.state.borrow();
         let p = s.procs.get(&pid)?;
         Some((p.start_time, p.comm.clone()))
@@ -402,6 +406,16 @@ impl Pidfd for FakePinned {
 }
 
 impl Pinned for FakePinned {
+    fn exited(&self) -> Option<bool> {
+        let mut s = self.state.borrow_mut();
+        s.pin_polls.push(self.pid);
+        Some(
+            !s.procs
+                .get(&self.pid)
+                .is_some_and(|p| p.start_time == self.start_time),
+        )
+    }
+
     fn identity(&self) -> Option<(u64, String, u64)> {
         self.alive().map(|p| (p.start_time, p.comm, p.flags))
     }
@@ -432,7 +446,6 @@ impl Os for FakeOs {
     }
 
     fn identity(&self, pid: u32) -> Option<(u64, String, u64)> {
-        self.state.borrow_mut().stat_opens.push(pid);
         let (start, comm) = self.stat(pid)?;
         let flags = self.state.borrow().procs.get(&pid).map_or(0, |p| p.flags);
         Some((start, comm, flags))

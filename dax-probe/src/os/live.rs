@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     io,
-    os::unix::fs::FileExt,
+    os::{fd::AsRawFd, unix::fs::FileExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -176,6 +176,14 @@ impl Pidfd for LivePinned {
 }
 
 impl Pinned for LivePinned {
+    fn exited(&self) -> Option<bool> {
+        crate::policy::signal::exited(&[self.pidfd.as_raw_fd()])[0]
+    }
+
+    fn pidfd_raw(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.pidfd.as_raw_fd())
+    }
+
     fn identity(&self) -> Option<(u64, String, u64)> {
         // A seq_file read at offset 0 shows the file afresh.
         let mut buf = [0u8; 1024];
@@ -298,8 +306,23 @@ mod tests {
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
         }
         assert!(pin.pagemap().is_none(), "pinned for the mappings proof");
+        assert_eq!(pin.exited(), Some(false));
+        let fd = pin.pidfd_raw().unwrap();
+        assert_eq!(
+            crate::policy::signal::exited(&[fd, 1 << 20]),
+            [Some(false), None],
+            "one poll for many; a descriptor that is not open is not judged"
+        );
         pin.send(Signal(libc::SIGKILL)).unwrap();
+        // A zombie (not reaped yet) has exited: its page tables are gone.
+        let t = Instant::now();
+        while pin.exited() != Some(true) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(pin.exited(), Some(true), "a zombie has exited");
+        assert!(pin.identity().is_some(), "its stat is still there");
         child.wait().unwrap();
+        assert_eq!(pin.exited(), Some(true));
         assert_eq!(pin.identity(), None, "gone and reaped");
         assert!(pin.send(Signal(libc::SIGKILL)).is_err());
         let tables = os.pin(std::process::id(), Proof::PageTables).unwrap();

@@ -48,6 +48,14 @@ pub trait Pidfd {
 /// guard then reads the process afresh). A departure re-checks a pinned holder with one
 /// read of each and signals it through the pidfd: nothing to open under the clock.
 pub trait Pinned: Pidfd {
+    /// Has the pinned process exited (a zombie included)? `None`: not known.
+    fn exited(&self) -> Option<bool>;
+    /// The pidfd itself, so many pins are asked at once
+    /// ([`crate::policy::signal::exited`]); `None` where there is none (test doubles),
+    /// which [`Pinned::exited`] answers for.
+    fn pidfd_raw(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// (start time, comm, flags) as /proc/PID/stat says now, read through the open file;
     /// `None`: the process is gone.
     fn identity(&self) -> Option<(u64, String, u64)>;

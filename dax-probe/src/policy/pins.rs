@@ -9,10 +9,13 @@
 //! each; their number is capped by the open-file limit, and a holder without one is
 //! re-checked the old way (everything opened at the departure), never skipped.
 
-use std::{collections::HashMap, rc::Rc};
+use std::{cell::RefCell, collections::HashMap, rc::Rc};
 
 use super::guard::Proof;
-use crate::os::{Os, Pinned};
+use crate::{
+    holders::liveness::Liveness,
+    os::{Os, Pinned},
+};
 
 /// Descriptors one pin holds: pidfd, stat, pagemap or maps.
 pub const FDS_PER_PIN: u64 = 3;
@@ -22,8 +25,12 @@ const RESERVED_FDS: u64 = 1024;
 /// At most this many pins whatever the limit: the map of pins stays small.
 const MAX_PINS: usize = 65_536;
 
+/// pid → (start time, pin).
+type ByPid = HashMap<u32, (u64, Rc<dyn Pinned>)>;
+
 pub struct Pins {
-    by_pid: HashMap<u32, (u64, Rc<dyn Pinned>)>,
+    /// Shared with the [`Pins::liveness`] handed to the holder map.
+    by_pid: Rc<RefCell<ByPid>>,
     cap: usize,
     /// What a pin opens besides its stat: the proof departures will use.
     pub proof: Proof,
@@ -34,7 +41,7 @@ pub struct Pins {
 impl Pins {
     pub fn new(cap: usize) -> Self {
         Self {
-            by_pid: HashMap::new(),
+            by_pid: Rc::default(),
             cap: cap.min(MAX_PINS),
             proof: Proof::PageTables,
             over_cap: 0,
@@ -51,11 +58,17 @@ impl Pins {
     }
 
     pub fn len(&self) -> usize {
-        self.by_pid.len()
+        self.by_pid.borrow().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_pid.is_empty()
+        self.by_pid.borrow().is_empty()
+    }
+
+    /// Tells, for every pinned process, whether it exited: one `poll` of their pidfds in
+    /// place of a stat read each (see [`crate::holders::liveness`]).
+    pub fn liveness(&self) -> Rc<dyn Liveness> {
+        Rc::new(PinLiveness(self.by_pid.clone()))
     }
 
     /// Pins `pid`, seen as a holder started at `start_time`, unless it is pinned already.
@@ -66,14 +79,15 @@ impl Pins {
         if start_time == 0 {
             return false;
         }
-        if let Some((s, _)) = self.by_pid.get(&pid) {
+        let mut by_pid = self.by_pid.borrow_mut();
+        if let Some((s, _)) = by_pid.get(&pid) {
             if *s == start_time {
                 return true;
             }
             // The pid names another process now: the old pin is of a process gone.
-            self.by_pid.remove(&pid);
+            by_pid.remove(&pid);
         }
-        if self.by_pid.len() >= self.cap {
+        if by_pid.len() >= self.cap {
             self.over_cap += 1;
             return false;
         }
@@ -83,13 +97,14 @@ impl Pins {
         if p.identity().map(|(s, _, _)| s) != Some(start_time) {
             return false;
         }
-        self.by_pid.insert(pid, (start_time, Rc::from(p)));
+        by_pid.insert(pid, (start_time, Rc::from(p)));
         true
     }
 
     /// The pin of `pid` started at `start_time`, if it has one.
     pub fn get(&self, pid: u32, start_time: u64) -> Option<Rc<dyn Pinned>> {
         self.by_pid
+            .borrow()
             .get(&pid)
             .filter(|(s, _)| *s == start_time)
             .map(|(_, p)| p.clone())
@@ -97,7 +112,39 @@ impl Pins {
 
     /// Closes the pins of processes `keep` says are holders no more.
     pub fn retain(&mut self, mut keep: impl FnMut(u32, u64) -> bool) {
-        self.by_pid.retain(|&pid, (s, _)| keep(pid, *s));
+        self.by_pid
+            .borrow_mut()
+            .retain(|&pid, (s, _)| keep(pid, *s));
+    }
+}
+
+struct PinLiveness(Rc<RefCell<ByPid>>);
+
+impl Liveness for PinLiveness {
+    fn exited(&self, procs: &[(u32, u64)]) -> Vec<Option<bool>> {
+        let by_pid = self.0.borrow();
+        let pins: Vec<Option<&Rc<dyn Pinned>>> = procs
+            .iter()
+            .map(|(pid, start)| by_pid.get(pid).filter(|(s, _)| s == start).map(|(_, p)| p))
+            .collect();
+        let fds: Vec<_> = pins
+            .iter()
+            .flatten()
+            .filter_map(|p| p.pidfd_raw())
+            .collect();
+        let mut polled = if fds.is_empty() {
+            Vec::new()
+        } else {
+            crate::policy::signal::exited(&fds)
+        }
+        .into_iter();
+        pins.iter()
+            .map(|p| match p {
+                None => None,
+                Some(p) if p.pidfd_raw().is_some() => polled.next().flatten(),
+                Some(p) => p.exited(),
+            })
+            .collect()
     }
 }
 
@@ -221,5 +268,28 @@ mod tests {
         // Pinning the new process replaces the stale pin.
         assert!(pins.pin(&os, 100, 9));
         assert!(pins.get(100, 7).is_none() && pins.get(100, 9).is_some());
+    }
+
+    /// The liveness answers for pinned processes only, each of its own start time: an
+    /// unpinned one, and the old owner of a reused pid, are left to /proc.
+    #[test]
+    fn pins_tell_who_exited_and_nothing_of_others() {
+        let os = FakeOs::new(
+            &[
+                (100, FakeProc::holder("a", 7)),
+                (200, FakeProc::holder("b", 7)),
+                (300, FakeProc::holder("c", 7)),
+            ],
+            &["/mnt/pmem0"],
+        );
+        let mut pins = Pins::new(10);
+        let live = pins.liveness();
+        assert!(pins.pin(&os, 100, 7) && pins.pin(&os, 200, 7));
+        os.state.borrow_mut().procs.remove(&200);
+        let asked = [(100, 7), (200, 7), (300, 7), (100, 6)];
+        assert_eq!(live.exited(&asked), [Some(false), Some(true), None, None]);
+        // The handle follows the pins it was taken from.
+        pins.retain(|pid, _| pid != 100);
+        assert_eq!(live.exited(&[(100, 7)]), [None]);
     }
 }

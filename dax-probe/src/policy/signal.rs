@@ -98,6 +98,42 @@ impl PidFd {
     }
 }
 
+impl std::os::fd::AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd
+    }
+}
+
+/// Which of the processes behind `pidfds` have exited, from one `poll` of them all: a
+/// pidfd reads ready once its process has exited (a zombie included) and its last thread
+/// with it. `None` for a descriptor poll could not judge (not a pidfd), or for all of them
+/// when poll itself failed: the caller then asks /proc.
+pub fn exited(pidfds: &[std::os::fd::RawFd]) -> Vec<Option<bool>> {
+    let mut fds: Vec<libc::pollfd> = pidfds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: a valid array of `fds.len()` pollfds; timeout 0 never blocks.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    if rc < 0 {
+        return vec![None; pidfds.len()];
+    }
+    fds.iter()
+        .map(|p| {
+            if p.revents & libc::POLLNVAL != 0 {
+                None
+            } else {
+                // 6.9+ adds POLLHUP once the process is reaped.
+                Some(p.revents & (libc::POLLIN | libc::POLLHUP) != 0)
+            }
+        })
+        .collect()
+}
+
 impl Drop for PidFd {
     fn drop(&mut self) {
         // SAFETY: our fd.
