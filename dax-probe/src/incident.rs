@@ -44,8 +44,8 @@ pub struct Departure {
     /// Every name the policy may know the device by.
     pub names: Vec<String>,
     pub started_ns: u64,
-    /// CLOCK_BOOTTIME when the agent read the kernel's report (0: not from one).
-    pub received_ns: u64,
+    /// When the agent read the kernel's report and listed the holders (0: not from one).
+    pub stamps: crate::policy::guard::Stamps,
     pub tid: u32,
     pub pre_remove: bool,
     pub holders: Vec<HolderRow>,
@@ -288,7 +288,7 @@ impl Incidents {
                     devs,
                     names: vec![n.name.clone(), n.device_name().to_string()],
                     started_ns: now_ns,
-                    received_ns: 0,
+                    stamps: Default::default(),
                     tid: 0,
                     pre_remove: false,
                     holders: holders.clone(),
@@ -503,7 +503,11 @@ impl Incidents {
                     devs: nss.iter().flat_map(|n| n.devices()).collect(),
                     names,
                     started_ns: d.ts_ns,
-                    received_ns,
+                    stamps: crate::policy::guard::Stamps {
+                        received_ns,
+                        listed_ns: crate::policy::enforce::boottime_ns(),
+                        fenced_ns: 0,
+                    },
                     tid: d.tid,
                     pre_remove: false,
                     holders: holders.clone(),

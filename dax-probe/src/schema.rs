@@ -741,6 +741,8 @@ mod tests {
                 reason: "device departing".into(),
                 since_departure_us: Some(1200),
                 received_us: None,
+                listed_us: None,
+                fenced_us: None,
                 verdict_us: None,
                 cgroup: Some(
                     "/kubepods.slice/kubepods-pod1b2c3d4e_5f60_4a7b_8c9d_0e1f2a3b4c5d.slice".into(),

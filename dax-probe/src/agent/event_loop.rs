@@ -1225,6 +1225,8 @@ mod tests {
                 reason: String::new(),
                 since_departure_us: None,
                 received_us: None,
+                listed_us: None,
+                fenced_us: None,
                 verdict_us: None,
                 cgroup: None,
                 container: None,

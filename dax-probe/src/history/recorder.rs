@@ -353,6 +353,8 @@ mod tests {
                 reason: "device departing".into(),
                 since_departure_us: Some(5),
                 received_us: None,
+                listed_us: None,
+                fenced_us: None,
                 verdict_us: None,
                 cgroup: None,
                 container: None,

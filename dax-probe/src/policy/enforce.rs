@@ -42,6 +42,14 @@ pub struct ActionReport {
     /// departure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub received_us: Option<u64>,
+    /// Microseconds from the kernel's report to the agent having listed its holders from
+    /// the holder map (the departure line's holders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listed_us: Option<u64>,
+    /// Microseconds from the kernel's report to the departing devices fenced (the fence's
+    /// audit record written first); absent where nothing was fenced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_us: Option<u64>,
     /// Microseconds from the kernel's report to this process's verdict (pidfd opened, its
     /// identity and mapping proven); `since_departure_us` minus this is the audit flush
     /// and the signals sent before this one.
@@ -157,7 +165,7 @@ struct Pending {
     device: String,
     pfn_ranges: Vec<(u64, u64)>,
     proof: Proof,
-    received_ns: u64,
+    stamps: super::guard::Stamps,
     rule: Rule,
     targets: Vec<Whom>,
     since_ns: u64,
@@ -277,6 +285,8 @@ impl Enforcer {
                     reason: "policy action is report".into(),
                     since_departure_us: None,
                     received_us: None,
+                    listed_us: None,
+                    fenced_us: None,
                     verdict_us: None,
                     cgroup: w.cgroup.clone(),
                     container: w.container.clone(),
@@ -305,7 +315,7 @@ impl Enforcer {
                 device: device.into(),
                 pfn_ranges: scope.pfn_ranges.to_vec(),
                 proof: scope.proof,
-                received_ns: scope.received_ns,
+                stamps: scope.stamps,
                 rule: rule.clone(),
                 targets: signalled,
                 since_ns,
@@ -334,7 +344,9 @@ impl Enforcer {
         let record = |w, action, detail| record_of(w, device, sig, action, detail);
         // Microseconds since the kernel's report, for a time on CLOCK_BOOTTIME.
         let since = |t: u64| (since_ns != 0 && t != 0).then(|| t.saturating_sub(since_ns) / 1000);
-        let received_us = since(scope.received_ns);
+        let received_us = since(scope.stamps.received_ns);
+        let listed_us = since(scope.stamps.listed_ns);
+        let fenced_us = since(scope.stamps.fenced_ns);
         let report =
             |w: &Whom, action: &'static str, reason: String, at: Option<(u64, u64)>| ActionReport {
                 device: device.into(),
@@ -345,6 +357,8 @@ impl Enforcer {
                 reason,
                 since_departure_us: at.and_then(|(_, sent)| since(sent)),
                 received_us,
+                listed_us,
+                fenced_us,
                 verdict_us: at.and_then(|(verdict, _)| since(verdict)),
                 cgroup: w.cgroup.clone(),
                 container: w.container.clone(),
@@ -453,7 +467,7 @@ impl Enforcer {
                 device: &p.device,
                 pfn_ranges: &p.pfn_ranges,
                 proof: p.proof,
-                received_ns: p.received_ns,
+                stamps: p.stamps,
             };
             self.signal_all(
                 scope, None, &p.targets, &p.rule, sig, "escalate", p.since_ns, os, class, &mut out,

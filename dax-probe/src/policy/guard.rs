@@ -176,9 +176,21 @@ pub struct Scope<'a> {
     pub device: &'a str,
     pub pfn_ranges: &'a [(u64, u64)],
     pub proof: Proof,
-    /// CLOCK_BOOTTIME when the agent read the event that started this (0: not from an
-    /// event): with the kernel's own time of it, the ring's share of the reaction.
+    /// When the agent's steps before the verdicts ended.
+    pub stamps: Stamps,
+}
+
+/// CLOCK_BOOTTIME at the steps of a departure before its verdicts, on the kernel's clock
+/// for its report (0: not reached, or not from an event): with the kernel's own time of
+/// the report, each step's share of the reaction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stamps {
+    /// The agent read the kernel's report off the ring.
     pub received_ns: u64,
+    /// Its holders were listed from the holder map.
+    pub listed_ns: u64,
+    /// Its devices were fenced (their audit record written first).
+    pub fenced_ns: u64,
 }
 
 /// Runs every check and returns a pidfd pinned to the verified process.
@@ -281,7 +293,7 @@ mod tests {
             device: "pmem0",
             pfn_ranges: RANGES,
             proof: Proof::PageTables,
-            received_ns: 0,
+            stamps: Stamps::default(),
         };
         admit(&c, rule, scope, os, &class).map(|fd| assert_eq!(fd.pid(), pid))
     }
@@ -306,7 +318,7 @@ mod tests {
             device: "pmem0",
             pfn_ranges: RANGES,
             proof: Proof::Mappings,
-            received_ns: 0,
+            stamps: Stamps::default(),
         };
         admit(&c, &Rule::default(), scope, os, &class).map(|_| ())
     }

@@ -107,6 +107,7 @@ pub fn depart(
 ) -> Vec<ActionReport> {
     // One record before the fence, not two: every fdatasync here delays the fence and the
     // first signal of a departure the kernel is already carrying out.
+    let mut stamps = dep.stamps;
     if rule.action == Action::Signal {
         let arm = fence_arm(rule, os);
         let fenced = step(
@@ -125,12 +126,15 @@ pub fn depart(
             Ok(()) => fence_all(fence, &dep.devs, &arm),
             Err(e) => log::error!("{e}"),
         }
+        if stamps.received_ns != 0 {
+            stamps.fenced_ns = crate::policy::enforce::boottime_ns();
+        }
     }
     let scope = Scope {
         device: &dep.device,
         pfn_ranges: &dep.pfn_ranges,
         proof: enf.departure_proof,
-        received_ns: dep.received_ns,
+        stamps,
     };
     enf.act(
         scope,
@@ -167,7 +171,7 @@ pub fn media_error(
         device: &m.device,
         pfn_ranges: &[range],
         proof: Proof::PageTables,
-        received_ns: 0,
+        stamps: Default::default(),
     };
     enf.act(
         scope,
@@ -745,7 +749,7 @@ fn drain_fenced(
         device: name,
         pfn_ranges: ranges,
         proof: Proof::PageTables,
-        received_ns: 0,
+        stamps: Default::default(),
     };
     for a in enf.act(scope, &holders, rule, 0, os, &class, "drain") {
         out(Progress::Action(a));
@@ -991,7 +995,7 @@ mod tests {
             devs: vec![DEV],
             names: vec!["pmem0".into()],
             started_ns: 1,
-            received_ns: 0,
+            stamps: Default::default(),
             tid: 77,
             pre_remove: false,
             holders: holders(os, topo),
@@ -1162,7 +1166,7 @@ mod tests {
     }
 
     /// Each signal's line times the steps after the kernel's report: the agent reading it,
-    /// this holder's verdict, its signal, in that order.
+    /// listing the holders, the fence, this holder's verdict, its signal, in that order.
     #[test]
     fn enforcement_lines_time_read_verdict_and_signal() {
         let os = FakeOs::new(&[(100, FakeProc::holder("app", 7))], &["/mnt/pmem0"]);
@@ -1171,19 +1175,24 @@ mod tests {
         let mut enf = Enforcer::new(os.audit());
         let mut dep = departure(&os, &topo);
         dep.started_ns = crate::policy::enforce::boottime_ns() - 5_000_000;
-        dep.received_ns = dep.started_ns + 2_000_000;
+        dep.stamps.received_ns = dep.started_ns + 2_000_000;
+        dep.stamps.listed_ns = dep.started_ns + 3_000_000;
         let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
         let a = acts.iter().find(|a| a.action == "signal").unwrap();
-        assert_eq!(a.received_us, Some(2000));
-        let (v, s) = (a.verdict_us.unwrap(), a.since_departure_us.unwrap());
-        assert!(5000 <= v && v <= s, "{a:?}");
+        assert_eq!((a.received_us, a.listed_us), (Some(2000), Some(3000)));
+        let (f, v, s) = (
+            a.fenced_us.unwrap(),
+            a.verdict_us.unwrap(),
+            a.since_departure_us.unwrap(),
+        );
+        assert!(5000 <= f && f <= v && v <= s, "{a:?}");
         // Without the kernel's time (a drain) there is nothing to time against.
         dep.started_ns = 0;
         let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
-        assert!(
-            acts.iter()
-                .all(|a| a.received_us.is_none() && a.verdict_us.is_none())
-        );
+        assert!(acts.iter().all(|a| a.received_us.is_none()
+            && a.listed_us.is_none()
+            && a.fenced_us.is_none()
+            && a.verdict_us.is_none()));
     }
 
     /// A kernel without devmap DAX entries (7.x) oopses whoever walks page tables into a

@@ -272,8 +272,13 @@ pub fn format_output(o: &Line) -> String {
                         let ms = |u: Option<u64>| u.map(|u| format!("{:.1}", u as f64 / 1000.0));
                         match (ms(a.received_us), ms(a.verdict_us)) {
                             (Some(r), Some(v)) => format!(
-                                " [{:.1} ms after the departure: read at {r}, proven at {v}]",
-                                us as f64 / 1000.0
+                                " [{:.1} ms after the departure: read at {r}, {}proven at {v}]",
+                                us as f64 / 1000.0,
+                                match (ms(a.listed_us), ms(a.fenced_us)) {
+                                    (Some(l), Some(f)) => format!("listed at {l}, fenced at {f}, "),
+                                    (Some(l), None) => format!("listed at {l}, "),
+                                    _ => String::new(),
+                                }
                             ),
                             _ => format!(" [{:.1} ms after the departure]", us as f64 / 1000.0),
                         }

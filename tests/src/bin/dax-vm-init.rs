@@ -637,6 +637,8 @@ fn bench_reaction(env: &Env) -> Result<()> {
             let ms = |u: Option<u64>| u.map_or(f64::NAN, |u| u as f64 / 1e3);
             let sig_lines: Vec<_> = out.enforcement().filter(|a| a.action == "signal").collect();
             let received_ms = ms(sig_lines.iter().find_map(|a| a.received_us));
+            let listed_ms = ms(sig_lines.iter().find_map(|a| a.listed_us));
+            let fenced_ms = ms(sig_lines.iter().find_map(|a| a.fenced_us));
             let first_verdict_ms = ms(sig_lines.iter().filter_map(|a| a.verdict_us).min());
             let listed = out
                 .departures()
@@ -652,6 +654,8 @@ fn bench_reaction(env: &Env) -> Result<()> {
                 "caught_up": caught_up,
                 "signalled": signalled.len(),
                 "received_ms": received_ms,
+                "listed_ms": listed_ms,
+                "fenced_ms": fenced_ms,
                 "first_verdict_ms": first_verdict_ms,
                 "first_ms": signalled.iter().cloned().fold(f64::NAN, f64::min),
                 "last_ms": signalled.iter().cloned().fold(f64::NAN, f64::max),
