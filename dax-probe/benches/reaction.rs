@@ -34,7 +34,7 @@ use dax_probe::{
         audit::AuditLog,
         config::{Action, Rule},
         enforce::{Enforcer, boottime_ns},
-        guard::{Proof, Scope},
+        guard::{Proof, Scope, Stamps},
         signal::Signal,
     },
     topology::{DevId, Topology},
@@ -169,7 +169,10 @@ fn pipeline(file: &Path, audit: &Path, pids: &[(u32, u64)], mode: Mode) -> (f64,
         device: "bench0",
         pfn_ranges: &[],
         proof: Proof::Mappings,
-        received_ns: t0,
+        stamps: Stamps {
+            received_ns: t0,
+            ..Stamps::default()
+        },
     };
     let acts = enf.act(scope, &holders, &rule, t0, &os, &class, "bench departure");
     let last = acts

@@ -410,9 +410,9 @@ impl Pinned for FakePinned {
         let mut s = self.state.borrow_mut();
         s.pin_polls.push(self.pid);
         Some(
-            !s.procs
+            s.procs
                 .get(&self.pid)
-                .is_some_and(|p| p.start_time == self.start_time),
+                .is_none_or(|p| p.start_time != self.start_time),
         )
     }
 
