@@ -215,8 +215,8 @@ impl Metrics {
         let pinned = Gauge::default();
         r.register(
             "pinned_processes",
-            "Holder processes the enforcing agent holds open for a departure (pidfd, stat, \
-             page tables)",
+            "Holder processes the agent holds open (pidfd and stat; page tables or maps too \
+             when enforcing, for a departure)",
             pinned.clone(),
         );
         let unpinned = Counter::default();

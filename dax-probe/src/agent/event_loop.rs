@@ -25,7 +25,7 @@ use crate::{
     incident::{Departure, Report},
     metrics::Metrics,
     os::{Fence, Os},
-    policy::{Policy, audit::Record, enforce::Enforcer, pipeline, unbind_guard},
+    policy::{Policy, audit::Record, enforce::Enforcer, pins::Pins, pipeline, unbind_guard},
     probe::Session,
     schema::{Dropped, HoldersReason, Line, Reconcile},
 };
@@ -99,6 +99,20 @@ pub struct Flow {
     space: Box<dyn FileSpace>,
     /// The unbind guard, when the policy asks for it and the kernel runs it.
     guard: Option<GuardState>,
+    /// A monitor that does not enforce pins its holders too, with a pidfd and a stat each,
+    /// only to tell who exited; an enforcer's pins do that and more.
+    watch_pins: Option<Pins>,
+}
+
+/// The pins the flow keeps: the enforcer's, or the monitor's own.
+fn pins_of<'a>(
+    enforcer: &'a mut Option<Enforcer>,
+    watch: &'a mut Option<Pins>,
+) -> Option<&'a mut Pins> {
+    match enforcer {
+        Some(e) => Some(&mut e.pins),
+        None => watch.as_mut(),
+    }
 }
 
 impl Flow {
@@ -109,9 +123,12 @@ impl Flow {
         enforcer: Option<Enforcer>,
         policy: Policy,
     ) -> Self {
+        let watch_pins = enforcer
+            .is_none()
+            .then(|| Pins::within_open_file_limit(None));
         // A pinned holder's exit is then one poll away, not a stat read.
-        if let Some(enf) = &enforcer {
-            state.applier.set_liveness(enf.pins.liveness());
+        if let Some(p) = enforcer.as_ref().map(|e| &e.pins).or(watch_pins.as_ref()) {
+            state.applier.set_liveness(p.liveness());
         }
         Self {
             state,
@@ -124,6 +141,7 @@ impl Flow {
             media: Watch::default(),
             space: Box::new(LiveSpace),
             guard: None,
+            watch_pins,
         }
     }
 
@@ -556,9 +574,9 @@ impl Flow {
     }
 
     /// A process a fault or a fork made a holder is read now, not under a departure's
-    /// clock: its cgroup (which the departure's report and actions name) and, for an
-    /// enforcing agent, its pin (a departure then opens nothing for it). A process known
-    /// already costs a lookup or two per event.
+    /// clock: its cgroup (which the departure's report and actions name) and its pin (for
+    /// an enforcing agent a departure then opens nothing for it; for every agent, its exit
+    /// is one poll away). A process known already costs a lookup or two per event.
     fn adopt_new_holders(&mut self, ev: &Event) {
         let pids = match ev {
             Event::Fault(f) => [Some(f.tgid), None],
@@ -570,30 +588,29 @@ impl Flow {
                 continue;
             };
             self.state.applier.cgroup_of(pid, start);
-            let Some(enf) = self.enforcer.as_mut() else {
+            let Some(pins) = pins_of(&mut self.enforcer, &mut self.watch_pins) else {
                 continue;
             };
-            if enf.pins.len() >= enf.pins.cap() {
+            if pins.len() >= pins.cap() {
                 // Full: first close the pins of processes that are holders no more.
                 let app = &self.state.applier;
-                enf.pins.retain(|pid, start| app.holds(pid, start));
+                pins.retain(|pid, start| app.holds(pid, start));
             }
-            enf.pins.pin(self.os.as_ref(), pid, start);
+            pins.pin(self.os.as_ref(), pid, start);
         }
     }
 
-    /// One pin per holder process of the map, and none for anyone else (an enforcing agent
-    /// only): at start, after the start-up scan, and on every reconcile, which may find
-    /// holders no event told of.
+    /// One pin per holder process of the map, and none for anyone else: at start, after
+    /// the start-up scan, and on every reconcile, which may find holders no event told of.
     pub fn sync_pins(&mut self) {
-        let Some(enf) = self.enforcer.as_mut() else {
+        let Some(pins) = pins_of(&mut self.enforcer, &mut self.watch_pins) else {
             return;
         };
         let app = &self.state.applier;
-        enf.pins.retain(|pid, start| app.holds(pid, start));
+        pins.retain(|pid, start| app.holds(pid, start));
         for (pid, start) in app.map.processes() {
             if app.holds(pid, start) {
-                enf.pins.pin(self.os.as_ref(), pid, start);
+                pins.pin(self.os.as_ref(), pid, start);
             }
         }
     }
@@ -679,8 +696,13 @@ impl Flow {
             s.drift_missing,
             s.drift_extra,
         );
-        if let Some(enf) = &self.enforcer {
-            self.metrics.pins(enf.pins.len(), enf.pins.over_cap);
+        if let Some(p) = self
+            .enforcer
+            .as_ref()
+            .map(|e| &e.pins)
+            .or(self.watch_pins.as_ref())
+        {
+            self.metrics.pins(p.len(), p.over_cap);
         }
     }
 
@@ -1593,6 +1615,40 @@ mod tests {
         f.refresh_metrics();
         let text = f.metrics.encode();
         assert!(text.contains("dax_probe_pinned_processes 1\n"), "{text}");
+    }
+
+    /// A monitor that does not enforce pins its holders too (a pidfd and a stat each, no
+    /// page tables): an answer then tells who exited from one poll of them, where it read
+    /// every holder's stat (150 ms of a 1,000-holder answer under TCG).
+    #[test]
+    fn a_monitor_that_does_not_enforce_pins_its_holders_to_tell_their_exit() {
+        use crate::os::fake::{FakeOs, FakeProc};
+        let dir = tempfile::tempdir().unwrap();
+        let recorded = Rc::new(RefCell::new(Recorded::default()));
+        recorded.borrow_mut().topology = topology();
+        recorded.borrow_mut().replace_all(&[row(150, PFN0)]);
+        let state = State::new(
+            topology(),
+            Applier::new(Box::new(RecordedProc(recorded.clone()))),
+            Incidents::new(None),
+            dir.path().to_path_buf(),
+        );
+        let os = FakeOs::new(&[(150, FakeProc::holder("db", 1150))], &["/mnt/xfs"]);
+        let mut f = Flow::new(state, Box::new(os.clone()), None, Policy::default());
+        let mut k = FakeKernel::default();
+        f.start_scan(&mut k);
+        let pins = f.watch_pins.as_ref().expect("a monitor's own pins");
+        assert!(pins.get(150, 1150).is_some());
+        assert_eq!(pins.proof, None, "no page tables or maps held");
+        os.state.borrow_mut().pin_polls.clear();
+        f.state.forget_gone();
+        assert_eq!(os.state.borrow().pin_polls, [150]);
+        f.refresh_metrics();
+        assert!(
+            f.metrics
+                .encode()
+                .contains("dax_probe_pinned_processes 1\n")
+        );
     }
 
     #[test]

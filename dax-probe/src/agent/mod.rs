@@ -123,9 +123,9 @@ impl Agent {
                 .map_err(|e| crate::metrics::warn_unserved(&e))
                 .ok()
         });
+        // Holders are pinned as they appear (two descriptors each, three when enforcing).
+        crate::policy::pins::raise_open_file_limit();
         let mut enforcer = if opts.enforce {
-            // Holders are pinned (three descriptors each) as they appear.
-            crate::policy::pins::raise_open_file_limit();
             let log = AuditLog::open(&opts.audit_log).map_err(|e| {
                 Failure::new(
                     Code::Config,

@@ -475,7 +475,7 @@ impl Os for FakeOs {
 
     /// The pid as it is after the open: a pid recycled on open is pinned as the new
     /// process, whose start time the caller then refuses.
-    fn pin(&self, pid: u32, _proof: Proof) -> io::Result<Box<dyn Pinned>> {
+    fn pin(&self, pid: u32, _proof: Option<Proof>) -> io::Result<Box<dyn Pinned>> {
         let mut s = self.state.borrow_mut();
         s.log.push(Call::Pin(pid));
         let p = s

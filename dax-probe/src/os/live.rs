@@ -68,16 +68,20 @@ impl Os for LiveOs {
         Ok(Box::new(PidFd::open(pid)?))
     }
 
-    fn pin(&self, pid: u32, proof: Proof) -> io::Result<Box<dyn Pinned>> {
+    fn pin(&self, pid: u32, proof: Option<Proof>) -> io::Result<Box<dyn Pinned>> {
         // The pidfd first: whatever opens after it and reads as the process it pinned
         // (the caller checks the start time) is that process's.
         let pidfd = PidFd::open(pid)?;
         let dir = self.proc.root.join(pid.to_string());
         let stat = File::open(dir.join("stat"))?;
-        let tables = File::open(dir.join(match proof {
-            Proof::PageTables => "pagemap",
-            Proof::Mappings => "maps",
-        }))?;
+        let tables = proof
+            .map(|p| {
+                File::open(dir.join(match p {
+                    Proof::PageTables => "pagemap",
+                    Proof::Mappings => "maps",
+                }))
+            })
+            .transpose()?;
         Ok(Box::new(LivePinned {
             pidfd,
             stat,
@@ -161,9 +165,10 @@ pub fn parse_stat_flags(text: &str) -> Option<u64> {
 struct LivePinned {
     pidfd: PidFd,
     stat: File,
-    /// Its pagemap (page-table proof) or its maps (mappings proof).
-    tables: File,
-    proof: Proof,
+    /// Its pagemap (page-table proof) or its maps (mappings proof); none for a pin that
+    /// only tells the process's exit.
+    tables: Option<File>,
+    proof: Option<Proof>,
 }
 
 impl Pidfd for LivePinned {
@@ -194,16 +199,17 @@ impl Pinned for LivePinned {
     }
 
     fn pagemap(&self) -> Option<Box<dyn PagemapSource + '_>> {
-        (self.proof == Proof::PageTables)
-            .then(|| Box::new(LivePagemap::over(&self.tables)) as Box<dyn PagemapSource + '_>)
+        let tables = self.tables.as_ref()?;
+        (self.proof == Some(Proof::PageTables))
+            .then(|| Box::new(LivePagemap::over(tables)) as Box<dyn PagemapSource + '_>)
     }
 
     fn vma_at(&self, addr: u64) -> io::Result<Option<Vma>> {
         use crate::proc::procmap::{Answer, vma_at};
-        if self.proof != Proof::Mappings {
+        let (Some(Proof::Mappings), Some(maps)) = (self.proof, &self.tables) else {
             return Err(io::ErrorKind::Unsupported.into());
-        }
-        match vma_at(&self.tables, addr)? {
+        };
+        match vma_at(maps, addr)? {
             Answer::Vma(v) => Ok(Some(v)),
             Answer::None => Ok(None),
             Answer::Unsupported => Err(io::ErrorKind::Unsupported.into()),
@@ -289,7 +295,7 @@ mod tests {
         }
         let os = LiveOs::new(Path::new("/"));
         let start = os.identity(pid).unwrap().0;
-        let pin = os.pin(pid, Proof::Mappings).unwrap();
+        let pin = os.pin(pid, Some(Proof::Mappings)).unwrap();
         let (s, comm, flags) = pin.identity().unwrap();
         assert_eq!(
             (s, comm.as_str(), flags & super::super::PF_KTHREAD),
@@ -301,7 +307,7 @@ mod tests {
             .next()
             .unwrap();
         match pin.vma_at(first.start) {
-            Ok(v) => assert_eq!(v, Some(first)),
+            Ok(v) => assert_eq!(v.as_ref(), Some(&first)),
             // Before 6.11 the kernel has no PROCMAP_QUERY: the guard reads the maps.
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
         }
@@ -325,8 +331,11 @@ mod tests {
         assert_eq!(pin.exited(), Some(true));
         assert_eq!(pin.identity(), None, "gone and reaped");
         assert!(pin.send(Signal(libc::SIGKILL)).is_err());
-        let tables = os.pin(std::process::id(), Proof::PageTables).unwrap();
+        let tables = os.pin(std::process::id(), Some(Proof::PageTables)).unwrap();
         assert!(tables.pagemap().is_some());
+        let bare = os.pin(std::process::id(), None).unwrap();
+        assert_eq!(bare.exited(), Some(false));
+        assert!(bare.pagemap().is_none() && bare.vma_at(first.start).is_err());
     }
 
     #[test]

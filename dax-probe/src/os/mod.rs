@@ -78,9 +78,10 @@ pub trait Os {
     fn self_pid(&self) -> u32;
     fn pidfd_open(&self, pid: u32) -> io::Result<Box<dyn Pidfd + '_>>;
     /// Pins `pid` ahead of a departure (see [`Pinned`]): its pidfd first, then its stat
-    /// and, for `proof`, its pagemap (page tables) or its maps (mappings). The caller
-    /// checks the start time through the pin afterwards.
-    fn pin(&self, pid: u32, proof: Proof) -> io::Result<Box<dyn Pinned>>;
+    /// and, for `proof`, its pagemap (page tables) or its maps (mappings); no `proof`: a
+    /// pin to tell its exit only. The caller checks the start time through the pin
+    /// afterwards.
+    fn pin(&self, pid: u32, proof: Option<Proof>) -> io::Result<Box<dyn Pinned>>;
     /// Writes `value` to a sysfs attribute (`…/driver/unbind`).
     fn write_sysfs(&self, path: &Path, value: &str) -> io::Result<()>;
     /// Unmounts `mount_point` without following symlinks (`UMOUNT_NOFOLLOW`).

@@ -187,7 +187,7 @@ impl Enforcer {
             audit: Box::new(audit),
             pending: Vec::new(),
             departure_proof: Proof::PageTables,
-            pins: Pins::within_open_file_limit(),
+            pins: Pins::within_open_file_limit(Some(Proof::PageTables)),
         }
     }
 
@@ -198,7 +198,7 @@ impl Enforcer {
         } else {
             Proof::Mappings
         };
-        self.pins.proof = self.departure_proof;
+        self.pins.proof = Some(self.departure_proof);
         self
     }
 

@@ -17,8 +17,10 @@ use crate::{
     os::{Os, Pinned},
 };
 
-/// Descriptors one pin holds: pidfd, stat, pagemap or maps.
-pub const FDS_PER_PIN: u64 = 3;
+/// Descriptors one pin holds: pidfd and stat, and pagemap or maps for a proof.
+fn fds_per_pin(proof: Option<Proof>) -> u64 {
+    2 + proof.is_some() as u64
+}
 /// Descriptors left to everything else: BPF maps, links and rings, sockets, the audit
 /// log, the history database, and a signal batch's pidfds for unpinned holders.
 const RESERVED_FDS: u64 = 1024;
@@ -32,8 +34,9 @@ pub struct Pins {
     /// Shared with the [`Pins::liveness`] handed to the holder map.
     by_pid: Rc<RefCell<ByPid>>,
     cap: usize,
-    /// What a pin opens besides its stat: the proof departures will use.
-    pub proof: Proof,
+    /// What a pin opens besides its pidfd and stat: the proof departures will use; none
+    /// for a monitor that does not enforce, whose pins only tell who exited.
+    pub proof: Option<Proof>,
     /// Holders left unpinned because the cap was reached.
     pub over_cap: u64,
 }
@@ -43,14 +46,19 @@ impl Pins {
         Self {
             by_pid: Rc::default(),
             cap: cap.min(MAX_PINS),
-            proof: Proof::PageTables,
+            proof: Some(Proof::PageTables),
             over_cap: 0,
         }
     }
 
-    /// As many as the current open-file limit leaves room for beside [`RESERVED_FDS`].
-    pub fn within_open_file_limit() -> Self {
-        Self::new((nofile_limit().saturating_sub(RESERVED_FDS) / FDS_PER_PIN) as usize)
+    /// As many pins for `proof` as the current open-file limit leaves room for beside
+    /// [`RESERVED_FDS`].
+    pub fn within_open_file_limit(proof: Option<Proof>) -> Self {
+        let n = nofile_limit().saturating_sub(RESERVED_FDS) / fds_per_pin(proof);
+        Self {
+            proof,
+            ..Self::new(n as usize)
+        }
     }
 
     pub fn cap(&self) -> usize {
@@ -162,7 +170,7 @@ fn nofile_limit() -> u64 {
 }
 
 /// Raises the soft open-file limit to the hard one (what an unprivileged process may do
-/// too): pins need three descriptors per holder. Returns the soft limit now.
+/// too): pins need two or three descriptors per holder. Returns the soft limit now.
 pub fn raise_open_file_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
