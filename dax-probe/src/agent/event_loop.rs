@@ -591,6 +591,10 @@ impl Flow {
             let Some(pins) = pins_of(&mut self.enforcer, &mut self.watch_pins) else {
                 continue;
             };
+            if pins.refused(pid, start) {
+                // Left out at the cap: not tried (nor the pins swept) on its every fault.
+                continue;
+            }
             if pins.len() >= pins.cap() {
                 // Full: first close the pins of processes that are holders no more.
                 let app = &self.state.applier;

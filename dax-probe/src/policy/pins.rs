@@ -9,7 +9,11 @@
 //! each; their number is capped by the open-file limit, and a holder without one is
 //! re-checked the old way (everything opened at the departure), never skipped.
 
-use std::{cell::RefCell, collections::HashMap, rc::Rc};
+use std::{
+    cell::RefCell,
+    collections::{HashMap, HashSet},
+    rc::Rc,
+};
 
 use super::guard::Proof;
 use crate::{
@@ -39,6 +43,10 @@ pub struct Pins {
     pub proof: Option<Proof>,
     /// Holders left unpinned because the cap was reached.
     pub over_cap: u64,
+    /// Those holders (pid, start time), so each is counted once and not tried again on
+    /// its every fault (a resync of every pin tries them: [`Pins::retain`] may have made
+    /// room); gone with the pins ([`Pins::retain`]).
+    refused: HashSet<(u32, u64)>,
 }
 
 impl Pins {
@@ -48,6 +56,7 @@ impl Pins {
             cap: cap.min(MAX_PINS),
             proof: Some(Proof::PageTables),
             over_cap: 0,
+            refused: HashSet::new(),
         }
     }
 
@@ -96,7 +105,9 @@ impl Pins {
             by_pid.remove(&pid);
         }
         if by_pid.len() >= self.cap {
-            self.over_cap += 1;
+            if self.refused.insert((pid, start_time)) {
+                self.over_cap += 1;
+            }
             return false;
         }
         let Ok(p) = os.pin(pid, self.proof) else {
@@ -106,7 +117,13 @@ impl Pins {
             return false;
         }
         by_pid.insert(pid, (start_time, Rc::from(p)));
+        self.refused.remove(&(pid, start_time));
         true
+    }
+
+    /// Was `pid` started at `start_time` left unpinned for want of room?
+    pub fn refused(&self, pid: u32, start_time: u64) -> bool {
+        self.refused.contains(&(pid, start_time))
     }
 
     /// The pin of `pid` started at `start_time`, if it has one.
@@ -123,6 +140,7 @@ impl Pins {
         self.by_pid
             .borrow_mut()
             .retain(|&pid, (s, _)| keep(pid, *s));
+        self.refused.retain(|&(pid, s)| keep(pid, s));
     }
 }
 
@@ -246,8 +264,15 @@ mod tests {
         let mut pins = Pins::new(1);
         assert!(pins.pin(&os, 100, 7));
         assert!(!pins.pin(&os, 200, 7));
+        // A holder faults many times: it is one holder left unpinned, not one per fault.
+        assert!(!pins.pin(&os, 200, 7));
+        assert!(pins.refused(200, 7));
         assert_eq!(pins.over_cap, 1);
         assert!(!os.log().contains(&Call::Pin(200)));
+        // Room made: it is pinned when tried again, and no longer counted as left out.
+        pins.retain(|pid, _| pid != 100);
+        assert!(pins.pin(&os, 200, 7) && !pins.refused(200, 7));
+        assert_eq!(pins.over_cap, 1);
     }
 
     /// A pin whose process exited and whose pid went to another process reads nothing:
