@@ -316,13 +316,16 @@ fn actions(records: &[Option<Value>]) -> Vec<String> {
         .collect()
 }
 
-/// Waits until the audit log has a `signal` record for `pid`.
+/// Waits until the audit log says a signal to `pid` was sent: its `signal` record (written
+/// before the send) and then the `result` record for the same pid (written after it). A kill
+/// between the two is a legitimate end of the log, so waiting for the first alone would let
+/// the scenario race the agent's next write.
 fn signal_recorded(path: &str, pid: u32, within: Duration) -> bool {
     sys::wait_for(within, || {
-        audit_records(path)
-            .iter()
-            .flatten()
-            .any(|r| r["action"] == "signal" && r["pid"].as_u64() == Some(pid as u64))
+        let records = audit_records(path);
+        let of_pid = |r: &&Value| r["pid"].as_u64() == Some(pid as u64);
+        let mut mine = records.iter().flatten().filter(of_pid);
+        mine.any(|r| r["action"] == "signal") && mine.any(|r| r["action"] == "result")
     })
 }
 
