@@ -414,10 +414,13 @@ impl Enforcer {
                 }
                 continue;
             }
+            // Every signal first, in a tight loop; what each did is written down after.
+            let sends: Vec<_> = admitted
+                .iter()
+                .map(|(_, fd, _)| (fd.send(sig), boottime_ns()))
+                .collect();
             let mut results = Vec::with_capacity(admitted.len());
-            for (w, fd, verdict_ns) in admitted {
-                let result = fd.send(sig);
-                let sent_ns = boottime_ns();
+            for ((w, _fd, verdict_ns), (result, sent_ns)) in admitted.into_iter().zip(sends) {
                 // What happened to the signal: a record that only announced it would leave
                 // "sent?" open after a crash or an error.
                 results.push(record(
