@@ -122,8 +122,12 @@ pub struct State {
     pub mounts: Vec<Mount>,
     /// Durable writes of several records at once (`write_all`).
     pub audit_flushes: usize,
-    /// Every durable write (one `write` or one `write_all`): each is an fdatasync.
+    /// Every durable write (one `write` or one `write_all`, or a `settle` that flushed):
+    /// each is an fdatasync.
     pub durable_writes: usize,
+    /// Records written ahead (`write_ahead`) that no flush covered yet, and whether a write
+    /// failed since (then `settle` fails).
+    pub ahead: Option<bool>,
     /// Mount points whose unmount fails (EBUSY).
     pub busy_mounts: Vec<String>,
     /// dm devices whose removal fails (EBUSY: still open).
@@ -566,8 +570,11 @@ pub struct FakeAudit {
 
 impl AuditSink for FakeAudit {
     fn write(&mut self, r: &Record) -> io::Result<()> {
-        self.append(r)?;
-        self.state.borrow_mut().durable_writes += 1;
+        if let Err(e) = self.append(r) {
+            self.failed();
+            return Err(e);
+        }
+        self.flushed();
         Ok(())
     }
     fn write_all(&mut self, rs: &[Record]) -> io::Result<()> {
@@ -583,15 +590,32 @@ impl AuditSink for FakeAudit {
                 .borrow_mut()
                 .log
                 .push(Call::AuditFailed { action: bad });
+            self.failed();
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         for r in rs {
             self.append(r)?;
         }
-        let mut s = self.state.borrow_mut();
-        s.audit_flushes += 1;
-        s.durable_writes += 1;
+        self.state.borrow_mut().audit_flushes += 1;
+        self.flushed();
         Ok(())
+    }
+    fn write_ahead(&mut self, r: &Record) -> io::Result<()> {
+        self.append(r)?;
+        let mut s = self.state.borrow_mut();
+        s.ahead = Some(s.ahead.unwrap_or(false));
+        Ok(())
+    }
+    fn settle(&mut self) -> io::Result<()> {
+        let mut s = self.state.borrow_mut();
+        match s.ahead.take() {
+            None => Ok(()),
+            Some(false) => {
+                s.durable_writes += 1;
+                Ok(())
+            }
+            Some(true) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        }
     }
     fn path(&self) -> &Path {
         &self.path
@@ -599,6 +623,23 @@ impl AuditSink for FakeAudit {
 }
 
 impl FakeAudit {
+    /// A durable write: an fdatasync, which covers the records written ahead too.
+    fn flushed(&self) {
+        let mut s = self.state.borrow_mut();
+        s.durable_writes += 1;
+        if s.ahead == Some(false) {
+            s.ahead = None;
+        }
+    }
+
+    /// A durable write failed: the records written ahead may not be on disk.
+    fn failed(&self) {
+        let mut s = self.state.borrow_mut();
+        if s.ahead.is_some() {
+            s.ahead = Some(true);
+        }
+    }
+
     /// One record into the log (made durable by the caller's count).
     fn append(&mut self, r: &Record) -> io::Result<()> {
         let mut s = self.state.borrow_mut();

@@ -265,6 +265,12 @@ impl AuditSink for AuditLog {
     fn write_all(&mut self, rs: &[Record]) -> io::Result<()> {
         AuditLog::write_all(self, rs)
     }
+    fn write_ahead(&mut self, r: &Record) -> io::Result<()> {
+        AuditLog::write_ahead(self, r)
+    }
+    fn settle(&mut self) -> io::Result<()> {
+        AuditLog::settle(self)
+    }
     fn path(&self) -> &Path {
         &self.path
     }

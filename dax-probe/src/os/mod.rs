@@ -143,5 +143,11 @@ pub trait AuditSink {
     /// Writes `rs` as one durable unit (one write, one fdatasync): all of them, or on an
     /// error none.
     fn write_all(&mut self, rs: &[Record]) -> io::Result<()>;
+    /// Writes `r` into the log without waiting for the disk (see
+    /// [`crate::policy::audit::AuditLog::write_ahead`]): the next durable write flushes it.
+    fn write_ahead(&mut self, r: &Record) -> io::Result<()>;
+    /// Are the records written ahead on disk? Flushes them if nothing did; an error when a
+    /// write or flush after them failed.
+    fn settle(&mut self) -> io::Result<()>;
     fn path(&self) -> &Path;
 }

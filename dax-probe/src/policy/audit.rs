@@ -1,6 +1,9 @@
 //! The audit log: one JSON object per line for every decision and every signal, written and
 //! flushed to disk before the action it describes, so the log is complete even if the agent
-//! dies the next instant.
+//! dies the next instant. One kind of record may be written ahead of its flush
+//! ([`AuditLog::write_ahead`]): the record of a kernel-side step (the fence) whose effects
+//! die with the machine as the unflushed record would; the next flush, at the latest the
+//! one before the agent's first signal, makes it durable.
 
 use std::{
     fs::File,
@@ -18,6 +21,41 @@ pub struct AuditLog {
     /// A write failed and could not be undone: the file may end in a partial line, so the
     /// next record starts on a new line.
     torn: bool,
+    ahead: Ahead,
+}
+
+/// Records written ahead of their flush ([`AuditLog::write_ahead`]) and not yet known durable.
+#[derive(Default)]
+struct Ahead {
+    pending: bool,
+    /// A write or flush failed while they were pending: a later fdatasync that succeeds
+    /// does not prove them on disk (the kernel reports a writeback error once).
+    lost: bool,
+}
+
+impl Ahead {
+    /// After a durable write (or its failure): a flush covers the whole file.
+    fn flushed(&mut self, r: &std::io::Result<()>) {
+        match r {
+            Ok(()) if !self.lost => self.pending = false,
+            Ok(()) => {}
+            Err(_) => self.lost |= self.pending,
+        }
+    }
+
+    /// Are the records written ahead durable now? `Ok` when none is pending.
+    fn settle(&mut self, sync: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+        let was = std::mem::take(self);
+        if !was.pending {
+            return Ok(());
+        }
+        if was.lost {
+            return Err(std::io::Error::other(
+                "a write or flush of the log failed after it: it may not be on disk",
+            ));
+        }
+        sync()
+    }
 }
 
 /// One audit record.
@@ -74,6 +112,7 @@ impl AuditLog {
             file,
             path: path.to_path_buf(),
             torn: false,
+            ahead: Ahead::default(),
         })
     }
 
@@ -82,7 +121,26 @@ impl AuditLog {
     /// line for a reader to trip on.
     pub fn write(&mut self, r: &Record) -> std::io::Result<()> {
         let line = serde_json::to_string(r).map_err(std::io::Error::other)?;
-        append_line(&mut self.file, &mut self.torn, &line)
+        let w = append_line(&mut self.file, &mut self.torn, &line, true);
+        self.ahead.flushed(&w);
+        w
+    }
+
+    /// Writes one record into the file (readers see it; it outlives the agent) without
+    /// waiting for the disk: the next durable write flushes it with its own, and
+    /// [`AuditLog::settle`] says whether it is on disk. On an error nothing of it stays.
+    pub fn write_ahead(&mut self, r: &Record) -> std::io::Result<()> {
+        let line = serde_json::to_string(r).map_err(std::io::Error::other)?;
+        append_line(&mut self.file, &mut self.torn, &line, false)?;
+        self.ahead.pending = true;
+        Ok(())
+    }
+
+    /// Makes the records written ahead durable if no flush did yet; an error when one
+    /// that covered them failed.
+    pub fn settle(&mut self) -> std::io::Result<()> {
+        let file = &mut self.file;
+        self.ahead.settle(|| file.sync_data())
     }
 
     /// Writes several records with one write and one fdatasync (a decision about many
@@ -95,7 +153,9 @@ impl AuditLog {
         for r in rs {
             lines.push(serde_json::to_string(r).map_err(std::io::Error::other)?);
         }
-        append_line(&mut self.file, &mut self.torn, &lines.join("\n"))
+        let w = append_line(&mut self.file, &mut self.torn, &lines.join("\n"), true);
+        self.ahead.flushed(&w);
+        w
     }
 }
 
@@ -118,7 +178,13 @@ impl LogFile for File {
     }
 }
 
-fn append_line(f: &mut impl LogFile, torn: &mut bool, line: &str) -> std::io::Result<()> {
+/// Appends `line`; `durable`: and waits for the disk (fdatasync).
+fn append_line(
+    f: &mut impl LogFile,
+    torn: &mut bool,
+    line: &str,
+    durable: bool,
+) -> std::io::Result<()> {
     let mut buf = String::with_capacity(line.len() + 2);
     if *torn {
         buf.push('\n');
@@ -129,7 +195,7 @@ fn append_line(f: &mut impl LogFile, torn: &mut bool, line: &str) -> std::io::Re
     let written = f
         .write_all(buf.as_bytes())
         .and_then(|()| f.flush())
-        .and_then(|()| f.sync());
+        .and_then(|()| if durable { f.sync() } else { Ok(()) });
     if let Err(e) = written {
         // Undo the partial line; when even that fails, the next record starts afresh.
         *torn = f.truncate(before).and_then(|()| f.sync()).is_err();
@@ -204,14 +270,19 @@ mod tests {
             can_truncate: true,
         };
         let mut torn = false;
-        append_line(&mut f, &mut torn, r#"{"a":1}"#).unwrap();
-        let e = append_line(&mut f, &mut torn, r#"{"action":"unbind","detail":"long"}"#);
+        append_line(&mut f, &mut torn, r#"{"a":1}"#, true).unwrap();
+        let e = append_line(
+            &mut f,
+            &mut torn,
+            r#"{"action":"unbind","detail":"long"}"#,
+            true,
+        );
         assert_eq!(e.unwrap_err().raw_os_error(), Some(libc::ENOSPC));
         assert_eq!(lines(&f), vec![r#"{"a":1}"#]);
         assert!(!torn);
         // Room again: the next record is whole, on its own line.
         f.room = 100;
-        append_line(&mut f, &mut torn, r#"{"b":2}"#).unwrap();
+        append_line(&mut f, &mut torn, r#"{"b":2}"#, true).unwrap();
         assert_eq!(lines(&f), vec![r#"{"a":1}"#, r#"{"b":2}"#]);
     }
 
@@ -223,12 +294,81 @@ mod tests {
             can_truncate: false,
         };
         let mut torn = false;
-        assert!(append_line(&mut f, &mut torn, r#"{"action":"signal"}"#).is_err());
+        assert!(append_line(&mut f, &mut torn, r#"{"action":"signal"}"#, true).is_err());
         assert!(torn);
         f.room = 100;
-        append_line(&mut f, &mut torn, r#"{"b":2}"#).unwrap();
+        append_line(&mut f, &mut torn, r#"{"b":2}"#, true).unwrap();
         let l = lines(&f);
         assert_eq!(l.last().map(String::as_str), Some(r#"{"b":2}"#), "{l:?}");
         assert!(serde_json::from_str::<serde_json::Value>(&l[1]).is_ok());
+    }
+
+    /// A record written ahead is durable once a flush covered it: a later durable write's,
+    /// else `settle`'s own. A write or flush that failed in between leaves it unproven, even
+    /// when a later fdatasync succeeds (the kernel reports a writeback error only once).
+    #[test]
+    fn a_record_written_ahead_is_settled_by_the_next_flush_and_never_after_a_failure() {
+        let (ok, eio) = (Ok(()), Err(std::io::Error::from_raw_os_error(libc::EIO)));
+        let syncs = std::cell::Cell::new(0);
+        let sync = || {
+            syncs.set(syncs.get() + 1);
+            Ok(())
+        };
+        // Nothing written ahead: nothing to flush.
+        assert!(Ahead::default().settle(sync).is_ok());
+        // Written ahead, no flush since: settle flushes it.
+        let mut a = Ahead {
+            pending: true,
+            ..Ahead::default()
+        };
+        assert!(a.settle(sync).is_ok());
+        // Written ahead, then a durable write: covered, no second flush.
+        let mut b = Ahead {
+            pending: true,
+            ..Ahead::default()
+        };
+        b.flushed(&ok);
+        assert!(b.settle(sync).is_ok());
+        assert_eq!(syncs.get(), 1);
+        // Written ahead, then a failed durable write, then a good one: not proven.
+        let mut c = Ahead {
+            pending: true,
+            ..Ahead::default()
+        };
+        c.flushed(&eio);
+        c.flushed(&ok);
+        assert!(c.settle(sync).is_err());
+        assert_eq!(syncs.get(), 1, "no flush can prove it now");
+        // Settled is settled: the next one starts afresh.
+        assert!(c.settle(sync).is_ok());
+        // A failure with nothing written ahead taints nothing.
+        let mut d = Ahead::default();
+        d.flushed(&eio);
+        assert!(!d.lost);
+    }
+
+    /// On a real file: the record written ahead is in the log at once (a reader, or the
+    /// agent's successor, sees it), and the next durable write keeps it before its own.
+    #[test]
+    fn a_record_written_ahead_is_in_the_file_before_its_flush() {
+        let dir = std::env::temp_dir().join(format!("dax-probe-ahead-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let mut log = AuditLog::open(&path).unwrap();
+        log.write_ahead(&Record::device("fence", "pmem0", "ahead".into()))
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(r#""action":"fence""#), "{text}");
+        log.write(&Record::device("decide", "pmem0", "flushed".into()))
+            .unwrap();
+        log.settle().unwrap();
+        let actions: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["action"].to_string())
+            .collect();
+        assert_eq!(actions, [r#""fence""#, r#""decide""#]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -216,6 +216,36 @@ impl Enforcer {
         }
     }
 
+    /// Writes a record ahead of its flush ([`AuditSink::write_ahead`]); false (and an error
+    /// logged) when it could not be written.
+    pub fn log_ahead(&mut self, r: Record) -> bool {
+        match self.audit.write_ahead(&r) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!(
+                    "cannot write the audit log {}: {e}",
+                    self.audit.path().display()
+                );
+                false
+            }
+        }
+    }
+
+    /// Are the records written ahead on disk (flushed now if nothing did)? False, and an
+    /// error logged, when they may not be.
+    pub fn settle(&mut self) -> bool {
+        match self.audit.settle() {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!(
+                    "the audit log {} may have lost a record written ahead of its flush: {e}",
+                    self.audit.path().display()
+                );
+                false
+            }
+        }
+    }
+
     /// Writes records as one durable unit; false (and an error logged) when it could not.
     pub fn log_all(&mut self, rs: &[Record]) -> bool {
         match self.audit.write_all(rs) {

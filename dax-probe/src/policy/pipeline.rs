@@ -105,13 +105,15 @@ pub fn depart(
     enf: &mut Enforcer,
     class: &Classifier,
 ) -> Vec<ActionReport> {
-    // One record before the fence, not two: every fdatasync here delays the fence and the
-    // first signal of a departure the kernel is already carrying out.
+    // One record before the fence, written into the log but not waited for on disk: the
+    // fence is kernel state that dies with the machine, as the unflushed record would, and
+    // the decision's flush (before the first signal of ours) makes both durable. Every
+    // fdatasync here delays the fence and the first signal of a departure the kernel is
+    // already carrying out.
     let mut stamps = dep.stamps;
     if rule.action == Action::Signal {
         let arm = fence_arm(rule, os);
-        let fenced = step(
-            enf,
+        let fenced = enf.log_ahead(Record::device(
             "fence",
             &dep.device,
             format!(
@@ -121,10 +123,15 @@ pub fn depart(
                 fence_detail(fence.refuses_mappings()),
                 arm_detail(&arm, &dep.devs)
             ),
-        );
-        match fenced {
-            Ok(()) => fence_all(fence, &dep.devs, &arm),
-            Err(e) => log::error!("{e}"),
+        ));
+        if fenced {
+            fence_all(fence, &dep.devs, &arm);
+        } else {
+            log::error!(
+                "the fence of {} was not raised: its record could not be written (every step \
+                 is recorded before it runs)",
+                dep.device
+            );
         }
         if stamps.received_ns != 0 {
             stamps.fenced_ns = crate::policy::enforce::boottime_ns();
@@ -136,7 +143,7 @@ pub fn depart(
         proof: enf.departure_proof,
         stamps,
     };
-    enf.act(
+    let acts = enf.act(
         scope,
         &dep.holders,
         rule,
@@ -144,7 +151,12 @@ pub fn depart(
         os,
         class,
         "device departing",
-    )
+    );
+    // Flushed by the decision already, unless no holder was left to decide about. A flush
+    // that failed after it leaves the fence up (the device is leaving; the record is in the
+    // file) and says so: nothing of ours was signalled on its account.
+    enf.settle();
+    acts
 }
 
 /// A bad media range became known (`media_error`): apply the rule's `on_media_error` to
@@ -1065,6 +1077,50 @@ mod tests {
         }
     }
 
+    /// A departure with no holder left has no decision to flush the fence record with: it
+    /// is flushed on its own before the departure is done.
+    #[test]
+    fn a_fence_record_written_ahead_is_flushed_even_with_no_holder() {
+        let os = FakeOs::new(&[], &["/mnt/pmem0"]);
+        let topo = topology(&["/mnt/pmem0"]);
+        let class = Classifier { topology: &topo };
+        let mut enf = Enforcer::new(os.audit());
+        let mut dep = departure(&os, &topo);
+        dep.holders.clear();
+        let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
+        assert!(acts.is_empty(), "{acts:?}");
+        assert_eq!(words(&os), ["audit:fence", "fence"]);
+        let s = os.state.borrow();
+        assert_eq!((s.durable_writes, s.ahead), (1, None));
+    }
+
+    /// The decision's flush fails after the fence record was written ahead: no signal of
+    /// ours goes out, the fence stays up (the device is leaving, its record is in the
+    /// file), and the record is not claimed durable (no later flush counts for it).
+    #[test]
+    fn a_failed_flush_after_the_fence_record_signals_no_one_and_keeps_the_fence() {
+        let os = FakeOs::new(&[(100, FakeProc::holder("a", 7))], &["/mnt/pmem0"]);
+        os.state.borrow_mut().failing_audit.push("decide".into());
+        let topo = topology(&["/mnt/pmem0"]);
+        let class = Classifier { topology: &topo };
+        let mut enf = Enforcer::new(os.audit());
+        let dep = departure(&os, &topo);
+        let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
+        assert!(acts.iter().all(|a| a.action == "skip"), "{acts:?}");
+        let w = words(&os);
+        assert!(
+            !w.iter().any(|x| x.starts_with("signal:") || x == "unfence"),
+            "{w:?}"
+        );
+        assert_eq!(w[..2], ["audit:fence", "fence"]);
+        let s = os.state.borrow();
+        assert_eq!(
+            (s.durable_writes, s.ahead),
+            (0, None),
+            "settled, not as durable"
+        );
+    }
+
     #[test]
     fn a_batch_whose_records_cannot_be_written_signals_no_one() {
         let os = FakeOs::new(
@@ -1139,11 +1195,12 @@ mod tests {
         );
     }
 
-    /// Before the first signal of a departure: the fence record, then the decision with
-    /// the first batch's verdicts in one durable write (it was a write of its own: one
-    /// fdatasync more between the hook and the first signal). Then the results.
+    /// Before the first signal of a departure: the fence record written ahead (in the log
+    /// before the fence, not waited for on disk: it was an fdatasync of its own, the
+    /// longest step under TCG), then the decision with the first batch's verdicts in one
+    /// durable write, which flushes the fence record too. Then the results.
     #[test]
-    fn a_departure_makes_two_durable_writes_before_its_first_signal() {
+    fn a_departure_makes_one_durable_write_before_its_first_signal() {
         let os = FakeOs::new(&[(100, FakeProc::holder("app", 7))], &["/mnt/pmem0"]);
         let topo = topology(&["/mnt/pmem0"]);
         let class = Classifier { topology: &topo };
@@ -1156,11 +1213,18 @@ mod tests {
         depart(&dep, &once, &os, &mut os.fence(), &mut enf, &class);
         assert_eq!(
             os.state.borrow().durable_writes,
-            3,
-            "fence, decide+verdicts, results"
+            2,
+            "fence+decide+verdicts, results"
+        );
+        assert_eq!(
+            os.state.borrow().ahead,
+            None,
+            "the fence record was flushed"
         );
         let w = words(&os);
         let pos = |x: &str| w.iter().position(|y| y == x).unwrap();
+        assert!(pos("audit:fence") < pos("fence"), "{w:?}");
+        assert!(pos("fence") < pos("audit:decide"), "{w:?}");
         assert!(pos("audit:decide") < pos("audit:signal:100"), "{w:?}");
         assert!(pos("audit:signal:100") < pos("signal:100:15"), "{w:?}");
     }
