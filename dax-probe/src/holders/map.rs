@@ -92,6 +92,10 @@ pub struct Holder {
     /// The process's cgroup, read once per (tgid, start time) and dropped with the holder.
     #[serde(skip)]
     pub cgroup: Option<std::sync::Arc<crate::proc::cgroup::Cgroup>>,
+    /// `cgroup` was read: `None` then means the kernel named no cgroup (no hierarchy
+    /// mounted: /proc/PID/cgroup is empty), not "not read yet".
+    #[serde(skip)]
+    pub cgroup_read: bool,
 }
 
 /// One process, as a holder's identity or one of its sharers.
@@ -242,6 +246,7 @@ impl HolderMap {
             comm: comm.to_string(),
             sharers: Vec::new(),
             cgroup: None,
+            cgroup_read: false,
         };
         let id = match self.free_holders.pop() {
             Some(id) => {
@@ -259,10 +264,16 @@ impl HolderMap {
         id
     }
 
-    /// Caches what the holder's process's cgroup says (see [`Holder::cgroup`]).
-    pub fn set_cgroup(&mut self, id: HolderId, c: std::sync::Arc<crate::proc::cgroup::Cgroup>) {
+    /// Caches what the holder's process's cgroup says (see [`Holder::cgroup`]); `None`:
+    /// it names none.
+    pub fn set_cgroup(
+        &mut self,
+        id: HolderId,
+        c: Option<std::sync::Arc<crate::proc::cgroup::Cgroup>>,
+    ) {
         if let Some(Some(h)) = self.holders.get_mut(id as usize) {
-            h.cgroup = Some(c);
+            h.cgroup = c;
+            h.cgroup_read = true;
         }
     }
 

@@ -149,6 +149,8 @@ pub struct State {
     /// stat reads by pid through /proc/PID/stat opened afresh ([`Os::identity`],
     /// [`Procfs::stat`] and so every [`Procfs::gone`]).
     pub stat_opens: Vec<u32>,
+    /// /proc/PID/cgroup reads, by pid.
+    pub cgroup_reads: Vec<u32>,
     /// Reads through a pin (its stat, pagemap or maps), by pid.
     pub pin_reads: Vec<u32>,
     /// Liveness polls of a pin's pidfd, by pid.
@@ -315,6 +317,7 @@ impl Procfs for FakeOs {
     }
 
     fn cgroup(&self, pid: u32) -> io::Result<Vec<u8>> {
+        self.state.borrow_mut().cgroup_reads.push(pid);
         let s = self.state.borrow();
         let p = s.procs.get(&pid).ok_or(io::ErrorKind::NotFound)?;
         Ok(p.cgroup
