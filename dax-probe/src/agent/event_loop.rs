@@ -606,7 +606,16 @@ impl Flow {
 
     /// One pin per holder process of the map, and none for anyone else: at start, after
     /// the start-up scan, and on every reconcile, which may find holders no event told of.
+    /// Holders found that way have their cgroup read here too, as a fault or a fork makes
+    /// one read it (see `adopt_new_holders`), so no departure's listing reads it.
     pub fn sync_pins(&mut self) {
+        let app = &mut self.state.applier;
+        let procs: Vec<(u32, u64)> = app.map.processes().collect();
+        for (pid, start) in procs {
+            if app.holds(pid, start) {
+                app.cgroup_of(pid, start);
+            }
+        }
         let Some(pins) = pins_of(&mut self.enforcer, &mut self.watch_pins) else {
             return;
         };

@@ -367,14 +367,14 @@ impl Applier {
         }
     }
 
-    /// Found dead (or gone to another address space) and kept only for the events still
-    /// on their way: never an answer about now.
     /// Is `tgid`, started at `start_time`, a live holder? An exited one stays in the map a
     /// while for its in-flight events (see [`Applier::forget_gone`]), not as a holder.
     pub fn holds(&self, tgid: u32, start_time: u64) -> bool {
         self.map.start_time_of(tgid) == Some(start_time) && !self.is_dying(tgid)
     }
 
+    /// Found dead (or gone to another address space) and kept only for the events still
+    /// on their way: never an answer about now.
     pub fn is_dying(&self, tgid: u32) -> bool {
         self.dying.contains_key(&tgid)
     }
@@ -697,7 +697,9 @@ impl Applier {
     ) -> Option<std::sync::Arc<crate::proc::cgroup::Cgroup>> {
         let id = self.map.holder_of(tgid)?;
         let h = self.map.info(id)?;
-        if h.start_time != start_time {
+        // The process the address space is named by, no sharer of it (even one started in
+        // the same clock tick): the cache is that process's.
+        if h.tgid != tgid || h.start_time != start_time {
             return None;
         }
         if h.cgroup_read {
@@ -1197,6 +1199,51 @@ mod cgroup_tests {
         let mut r = super::super::query::rows(&a.map, &sel, false);
         a.name_files(&mut r, topo);
         r
+    }
+
+    /// The cgroup kept for an address space is its naming process's: a sharer (even one
+    /// started in the same clock tick) is not given it, and a sharer that comes to name the
+    /// address space when the first process exits has its own read, not the dead one's.
+    #[test]
+    fn a_sharer_is_never_given_the_cgroup_of_the_process_the_space_was_named_by() {
+        let os = FakeOs::new(
+            &[
+                (
+                    100,
+                    FakeProc {
+                        cgroup: Some("0::/first.scope\n".into()),
+                        ..FakeProc::holder("parent", 7)
+                    },
+                ),
+                (
+                    101,
+                    FakeProc {
+                        cgroup: Some("0::/second.scope\n".into()),
+                        // Started in the same tick as 100.
+                        ..FakeProc::sharer("child", 7, 100)
+                    },
+                ),
+            ],
+            &["/mnt/pmem0"],
+        );
+        let topo = topology(&["/mnt/pmem0"]);
+        let mut a = Applier::new(os.procfs_box());
+        a.reconcile(&topo);
+        let cg = |a: &mut Applier| {
+            rows_of(a, &topo)
+                .into_iter()
+                .map(|r| (r.pid, r.cgroup))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cg(&mut a),
+            [(100, Some("/first.scope".to_string())), (101, None)]
+        );
+        // The parent exits: the child names the address space now.
+        os.state.borrow_mut().procs.remove(&100);
+        a.forget_gone();
+        assert_eq!(a.map.start_time_of(101), Some(7));
+        assert_eq!(cg(&mut a), [(101, Some("/second.scope".to_string()))]);
     }
 
     /// A kernel with no cgroup hierarchy mounted (the VM's: nothing mounts one) prints an

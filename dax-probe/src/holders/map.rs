@@ -353,11 +353,14 @@ impl HolderMap {
                 self.remove_holder(id);
                 return true;
             }
-            // The next sharer names the address space now.
+            // The next sharer names the address space now; the cgroup read was the exited
+            // process's, not its.
             let p = h.sharers.remove(0);
             h.tgid = p.tgid;
             h.start_time = p.start_time;
             h.comm = p.comm;
+            h.cgroup = None;
+            h.cgroup_read = false;
         } else {
             return false;
         }
