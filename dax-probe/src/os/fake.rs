@@ -134,6 +134,9 @@ pub struct State {
     pub busy_dm: Vec<String>,
     /// Audit writes of these actions fail (as on a full disk).
     pub failing_audit: Vec<String>,
+    /// Every durable audit write fails (EIO from fdatasync: the disk under the log is
+    /// failing); writes ahead of a flush still go into the file.
+    pub failing_flush: bool,
     pub unprivileged: bool,
     /// Signals the kernel's fence sent, not yet read through [`Fence::signals_sent`].
     pub kernel_sent: Vec<crate::event::FenceSignal>,
@@ -573,7 +576,7 @@ pub struct FakeAudit {
 
 impl AuditSink for FakeAudit {
     fn write(&mut self, r: &Record) -> io::Result<()> {
-        if let Err(e) = self.append(r) {
+        if let Err(e) = self.flush_fails(r).and_then(|()| self.append(r)) {
             self.failed();
             return Err(e);
         }
@@ -586,7 +589,7 @@ impl AuditSink for FakeAudit {
         if let Some(bad) = {
             let s = self.state.borrow();
             rs.iter()
-                .find(|r| s.failing_audit.iter().any(|a| a == r.action))
+                .find(|r| s.failing_flush || s.failing_audit.iter().any(|a| a == r.action))
                 .map(|r| r.action.to_string())
         } {
             self.state
@@ -626,6 +629,19 @@ impl AuditSink for FakeAudit {
 }
 
 impl FakeAudit {
+    /// With [`State::failing_flush`], a durable write of `r` fails (the real log then cuts
+    /// the record off again: it is not in the file).
+    fn flush_fails(&self, r: &Record) -> io::Result<()> {
+        let mut s = self.state.borrow_mut();
+        if !s.failing_flush {
+            return Ok(());
+        }
+        s.log.push(Call::AuditFailed {
+            action: r.action.into(),
+        });
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    }
+
     /// A durable write: an fdatasync, which covers the records written ahead too.
     fn flushed(&self) {
         let mut s = self.state.borrow_mut();

@@ -397,9 +397,13 @@ impl Enforcer {
         // In batches: verify each target (through a pidfd), write every verdict with one
         // flush, then send every signal, then write what each did with one more flush. Two
         // flushes per batch instead of two per process, and still every signal is on disk
-        // before it leaves. Batches bound the pidfds open at once.
-        for batch in targets.chunks(SIGNAL_BATCH) {
+        // before it leaves. Batches bound the pidfds open at once. The first batch carries the
+        // decision (and flushes what was written ahead of it, the fence record): when it
+        // cannot be written, no batch signals.
+        let mut batches = targets.chunks(SIGNAL_BATCH);
+        while let Some(batch) = batches.next() {
             let mut verdicts: Vec<Record<'a>> = Vec::with_capacity(batch.len() + 1);
+            let decides = lead.is_some();
             verdicts.extend(lead.take());
             let mut admitted = Vec::with_capacity(batch.len());
             for w in batch {
@@ -441,6 +445,18 @@ impl Enforcer {
                         "the audit log cannot be written: nothing is signalled".into(),
                         None,
                     ));
+                }
+                if decides {
+                    for w in batches.by_ref().flatten() {
+                        out.push(report(
+                            w,
+                            "skip",
+                            "the decision cannot be written to the audit log: nothing is \
+                             signalled"
+                                .into(),
+                            None,
+                        ));
+                    }
                 }
                 continue;
             }

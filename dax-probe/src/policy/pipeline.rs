@@ -111,9 +111,10 @@ pub fn depart(
     // fdatasync here delays the fence and the first signal of a departure the kernel is
     // already carrying out.
     let mut stamps = dep.stamps;
+    let mut armed = None;
     if rule.action == Action::Signal {
         let arm = fence_arm(rule, os);
-        let fenced = enf.log_ahead(Record::device(
+        let record = Record::device(
             "fence",
             &dep.device,
             format!(
@@ -123,18 +124,19 @@ pub fn depart(
                 fence_detail(fence.refuses_mappings()),
                 arm_detail(&arm, &dep.devs)
             ),
-        ));
-        if fenced {
+        );
+        if enf.log_ahead(record.clone()) {
             fence_all(fence, &dep.devs, &arm);
+            armed = Some(record);
+            if stamps.received_ns != 0 {
+                stamps.fenced_ns = crate::policy::enforce::boottime_ns();
+            }
         } else {
             log::error!(
                 "the fence of {} was not raised: its record could not be written (every step \
                  is recorded before it runs)",
                 dep.device
             );
-        }
-        if stamps.received_ns != 0 {
-            stamps.fenced_ns = crate::policy::enforce::boottime_ns();
         }
     }
     let scope = Scope {
@@ -152,10 +154,28 @@ pub fn depart(
         class,
         "device departing",
     );
-    // Flushed by the decision already, unless no holder was left to decide about. A flush
-    // that failed after it leaves the fence up (the device is leaving; the record is in the
-    // file) and says so: nothing of ours was signalled on its account.
-    enf.settle();
+    // Flushed by the decision already, unless no holder was left to decide about. When a
+    // flush failed after it (then nothing of ours was signalled), the record is written
+    // again, durably: a fence stays up only on a record known to be on disk, else it is
+    // lifted.
+    if let Some(record) = armed
+        && !enf.settle()
+    {
+        let again = Record {
+            detail: format!(
+                "{} (written again: a flush failed after the first copy)",
+                record.detail
+            ),
+            ..record
+        };
+        if !enf.log(again) {
+            log::error!(
+                "the fence of {} is lifted: its record cannot be made durable",
+                dep.device
+            );
+            lift(fence, &dep.devs);
+        }
+    }
     acts
 }
 
@@ -1094,31 +1114,71 @@ mod tests {
         assert_eq!((s.durable_writes, s.ahead), (1, None));
     }
 
-    /// The decision's flush fails after the fence record was written ahead: no signal of
-    /// ours goes out, the fence stays up (the device is leaving, its record is in the
-    /// file), and the record is not claimed durable (no later flush counts for it).
+    /// The decision's write fails after the fence record was written ahead: no signal of
+    /// ours goes out, in no batch (300 holders: the second batch's verdicts could be
+    /// written, but the decision never was), and the fence record, not known to be on disk
+    /// now, is written again durably; the fence stays up on it.
     #[test]
-    fn a_failed_flush_after_the_fence_record_signals_no_one_and_keeps_the_fence() {
-        let os = FakeOs::new(&[(100, FakeProc::holder("a", 7))], &["/mnt/pmem0"]);
+    fn a_failed_decision_after_the_fence_record_signals_no_one_and_rewrites_the_fence() {
+        let procs: Vec<(u32, FakeProc)> = (0..300)
+            .map(|i| (1000 + i, FakeProc::holder("app", 7 + i as u64)))
+            .collect();
+        let os = FakeOs::new(&procs, &["/mnt/pmem0"]);
         os.state.borrow_mut().failing_audit.push("decide".into());
         let topo = topology(&["/mnt/pmem0"]);
         let class = Classifier { topology: &topo };
         let mut enf = Enforcer::new(os.audit());
         let dep = departure(&os, &topo);
         let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
+        assert_eq!(acts.len(), 300);
         assert!(acts.iter().all(|a| a.action == "skip"), "{acts:?}");
         let w = words(&os);
         assert!(
             !w.iter().any(|x| x.starts_with("signal:") || x == "unfence"),
             "{w:?}"
         );
-        assert_eq!(w[..2], ["audit:fence", "fence"]);
+        assert_eq!(
+            w,
+            ["audit:fence", "fence", "audit-failed:decide", "audit:fence"]
+        );
         let s = os.state.borrow();
+        assert!(
+            s.audit_json[1].contains("written again"),
+            "{:?}",
+            s.audit_json
+        );
         assert_eq!(
             (s.durable_writes, s.ahead),
-            (0, None),
-            "settled, not as durable"
+            (1, None),
+            "only the rewrite is durable"
         );
+    }
+
+    /// The disk under the log fails every flush: the fence record went into the file ahead
+    /// of its flush and the fence up, but the decision cannot be made durable, nor the
+    /// record written again: no signal of ours, and the fence is lifted (no fence on a
+    /// record not known to be on disk).
+    #[test]
+    fn a_log_that_cannot_flush_signals_no_one_and_lifts_the_fence() {
+        let os = FakeOs::new(&[(100, FakeProc::holder("a", 7))], &["/mnt/pmem0"]);
+        os.state.borrow_mut().failing_flush = true;
+        let topo = topology(&["/mnt/pmem0"]);
+        let class = Classifier { topology: &topo };
+        let mut enf = Enforcer::new(os.audit());
+        let dep = departure(&os, &topo);
+        let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
+        assert!(acts.iter().all(|a| a.action == "skip"), "{acts:?}");
+        assert_eq!(
+            words(&os),
+            [
+                "audit:fence",
+                "fence",
+                "audit-failed:decide",
+                "audit-failed:fence",
+                "unfence"
+            ]
+        );
+        assert_eq!(os.state.borrow().durable_writes, 0);
     }
 
     #[test]
