@@ -202,62 +202,40 @@ impl Enforcer {
         self
     }
 
+    /// What became of an audit write: true, or false with the error logged (`what`: the
+    /// sentence's head, the log's path and the error follow).
+    fn logged(&self, what: &str, r: std::io::Result<()>) -> bool {
+        r.map_err(|e| log::error!("{what} {}: {e}", self.audit.path().display()))
+            .is_ok()
+    }
+
     /// Writes a record; false (and an error logged) when it could not be made durable.
     pub fn log(&mut self, r: Record) -> bool {
-        match self.audit.write(&r) {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!(
-                    "cannot write the audit log {}: {e}",
-                    self.audit.path().display()
-                );
-                false
-            }
-        }
+        let w = self.audit.write(&r);
+        self.logged("cannot write the audit log", w)
     }
 
     /// Writes a record ahead of its flush ([`AuditSink::write_ahead`]); false (and an error
     /// logged) when it could not be written.
     pub fn log_ahead(&mut self, r: Record) -> bool {
-        match self.audit.write_ahead(&r) {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!(
-                    "cannot write the audit log {}: {e}",
-                    self.audit.path().display()
-                );
-                false
-            }
-        }
+        let w = self.audit.write_ahead(&r);
+        self.logged("cannot write the audit log", w)
     }
 
     /// Are the records written ahead on disk (flushed now if nothing did)? False, and an
     /// error logged, when they may not be.
     pub fn settle(&mut self) -> bool {
-        match self.audit.settle() {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!(
-                    "the audit log {} may have lost a record written ahead of its flush: {e}",
-                    self.audit.path().display()
-                );
-                false
-            }
-        }
+        let w = self.audit.settle();
+        self.logged(
+            "a record written ahead of its flush may not be on disk in",
+            w,
+        )
     }
 
     /// Writes records as one durable unit; false (and an error logged) when it could not.
     pub fn log_all(&mut self, rs: &[Record]) -> bool {
-        match self.audit.write_all(rs) {
-            Ok(()) => true,
-            Err(e) => {
-                log::error!(
-                    "cannot write the audit log {}: {e}",
-                    self.audit.path().display()
-                );
-                false
-            }
-        }
+        let w = self.audit.write_all(rs);
+        self.logged("cannot write the audit log", w)
     }
 
     /// Applies `rule` to `holders` of `device` now; schedules the escalation.

@@ -1200,6 +1200,30 @@ mod tests {
         assert!(!words(&os).iter().any(|x| x.starts_with("signal:")));
     }
 
+    /// A departure of [`leaves_and_stays`]' holders under `rule(2)`, and its escalation
+    /// two seconds later: both signalled, then the one that stayed killed.
+    fn signal_then_escalate_the_stubborn(
+        os: &FakeOs,
+        enf: &mut Enforcer,
+        class: &Classifier,
+        dep: &Departure,
+        devmap: bool,
+    ) {
+        let acts = depart(dep, &rule(2), os, &mut os.fence(), enf, class);
+        os.sleep(Duration::from_secs(2));
+        let esc = escalate(os, enf, class);
+        let did: Vec<_> = acts
+            .iter()
+            .chain(&esc)
+            .map(|a| (a.pid, a.action.as_ref()))
+            .collect();
+        assert_eq!(
+            did,
+            vec![(100, "signal"), (200, "signal"), (200, "escalate")],
+            "devmap {devmap}"
+        );
+    }
+
     /// Two holders of pmem0: 100 leaves on SIGTERM, 200 only on SIGKILL.
     fn leaves_and_stays() -> FakeOs {
         FakeOs::new(
@@ -1336,19 +1360,7 @@ mod tests {
                 let s = os.state.borrow();
                 (s.maps_reads.len(), s.vma_queries.len())
             };
-            let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
-            os.sleep(Duration::from_secs(2));
-            let esc = escalate(&os, &mut enf, &class);
-            let did: Vec<_> = acts
-                .iter()
-                .chain(&esc)
-                .map(|a| (a.pid, a.action.as_ref()))
-                .collect();
-            assert_eq!(
-                did,
-                vec![(100, "signal"), (200, "signal"), (200, "escalate")],
-                "devmap {devmap}"
-            );
+            signal_then_escalate_the_stubborn(&os, &mut enf, &class, &dep, devmap);
             let read = os.state.borrow().pagemap_opens.len() - before;
             let s = os.state.borrow();
             // Every proof looks where the holder map says the pages are: no whole maps.
@@ -1390,19 +1402,7 @@ mod tests {
             };
             let before = counts(&os);
             let reads_before = os.state.borrow().pin_reads.len();
-            let acts = depart(&dep, &rule(2), &os, &mut os.fence(), &mut enf, &class);
-            os.sleep(Duration::from_secs(2));
-            let esc = escalate(&os, &mut enf, &class);
-            let did: Vec<_> = acts
-                .iter()
-                .chain(&esc)
-                .map(|a| (a.pid, a.action.as_ref()))
-                .collect();
-            assert_eq!(
-                did,
-                vec![(100, "signal"), (200, "signal"), (200, "escalate")],
-                "devmap {devmap}"
-            );
+            signal_then_escalate_the_stubborn(&os, &mut enf, &class, &dep, devmap);
             assert_eq!(counts(&os), before, "opened afresh (devmap {devmap})");
             let log = os.log();
             assert!(
