@@ -1070,13 +1070,18 @@ mod tests {
         assert_eq!(rec["pid"], 100);
     }
 
+    /// `n` holders of pmem0, pids 1000 up: more than one batch of signals.
+    fn many_holders(n: u32) -> FakeOs {
+        let procs: Vec<(u32, FakeProc)> = (0..n)
+            .map(|i| (1000 + i, FakeProc::holder("app", 7 + i as u64)))
+            .collect();
+        FakeOs::new(&procs, &["/mnt/pmem0"])
+    }
+
     #[test]
     fn many_holders_cost_two_flushes_per_batch_and_each_signal_follows_its_record() {
         // 300 holders: two batches (256 + 44). Before: two flushes per holder (600).
-        let procs: Vec<(u32, FakeProc)> = (0..300)
-            .map(|i| (1000 + i, FakeProc::holder("app", 7 + i as u64)))
-            .collect();
-        let os = FakeOs::new(&procs, &["/mnt/pmem0"]);
+        let os = many_holders(300);
         let topo = topology(&["/mnt/pmem0"]);
         let class = Classifier { topology: &topo };
         let mut enf = Enforcer::new(os.audit());
@@ -1120,10 +1125,7 @@ mod tests {
     /// now, is written again durably; the fence stays up on it.
     #[test]
     fn a_failed_decision_after_the_fence_record_signals_no_one_and_rewrites_the_fence() {
-        let procs: Vec<(u32, FakeProc)> = (0..300)
-            .map(|i| (1000 + i, FakeProc::holder("app", 7 + i as u64)))
-            .collect();
-        let os = FakeOs::new(&procs, &["/mnt/pmem0"]);
+        let os = many_holders(300);
         os.state.borrow_mut().failing_audit.push("decide".into());
         let topo = topology(&["/mnt/pmem0"]);
         let class = Classifier { topology: &topo };
